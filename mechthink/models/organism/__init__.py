@@ -1,0 +1,93 @@
+"""tiny-thinker: a small trained thinking-model organism with planted backtracking.
+
+A ~0.9M-parameter ``LlamaForCausalLM`` trained from scratch (``train.py``) on R1-format thinking
+transcripts of multi-step arithmetic (``tasks.py``) in which wrongly written steps are followed by
+a backtracking word and the redone step, so analyses can be checked against known ground truth.
+Weights and tokenizer ship in ``weights/`` and load offline. Source: this repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tasks import (
+    BACKTRACK_WORDS,
+    HELD_OUT_SEED,
+    MAX_TOTAL,
+    Problem,
+    StepInfo,
+    Transcript,
+    TranscriptConfig,
+    held_out_examples,
+    make_transcript,
+    prompt_text,
+    render_transcript,
+    sample_problem,
+    sample_transcripts,
+)
+from .tokenizer import (
+    ASSISTANT_TOKEN,
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    USER_TOKEN,
+    build_hf_tokenizer,
+)
+
+__all__ = [
+    "ASSISTANT_TOKEN",
+    "BACKTRACK_WORDS",
+    "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "EOS_TOKEN",
+    "HELD_OUT_SEED",
+    "MAX_TOTAL",
+    "PAD_TOKEN",
+    "Problem",
+    "SPECIAL_TOKENS",
+    "StepInfo",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "Transcript",
+    "TranscriptConfig",
+    "USER_TOKEN",
+    "WEIGHTS_DIR",
+    "build_hf_tokenizer",
+    "held_out_examples",
+    "load_hf",
+    "make_transcript",
+    "prompt_text",
+    "render_transcript",
+    "sample_problem",
+    "sample_transcripts",
+]
+
+#: Directory of the shipped model (safetensors) and tokenizer files.
+WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
+
+
+def load_hf(device: str = "cpu", weights_dir: str | Path | None = None):
+    """Load the shipped tiny-thinker model and tokenizer with plain HF transformers (offline).
+
+    Args:
+        device: Torch device for the model.
+        weights_dir: Directory to load from (default ``WEIGHTS_DIR``).
+
+    Returns:
+        ``(model, tokenizer)``: a ``LlamaForCausalLM`` in eval mode (float32, eager attention) and
+        its fast tokenizer (left padding; the chat template writes ``<|bos|>``, the tokenizer
+        itself adds none).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Plotting for mechthink results: matplotlib figures and circuitsvis HTML; never recomputes."""

@@ -1,0 +1,117 @@
+"""Figures for MI trajectories and thinking-token counts (Qian et al. 2025, MI peaks; Fig. 2 / 4).
+
+Draws what :mod:`mechthink.mi` computed; nothing here recomputes MI or peaks.  Figures are
+built on the Agg canvas without pyplot, so they never touch the global backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mechthink.mi import MITrajectory
+
+__all__ = ["plot_mi_trajectory", "plot_peak_token_counts"]
+
+
+def _new_axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """A figure on an Agg canvas, created without pyplot (no global backend state)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def plot_mi_trajectory(
+    traj: "MITrajectory",
+    ax: Axes | None = None,
+    label_peaks: bool = True,
+    max_labels: int = 30,
+    title: str | None = None,
+    color: str = "#4c72b0",
+    peak_color: str = "#c44e52",
+) -> Figure:
+    """Line plot of MI per reasoning step with the peaks marked and labelled by token.
+
+    Args:
+        traj: The trajectory (``mi``, ``tokens``, ``peaks``).
+        ax: Axes to draw on; a new figure is created when None.
+        label_peaks: Annotate each peak with its generated token.
+        max_labels: Annotate at most this many peaks (the highest ones).
+        title: Axes title; defaults to the hook name.
+        color: Line colour.
+        peak_color: Marker and label colour for peaks.
+
+    Returns:
+        The figure containing the axes.
+    """
+    if ax is None:
+        fig, ax = _new_axes((10.0, 3.5))
+    else:
+        fig = ax.figure
+    mi = traj.mi.detach().float().cpu().numpy()
+    peaks = traj.peaks.cpu().numpy()
+    ax.plot(range(len(mi)), mi, color=color, linewidth=1.2, alpha=0.9)
+    if len(peaks):
+        ax.scatter(peaks, mi[peaks], s=28, color=peak_color, edgecolor="white", linewidth=0.6, zorder=3)
+    if label_peaks and len(peaks):
+        order = sorted(peaks.tolist(), key=lambda i: -mi[i])[:max_labels]
+        for i in order:
+            ax.annotate(
+                repr(traj.tokens[i].strip() or traj.tokens[i]),
+                (i, mi[i]),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color=peak_color,
+                rotation=45,
+            )
+    ax.set_xlabel("Reasoning step")
+    ax.set_ylabel("MI (HSIC)")
+    ax.set_title(title if title is not None else (traj.hook or "MI trajectory"))
+    ax.grid(axis="y", linestyle="--", alpha=0.4)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_peak_token_counts(
+    counts: "pd.Series",
+    top: int = 15,
+    ax: Axes | None = None,
+    title: str = "Tokens at MI peaks",
+    **bar_kwargs: Any,
+) -> Figure:
+    """Bar chart of token frequency at MI peaks (output of :func:`mechthink.mi.peak_token_counts`).
+
+    Args:
+        counts: Counts indexed by token, most common first.
+        top: Number of tokens to show.
+        ax: Axes to draw on; a new figure is created when None.
+        title: Axes title.
+        **bar_kwargs: Passed to ``ax.bar``.
+
+    Returns:
+        The figure.
+    """
+    if ax is None:
+        fig, ax = _new_axes((8.0, 4.0))
+    else:
+        fig = ax.figure
+    head = counts.head(top)
+    labels = [repr(str(t)) for t in head.index]
+    ax.bar(range(len(head)), head.to_numpy(), color=bar_kwargs.pop("color", "#6a7fc1"), **bar_kwargs)
+    ax.set_xticks(range(len(head)))
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_ylabel("Frequency")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
