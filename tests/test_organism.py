@@ -3,8 +3,6 @@ the planted behaviour of the shipped weights on held-out problems."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,12 +217,3 @@ def test_planted_behaviour():
     assert res.greedy_accuracy >= 0.95, res
     assert res.prefill_recovery_rate >= 0.90, res
 
-
-def test_held_out_stream_differs_from_training():
-    # training draws from random.Random(f"train-{seed}"); held-out examples from another stream
-    rng = random.Random("train-0")
-    from mechthink.models.organism.tasks import make_transcript
-
-    train_texts = {make_transcript(rng).text[:200] for _ in range(50)}
-    held = {e["text"] for e in held_out_examples(50)}
-    assert not any(h in train_texts for h in held)

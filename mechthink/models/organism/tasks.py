@@ -361,7 +361,6 @@ def render_transcript(
     text = b.text
     enc = build_raw_tokenizer().encode(text, add_special_tokens=False)
     ids = list(enc.ids)
-    starts = {s: i for i, (s, e) in enumerate(enc.offsets)}
 
     def positions(span: tuple[int, int]) -> list[int]:
         out = [i for i, (s, e) in enumerate(enc.offsets) if span[0] <= s and e <= span[1] and e > s]
@@ -389,7 +388,6 @@ def render_transcript(
         if "backtrack" in spans:
             info.backtrack_position = pos1(spans["backtrack"])
             fill(spans["correction"]["info"], spans["correction"])
-    del starts
     q_pos = positions(q_span)
     return Transcript(
         problem=problem,

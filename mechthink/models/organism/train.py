@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -51,13 +51,15 @@ class TrainConfig:
         num_heads: Attention heads (no grouped-query attention).
         intermediate_size: SwiGLU width.
         p_error: Probability that a step is written wrong in the training data.
+        decision_weight: Loss weight of the token right after each first-attempt step (the
+            backtracking word or the newline), to speed up learning of the planted decision.
         p_check: Probability of a re-check line.
         pool_batches: Batches generated at once and bucketed by length.
         threads: torch intra-op threads (0: leave torch's default; 1 is fastest on shared cores).
     """
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100
@@ -67,7 +69,8 @@ class TrainConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    p_error: float = 0.2
+    p_error: float = 0.3
+    decision_weight: float = 5.0
     p_check: float = 0.5
     pool_batches: int = 16
     threads: int = 1
@@ -112,7 +115,7 @@ def build_model(config: TrainConfig, vocab_size: int) -> LlamaForCausalLM:
 
 def make_batches(
     rng: random.Random, config: TrainConfig, pad_id: int
-) -> list[tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]]:
+) -> list[tuple[Int[torch.Tensor, "batch pos"], Float[torch.Tensor, "batch pos"]]]:
     """Generate ``pool_batches`` batches of transcripts, bucketed by length, in shuffled order.
 
     Args:
@@ -121,8 +124,9 @@ def make_batches(
         pad_id: Id of the pad token (right padding).
 
     Returns:
-        ``(input_ids, loss_mask)`` pairs; ``loss_mask[b, t]`` is 1 where token ``t`` is a target
-        (inside the assistant turn).
+        ``(input_ids, loss_weight)`` pairs; ``loss_weight[b, t]`` is the weight of token ``t`` as a
+        target: 0 outside the assistant turn, ``decision_weight`` for the token following a
+        step's first attempt, 1 elsewhere.
     """
     tcfg = TranscriptConfig(p_error=config.p_error, p_check=config.p_check)
     pool = [make_transcript(rng, tcfg) for _ in range(config.pool_batches * config.batch_size)]
@@ -132,10 +136,12 @@ def make_batches(
         chunk = pool[i : i + config.batch_size]
         width = max(len(t.input_ids) for t in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.float32)
         for row, tr in enumerate(chunk):
             ids[row, : len(tr.input_ids)] = torch.tensor(tr.input_ids)
-            mask[row, tr.assistant_position + 1 : len(tr.input_ids)] = 1
+            mask[row, tr.assistant_position + 1 : len(tr.input_ids)] = 1.0
+            for step in tr.steps:
+                mask[row, step.period_position + 1] = config.decision_weight
         batches.append((ids, mask))
     rng.shuffle(batches)
     return batches
@@ -152,8 +158,16 @@ def train(config: TrainConfig, out: Path | None = None, progress: bool = True) -
     Returns:
         The trained model (eval mode, eager attention).
     """
+    prev_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config, out, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(config: TrainConfig, out: Path | None, progress: bool) -> LlamaForCausalLM:
     torch.manual_seed(config.seed)
     rng = random.Random(f"train-{config.seed}")
     tok = build_hf_tokenizer()
@@ -194,11 +208,11 @@ def train(config: TrainConfig, out: Path | None = None, progress: bool = True) -
             group["lr"] = lr_at(step)
         logits = model(input_ids=ids).logits
         targets = ids[:, 1:]
-        tmask = mask[:, 1:].float()
+        weight = mask[:, 1:]
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
         )
-        loss = (nll * tmask.reshape(-1)).sum() / tmask.sum()
+        loss = (nll * weight.reshape(-1)).sum() / (weight > 0).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
