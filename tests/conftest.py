@@ -17,6 +17,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not SHARED.exists():  # CI clones main with shared/ beside it
     SHARED = Path(os.environ.get("MECHTHINK_SHARED", Path.cwd().parent / "shared"))
 
+# What bad-typed input raises: our own ValueError, or the runtime checker's error when tests run
+# with `--jaxtyping-packages=mechthink,beartype.beartype` (DESIGN.md §3.1).
+TYPE_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError)
+try:
+    from beartype.roar import BeartypeCallHintViolation
+    from jaxtyping import TypeCheckError
+
+    TYPE_ERRORS = (ValueError, TypeError, BeartypeCallHintViolation, TypeCheckError)
+except ImportError:  # pragma: no cover
+    pass
+
 R1_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import mechthink as mt
+from conftest import TYPE_ERRORS
 from mechthink.models.loading import supported_architectures
 from mechthink.models.registry import R1_ANSWER_SUFFIX, ThinkingModelSpec
 
@@ -90,7 +91,7 @@ def test_aliases_resolve_case_insensitively():
 )
 def test_spec_validation(kwargs, match):
     base = dict(name="x", source="hub", architecture="LlamaForCausalLM", n_layers=4, d_model=8, family="f")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(TYPE_ERRORS, match=match):
         ThinkingModelSpec(**{**base, **kwargs})
 
 

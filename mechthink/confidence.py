@@ -1,0 +1,499 @@
+"""Answer confidence while a model thinks: forced-answer probes through a forked KV cache.
+
+At chosen points of a trace, append an answer-forcing suffix (``</think> The final answer is
+\\boxed{``) and read the log-probability of each answer choice (a choice = several spellings,
+each a possibly multi-token sequence, combined by logsumexp), plus the probability mass on all
+choices as a sanity monitor. This is the "action confidence" of repeng PR #69 /
+wassname/llm-moral-foundations2 (``gather/cot.py``: logp(Yes) − logp(No)) and the early-exit
+experiment of ARBOR #22 (wj210/cot_backtrack: force the answer at each answer-reaching instance).
+
+The shared prefix is never recomputed: one incremental pass over the trace with a Hugging Face
+``DynamicCache``; at each probe position the suffix runs on the cache (then is cropped away),
+and multi-token choice sequences run in one right-padded batch on a forked cache
+(``deepcopy`` + ``batch_repeat_interleave``) with an attention mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechthink.data.answers import answers_match, normalize_number
+from mechthink.traces import Trace, answer_instances
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from mechthink.models.thinking_model import ThinkingModel
+
+__all__ = [
+    "EarlyExitResult",
+    "ProbeResult",
+    "answer_probe",
+    "confidence_curve",
+    "early_exit",
+    "early_exit_table",
+    "gold_variants",
+]
+
+
+# ============================================================================ results
+@dataclass
+class ProbeResult:
+    """Forced-answer log-probabilities at several positions of one sequence.
+
+    Attributes:
+        logprobs: ``[pos, choice]`` log-prob of each choice after prefix + suffix (logsumexp
+            over the choice's sequences of the summed token log-probs).
+        mean_logit: ``[pos, choice]`` mean raw logit of the tokens of the choice's most likely
+            sequence (compatibility mode centres the unembedding, so logits are centred).
+        mass: ``[pos]`` total probability of all choices (a sanity monitor: low mass means the
+            suffix did not elicit any of the choices).
+        positions: The probe positions (prefix = ``tokens[:pos + 1]``).
+        choice_names: The choice labels, indexing the second axis.
+        suffix: The suffix text.
+        greedy: Greedy-decoded continuation after the suffix at each position (or None).
+        marks: Named token positions to mark on plots (e.g. ``{"think_end": 812}``).
+    """
+
+    logprobs: Float[Tensor, "pos choice"]
+    mean_logit: Float[Tensor, "pos choice"]
+    mass: Float[Tensor, " pos"]
+    positions: list[int]
+    choice_names: list[str]
+    suffix: str
+    greedy: list[str] | None = None
+    marks: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, c = len(self.positions), len(self.choice_names)
+        if tuple(self.logprobs.shape) != (n, c) or tuple(self.mean_logit.shape) != (n, c):
+            raise ValueError(f"ProbeResult: logprobs/mean_logit must be [{n}, {c}], got {tuple(self.logprobs.shape)}")
+        if tuple(self.mass.shape) != (n,):
+            raise ValueError(f"ProbeResult: mass must be [{n}], got {tuple(self.mass.shape)}")
+        if self.greedy is not None and len(self.greedy) != n:
+            raise ValueError("ProbeResult: greedy must have one text per position")
+
+    @property
+    def log_ratio(self) -> Float[Tensor, " pos"]:
+        """``logprobs[:, 0] - logprobs[:, 1]`` (e.g. logp(Yes) − logp(No)); needs two choices."""
+        if len(self.choice_names) != 2:
+            raise ValueError(f"log_ratio needs exactly two choices, got {self.choice_names}")
+        return self.logprobs[:, 0] - self.logprobs[:, 1]
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per position: ``position``, ``logp_<choice>``, ``mean_logit_<choice>``, ``mass``
+        (and ``log_ratio``, ``greedy`` when available)."""
+        import pandas as pd
+
+        data: dict[str, Any] = {"position": self.positions}
+        for j, name in enumerate(self.choice_names):
+            data[f"logp_{name}"] = self.logprobs[:, j].tolist()
+        for j, name in enumerate(self.choice_names):
+            data[f"mean_logit_{name}"] = self.mean_logit[:, j].tolist()
+        data["mass"] = self.mass.tolist()
+        if len(self.choice_names) == 2:
+            data["log_ratio"] = self.log_ratio.tolist()
+        if self.greedy is not None:
+            data["greedy"] = self.greedy
+        return pd.DataFrame(data)
+
+    def to_json(self) -> str:
+        """JSON with the numbers and labels."""
+        return json.dumps(
+            {
+                "positions": self.positions,
+                "choice_names": self.choice_names,
+                "suffix": self.suffix,
+                "logprobs": self.logprobs.tolist(),
+                "mean_logit": self.mean_logit.tolist(),
+                "mass": self.mass.tolist(),
+                "greedy": self.greedy,
+                "marks": self.marks,
+            }
+        )
+
+    def plot(self, **kwargs: Any) -> "Figure":
+        """Confidence curve figure (see :func:`mechthink.plotting.confidence.plot_probe`)."""
+        from mechthink.plotting.confidence import plot_probe
+
+        return plot_probe(self, **kwargs)
+
+
+# ============================================================================ probing
+def _ids_of(tokens: Any) -> list[int]:
+    if isinstance(tokens, Trace):
+        return list(tokens.ids)
+    if isinstance(tokens, torch.Tensor):
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1 or tokens.is_floating_point():
+            raise ValueError(f"answer_probe: tokens must be one 1-D integer sequence, got shape {tuple(tokens.shape)}")
+        return [int(t) for t in tokens.tolist()]
+    return [int(t) for t in tokens]
+
+
+def _encode(model: "ThinkingModel", text: str) -> list[int]:
+    return [int(i) for i in model.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def _choice_sequences(model: "ThinkingModel", choices: Mapping[str, Sequence[str]]) -> list[list[list[int]]]:
+    if not choices:
+        raise ValueError("answer_probe: choices is empty; pass e.g. {'yes': [' Yes'], 'no': [' No']}")
+    out: list[list[list[int]]] = []
+    for name, strings in choices.items():
+        if isinstance(strings, str):
+            strings = [strings]
+        if not strings:
+            raise ValueError(f"answer_probe: choice {name!r} has no strings")
+        seqs: list[list[int]] = []
+        for s in strings:
+            ids = _encode(model, s)
+            if not ids:
+                raise ValueError(f"answer_probe: choice {name!r}: {s!r} tokenizes to nothing")
+            if ids not in seqs:  # the same token sequence twice would be counted twice
+                seqs.append(ids)
+        out.append(seqs)
+    return out
+
+
+def _forward(model: "ThinkingModel", ids: Sequence[int] | Tensor, kv: Any, **kw: Any) -> tuple[Tensor, Any]:
+    x = ids if isinstance(ids, Tensor) else torch.tensor([list(ids)], dtype=torch.long)
+    logits, kv = model.bridge(x.to(model.device), return_type="logits_and_cache", past_key_values=kv, **kw)
+    return logits.float(), kv
+
+
+def _fork(kv: Any, n: int) -> Any:
+    fork = copy.deepcopy(kv)
+    if n > 1:
+        fork.batch_repeat_interleave(n)
+    return fork
+
+
+def _score_multi(
+    model: "ThinkingModel", kv: Any, seqs: list[list[int]]
+) -> list[tuple[list[float], list[float]]]:
+    """Log-probs and logits of tokens 1.. of each sequence, one right-padded batch on a fork."""
+    n = len(seqs)
+    cache_len = kv.get_seq_length()
+    width = max(len(s) for s in seqs) - 1
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else seqs[0][0]
+    x = torch.full((n, width), int(pad), dtype=torch.long)
+    row_mask = torch.zeros((n, width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, : len(s) - 1] = torch.tensor(s[:-1])
+        row_mask[r, : len(s) - 1] = 1
+    mask = torch.cat([torch.ones((n, cache_len), dtype=torch.long), row_mask], dim=1).to(model.device)
+    pos = (cache_len + torch.arange(width)).expand(n, width).to(model.device)
+    logits, _ = _forward(model, x, _fork(kv, n), attention_mask=mask, position_ids=pos)
+    lps = logits.log_softmax(-1)
+    out = []
+    for r, s in enumerate(seqs):
+        tgt = torch.tensor(s[1:], device=logits.device)
+        idx = torch.arange(len(s) - 1, device=logits.device)
+        out.append((lps[r, idx, tgt].tolist(), logits[r, idx, tgt].tolist()))
+    return out
+
+
+def _greedy(
+    model: "ThinkingModel", kv: Any, first_logits: Tensor, max_tokens: int, stop: str | None
+) -> str:
+    """Greedy continuation from ``first_logits`` on a fork of ``kv`` (stops at eos or ``stop``)."""
+    eos = set(model.eos_token_ids)
+    out: list[int] = []
+    fork = None
+    logits = first_logits
+    for step in range(max_tokens):
+        t = int(logits.argmax())
+        if t in eos:
+            break
+        out.append(t)
+        if stop is not None and stop in model.to_string(out):
+            break
+        if step == max_tokens - 1:
+            break
+        if fork is None:
+            fork = _fork(kv, 1)
+        lg, fork = _forward(model, [t], fork)
+        logits = lg[0, -1]
+    text = model.to_string(out)
+    if stop is not None and stop in text:
+        text = text[: text.index(stop)]
+    return text
+
+
+@torch.inference_mode()
+def answer_probe(
+    model: "ThinkingModel",
+    tokens: Int[Tensor, " pos"] | Sequence[int] | Trace,
+    positions: Sequence[int],
+    choices: Mapping[str, Sequence[str]],
+    suffix: str | None = None,
+    greedy_tokens: int = 0,
+    greedy_stop: str | None = None,
+) -> ProbeResult:
+    """Forced-answer log-probs of each choice at each probe position, via a forked KV cache.
+
+    Args:
+        model: The loaded model.
+        tokens: One token sequence (1-D tensor, list, or a :class:`Trace` for its ``ids``).
+        positions: Probe after token ``pos`` (prefix = ``tokens[:pos + 1]``); any order,
+            results follow the given order.
+        choices: ``name -> strings``; each string is a possibly multi-token sequence scored
+            after prefix + suffix; a choice's log-prob is the logsumexp over its strings.
+        suffix: Text appended after the prefix (default ``model.spec.answer_suffix``; ``""``
+            for none).
+        greedy_tokens: If > 0, also greedy-decode that many tokens after the suffix.
+        greedy_stop: Stop greedy decoding at this string (e.g. ``"}"``), excluded from the text.
+
+    Returns:
+        A :class:`ProbeResult`.
+
+    Raises:
+        ValueError: empty positions, a position outside the sequence, an empty choice string,
+            or an empty sequence.
+    """
+    ids = _ids_of(tokens)
+    if not ids:
+        raise ValueError("answer_probe: tokens is empty")
+    positions = [int(p) for p in positions]
+    if not positions:
+        raise ValueError("answer_probe: positions is empty; pass at least one cut point")
+    bad = [p for p in positions if not 0 <= p < len(ids)]
+    if bad:
+        raise ValueError(f"answer_probe: positions {bad[:5]} are outside the sequence (valid: 0..{len(ids) - 1})")
+    if suffix is None:
+        suffix = model.spec.answer_suffix
+    suffix_ids = _encode(model, suffix)
+    seqs = _choice_sequences(model, choices)
+    flat = [s for group in seqs for s in group]
+    multi_idx = [k for k, s in enumerate(flat) if len(s) > 1]
+
+    per_pos: dict[int, tuple[list[float], list[float], str | None]] = {}
+    kv = None
+    done = 0
+    last_logits: Tensor | None = None
+    for p in sorted(set(positions)):
+        if p + 1 > done:
+            lg, kv = _forward(model, ids[done : p + 1], kv)
+            last_logits = lg[0, -1]
+            done = p + 1
+        assert last_logits is not None
+        if suffix_ids:
+            sl, kv = _forward(model, suffix_ids, kv)
+            head = sl[0, -1]
+        else:
+            head = last_logits
+        head_lp = head.log_softmax(-1)
+        tok_lp = [[float(head_lp[s[0]])] for s in flat]
+        tok_lg = [[float(head[s[0]])] for s in flat]
+        if multi_idx:
+            for k, (lps, lgs) in zip(multi_idx, _score_multi(model, kv, [flat[k] for k in multi_idx])):
+                tok_lp[k] += lps
+                tok_lg[k] += lgs
+        greedy = _greedy(model, kv, head, greedy_tokens, greedy_stop) if greedy_tokens > 0 else None
+        if suffix_ids:
+            kv.crop(-len(suffix_ids))  # rewind to the prefix
+        per_pos[p] = ([sum(v) for v in tok_lp], [sum(v) / len(v) for v in tok_lg], greedy)
+
+    n_choice = len(seqs)
+    logprobs = torch.empty(len(positions), n_choice, dtype=torch.float64)
+    mean_logit = torch.empty(len(positions), n_choice, dtype=torch.float64)
+    for i, p in enumerate(positions):
+        seq_lp, seq_lg, _ = per_pos[p]
+        k = 0
+        for j, group in enumerate(seqs):
+            vals = torch.tensor(seq_lp[k : k + len(group)], dtype=torch.float64)
+            logprobs[i, j] = torch.logsumexp(vals, 0)
+            mean_logit[i, j] = seq_lg[k + int(vals.argmax())]
+            k += len(group)
+    # Mass over all distinct sequences (a sequence shared by two choices counts once).
+    uniq: dict[tuple[int, ...], int] = {}
+    for k, s in enumerate(flat):
+        uniq.setdefault(tuple(s), k)
+    mass = torch.tensor(
+        [sum(math.exp(per_pos[p][0][k]) for k in uniq.values()) for p in positions], dtype=torch.float64
+    )
+    greedy_texts = [per_pos[p][2] or "" for p in positions] if greedy_tokens > 0 else None
+    return ProbeResult(
+        logprobs=logprobs.float(),
+        mean_logit=mean_logit.float(),
+        mass=mass.float(),
+        positions=positions,
+        choice_names=[str(c) for c in choices],
+        suffix=suffix,
+        greedy=greedy_texts,
+    )
+
+
+# ============================================================================ early exit
+def gold_variants(gold: str) -> list[str]:
+    """Spellings of a numeric gold answer scored as one choice: ``"1250"`` and ``"1,250"``."""
+    g = normalize_number(str(gold))
+    out = [g]
+    m = g.lstrip("-")
+    if m.isdigit() and len(m) > 3:
+        out.append(f"{int(g):,}")
+    return out
+
+
+@dataclass
+class EarlyExitResult:
+    """Forced answers at each answer-reaching instance of one trace (ARBOR #22).
+
+    ``rows``: one dict per instance with ``instance`` (0-based), ``position``, ``next_word``,
+    ``logprob`` (of the gold sequence(s) after the suffix), ``prob``, ``mean_logit`` (of the
+    gold's tokens), ``greedy`` (decoded answer up to ``}``) and ``correct``.
+    """
+
+    trace_id: str
+    gold: str
+    suffix: str
+    rows: list[dict[str, Any]]
+    probe: ProbeResult | None
+
+    def to_frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        df = pd.DataFrame(self.rows, columns=["instance", "position", "next_word", "logprob", "prob", "mean_logit", "greedy", "correct"])
+        df.insert(0, "trace_id", self.trace_id)
+        return df
+
+    def to_json(self) -> str:
+        return json.dumps({"trace_id": self.trace_id, "gold": self.gold, "suffix": self.suffix, "rows": self.rows})
+
+
+def early_exit(
+    model: "ThinkingModel",
+    trace: Trace,
+    gold: str | None = None,
+    suffix: str | None = None,
+    max_answer_tokens: int = 8,
+) -> EarlyExitResult:
+    """Force an answer at every answer-reaching instance of a trace and score it (ARBOR #22).
+
+    Args:
+        model: The loaded model.
+        trace: The trace (needs thinking).
+        gold: The gold answer (default ``trace.gold``).
+        suffix: The answer-forcing suffix (default ``model.spec.answer_suffix``).
+        max_answer_tokens: Greedy decoding budget for the forced answer (stops at ``}``).
+
+    Returns:
+        An :class:`EarlyExitResult`; no rows when the answer never appears in the thinking.
+    """
+    gold = trace.gold if gold is None else gold
+    if gold is None:
+        raise ValueError(f"early_exit: trace {trace.id!r} has no gold answer; pass gold=")
+    suffix = model.spec.answer_suffix if suffix is None else suffix
+    inst = answer_instances(trace, gold)
+    if not inst:
+        return EarlyExitResult(trace.id, str(gold), suffix, [], None)
+    probe = answer_probe(
+        model, trace.ids, [i.position for i in inst], {"gold": gold_variants(gold)},
+        suffix=suffix, greedy_tokens=max_answer_tokens, greedy_stop="}",
+    )
+    rows = []
+    for k, i in enumerate(inst):
+        greedy = (probe.greedy or [""])[k].strip()
+        lp = float(probe.logprobs[k, 0])
+        rows.append(
+            {
+                "instance": i.index,
+                "position": i.position,
+                "next_word": i.next_word,
+                "logprob": lp,
+                "prob": math.exp(lp),
+                "mean_logit": float(probe.mean_logit[k, 0]),
+                "greedy": greedy,
+                "correct": bool(answers_match(normalize_number(greedy) if greedy else None, str(gold))),
+            }
+        )
+    return EarlyExitResult(trace.id, str(gold), suffix, rows, probe)
+
+
+def early_exit_table(results: Sequence[EarlyExitResult], max_instances: int | None = None) -> "pd.DataFrame":
+    """Accuracy and confidence by instance index (1st, 2nd, …) over many traces.
+
+    Returns:
+        One row per instance number (1-based ``instance``): ``n`` traces, ``accuracy``,
+        ``mean_logprob``, ``mean_prob``, ``mean_logit``.
+    """
+    import pandas as pd
+
+    frames = [r.to_frame() for r in results if r.rows]
+    cols = ["instance", "n", "accuracy", "mean_logprob", "mean_prob", "mean_logit"]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    df = pd.concat(frames, ignore_index=True)
+    if max_instances is not None:
+        df = df[df["instance"] < max_instances]
+    g = df.groupby("instance")
+    out = pd.DataFrame(
+        {
+            "n": g.size(),
+            "accuracy": g["correct"].mean(),
+            "mean_logprob": g["logprob"].mean(),
+            "mean_prob": g["prob"].mean(),
+            "mean_logit": g["mean_logit"].mean(),
+        }
+    ).reset_index()
+    out["instance"] = out["instance"] + 1
+    return out[cols]
+
+
+# ============================================================================ curves
+def confidence_curve(
+    model: "ThinkingModel",
+    trace: Trace,
+    choices: Mapping[str, Sequence[str]],
+    *,
+    every: int | None = None,
+    n_points: int = 20,
+    positions: Sequence[int] | None = None,
+    suffix: str | None = None,
+    greedy_tokens: int = 0,
+) -> ProbeResult:
+    """Probe ``choices`` at evenly spaced positions through the thinking of a trace.
+
+    Args:
+        model: The loaded model.
+        trace: The trace (needs thinking unless ``positions`` is given).
+        choices: As in :func:`answer_probe`.
+        every: Probe every ``every`` tokens from the start of the thinking.
+        n_points: Otherwise, this many evenly spaced points (first and last thinking token included).
+        positions: Explicit positions (overrides ``every``/``n_points``).
+        suffix: The suffix (default ``model.spec.answer_suffix``).
+        greedy_tokens: Passed to :func:`answer_probe`.
+
+    Returns:
+        A :class:`ProbeResult` with ``marks`` holding ``think_start`` and ``think_end``.
+    """
+    if positions is None:
+        start, end = trace.thinking_span
+        last = end - 1
+        if last < start:
+            raise ValueError(f"confidence_curve: trace {trace.id!r} has an empty thinking")
+        if every is not None:
+            if every < 1:
+                raise ValueError(f"every must be >= 1, got {every}")
+            positions = list(range(start, last + 1, every))
+        else:
+            if n_points < 1:
+                raise ValueError(f"n_points must be >= 1, got {n_points}")
+            n = min(n_points, last - start + 1)
+            positions = sorted({round(start + k * (last - start) / max(n - 1, 1)) for k in range(n)})
+    res = answer_probe(model, trace.ids, positions, choices, suffix=suffix, greedy_tokens=greedy_tokens)
+    if trace.think_start is not None:
+        res.marks["think_start"] = trace.think_start
+    if trace.think_end is not None:
+        res.marks["think_end"] = trace.think_end
+    return res

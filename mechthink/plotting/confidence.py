@@ -1,0 +1,97 @@
+"""Figures for forced-answer confidence (repeng PR #69 action confidence; ARBOR #22 early exit).
+
+Draws what :mod:`mechthink.confidence` computed; nothing here recomputes. Figures are built on
+the Agg canvas without pyplot, so they never touch the global backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mechthink.confidence import ProbeResult
+
+__all__ = ["plot_early_exit_table", "plot_probe"]
+
+
+def _new_axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> Figure:
+    """Confidence against token position: log-ratio (two choices) or each choice's log-prob.
+
+    The probability mass on all choices is drawn on a second axis (dashed) and the ``marks``
+    (e.g. ``think_end``) as vertical lines.
+
+    Args:
+        result: The probe result.
+        ax: Axes to draw on; a new figure when None.
+        title: Axes title.
+        show_mass: Draw the mass curve.
+
+    Returns:
+        The figure.
+    """
+    if ax is None:
+        fig, ax = _new_axes((9.0, 3.5))
+    else:
+        fig = ax.figure
+    x = result.positions
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    xs = [x[i] for i in order]
+    if len(result.choice_names) == 2:
+        lr = result.log_ratio.tolist()
+        ax.plot(xs, [lr[i] for i in order], marker="o", ms=3, color="#4c72b0",
+                label=f"log p({result.choice_names[0]}) − log p({result.choice_names[1]})")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_ylabel("log ratio")
+    else:
+        for j, name in enumerate(result.choice_names):
+            lp = result.logprobs[:, j].tolist()
+            ax.plot(xs, [lp[i] for i in order], marker="o", ms=3, label=f"log p({name})")
+        ax.set_ylabel("log prob")
+    for name, pos in result.marks.items():
+        ax.axvline(pos, color="#c44e52", ls=":", lw=1.2)
+        ax.annotate(name, (pos, 1.0), xycoords=("data", "axes fraction"), fontsize=8, color="#c44e52",
+                    ha="left", va="top")
+    ax.set_xlabel("token position")
+    if show_mass:
+        ax2 = ax.twinx()
+        mass = result.mass.tolist()
+        ax2.plot(xs, [mass[i] for i in order], ls="--", color="grey", lw=1, label="mass on choices")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("mass")
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_early_exit_table(table: "pd.DataFrame", ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Accuracy and mean gold logit by answer-reaching instance (the ARBOR #22 early-exit plot)."""
+    if ax is None:
+        fig, ax = _new_axes((6.0, 3.5))
+    else:
+        fig = ax.figure
+    inst = table["instance"].tolist()
+    ax.bar(inst, table["accuracy"].tolist(), color="#8da0cb", label="accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("answer-reaching instance")
+    ax.set_ylabel("accuracy")
+    ax2 = ax.twinx()
+    ax2.plot(inst, table["mean_logit"].tolist(), marker="o", color="#c44e52", label="mean gold logit")
+    ax2.set_ylabel("mean gold logit")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
