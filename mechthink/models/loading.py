@@ -246,7 +246,7 @@ def _spec_for(name: str, model: Any, source: str = "local") -> ThinkingModelSpec
 
 
 def load_model(
-    name_or_path: str | os.PathLike[str] | None = "tiny-thinker",
+    name_or_path: str | os.PathLike[str] | None = None,
     *,
     hf_model: Any | None = None,
     tokenizer: Any | None = None,
@@ -263,7 +263,8 @@ def load_model(
     Args:
         name_or_path: A registry name or alias (``"tiny-thinker"``, ``"smollm2-135m"``,
             ``"deepseek-ai/DeepSeek-R1-Distill-Llama-8B"``), any hub id, a local HF directory,
-            or a ``.gguf`` file. Ignored (may be a label) when ``hf_model`` is given.
+            or a ``.gguf`` file; default ``"tiny-thinker"``. With ``hf_model`` it is only a label
+            (a registered name there selects that entry's thinking conventions).
         hf_model: An in-memory HF causal LM to wrap instead (needs ``tokenizer``). Note that
             compatibility mode folds weights into this model in place.
         tokenizer: Tokenizer for ``hf_model`` or for a GGUF file without one (object or path).
@@ -286,6 +287,8 @@ def load_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = _check_device_dtype(device, torch_dtype)
 
+    if name_or_path is None and hf_model is None:
+        name_or_path = "tiny-thinker"
     label = str(name_or_path) if name_or_path is not None else "in-memory"
     source_kind = "local"
     if hf_model is not None:
@@ -300,8 +303,7 @@ def load_model(
         _check_architecture(arch, label)
         model = model.to(dtype=torch_dtype)
     else:
-        if name_or_path is None:
-            raise ValueError("load_model: pass a model name or path, or hf_model= and tokenizer=")
+        assert name_or_path is not None
         path = Path(os.fspath(name_or_path)).expanduser()
         canonical = resolve_name(str(name_or_path))
         if canonical is not None and not path.exists():

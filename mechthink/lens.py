@@ -1,0 +1,359 @@
+"""Logit lens over the residual stream and direct logit attribution of embed / attention / MLP.
+
+Two views of how a prediction (e.g. the next token " Wait" at a backtracking point) forms:
+
+* ``mode="accumulated"``: the residual stream before each block (``resid_pre_L``) and the final
+  ``resid_post``, each passed through the model's final norm (recomputed for that state) and the
+  unembedding — the logit lens (nostalgebraist 2020). At the last layer it *is* the model's
+  output distribution.
+* ``mode="decomposed"``: the final residual written as ``embed + Σ_L (attn_L + mlp_L)``, each
+  component divided by the final norm's scale *frozen from the real forward* (so the
+  contributions plus the unembedding bias sum exactly to the model's logit: direct logit
+  attribution), or with ``norm="recompute"`` each component normalised on its own (a lens of
+  what that component alone would say).
+
+Source: ARBOR #22 "Understanding backtracking — logit lens" (wj210/cot_backtrack) on
+R1-Distill-Llama-8B, following ajyl's MLP value-vector post; TransformerLens's
+``ActivationCache.accumulated_resid`` / ``decompose_resid`` / ``apply_ln_to_stack``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechthink.models.thinking_model import ThinkingModel
+
+__all__ = ["LensResult", "logit_lens", "resolve_targets", "final_norm", "unembed", "component_names"]
+
+LensMode = Literal["accumulated", "decomposed"]
+NormMode = Literal["frozen", "recompute"]
+
+
+# --------------------------------------------------------------------------- model pieces
+def _norm_weight(model: ThinkingModel) -> Tensor | None:
+    w = getattr(model.bridge.ln_final, "w", None)
+    return w if isinstance(w, Tensor) else None
+
+
+def _is_layernorm(model: ThinkingModel) -> bool:
+    return str(getattr(model.cfg, "normalization_type", "RMS")).upper().startswith("LN")
+
+
+def final_norm(
+    model: ThinkingModel, x: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"] | None = None
+) -> Float[Tensor, "... d_model"]:
+    """The model's final norm applied to ``x``; with ``scale`` given, that scale is used (frozen).
+
+    Without ``scale`` this computes the norm's own scale of ``x`` (RMS or LayerNorm, eps from
+    the config) — exactly what ``bridge.ln_final`` does, so the lens of the last residual is the
+    model's own output. With a frozen ``scale`` the map is linear in ``x`` (the bias of a
+    LayerNorm, if any, is left to :func:`unembed`'s bias term).
+    """
+    x = x.to(model.bridge.W_U.dtype)
+    if _is_layernorm(model):
+        x = x - x.mean(-1, keepdim=True)
+    if scale is None:
+        eps = float(getattr(model.cfg, "eps", 1e-5))
+        scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    out = x / scale
+    w = _norm_weight(model)
+    return out * w if w is not None else out
+
+
+def unembed(model: ThinkingModel, x: Float[Tensor, "... d_model"], bias: bool = True) -> Float[Tensor, "... d_vocab"]:
+    """``x @ W_U (+ b_U)`` with the bridge's (compatibility-mode, centred) unembedding."""
+    out = x @ model.bridge.W_U
+    if bias and getattr(model.bridge, "b_U", None) is not None:
+        out = out + model.bridge.b_U
+    return out
+
+
+def component_names(n_layers: int, mode: LensMode) -> list[str]:
+    """Component labels: ``resid_pre_0 … resid_pre_{n-1}, resid_post_{n-1}`` or
+    ``embed, attn_0, mlp_0, …, attn_{n-1}, mlp_{n-1}``."""
+    if mode == "accumulated":
+        return [f"resid_pre_{L}" for L in range(n_layers)] + [f"resid_post_{n_layers - 1}"]
+    return ["embed"] + [f"{kind}_{L}" for L in range(n_layers) for kind in ("attn", "mlp")]
+
+
+def resolve_targets(model: ThinkingModel, targets: Sequence[str | int] | str | int) -> tuple[list[int], list[str]]:
+    """Token ids and labels for targets given as words (every single-token variant) or ids."""
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    ids: list[int] = []
+    for t in targets:
+        new = [int(t)] if isinstance(t, int) else model.token_ids([t])
+        ids += [i for i in new if i not in ids]
+    if not ids:
+        raise ValueError("logit_lens: no targets; pass words such as ' Wait' or token ids")
+    vocab = int(model.bridge.W_U.shape[-1])
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"target token ids {bad} are outside the vocabulary [0, {vocab})")
+    return ids, [model.tokenizer.decode([i]) for i in ids]
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class LensResult:
+    """Logit-lens / DLA result for several samples and positions.
+
+    Attributes:
+        target_logits: logit of each target token per (row, component); ``row`` enumerates
+            (sample, position) pairs, see ``samples`` / ``positions``.
+        target_probs: probability of each target under the component's own distribution
+            (softmax of that component's lens logits; for ``accumulated`` this is the lens).
+        target_ranks: rank (0 = top-1) of each target in that distribution.
+        top_ids / top_logits: the top-k tokens of each component's lens logits.
+        components: component labels (see :func:`component_names`).
+        target_ids / targets: target token ids and their strings.
+        samples / positions: the sample index and token position of each row.
+        position_tokens: the token at each row's position (the input, not the prediction).
+        model_logits: the model's actual logits of the targets at each row (for checks).
+        mode / norm: how the lens was computed.
+    """
+
+    target_logits: Float[Tensor, "row component target"]
+    target_probs: Float[Tensor, "row component target"]
+    target_ranks: Int[Tensor, "row component target"]
+    top_ids: Int[Tensor, "row component k"]
+    top_logits: Float[Tensor, "row component k"]
+    model_logits: Float[Tensor, "row target"]
+    components: list[str]
+    target_ids: list[int]
+    targets: list[str]
+    samples: list[int]
+    positions: list[int]
+    position_tokens: list[str]
+    mode: str
+    norm: str
+    vocab: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def top_tokens(self, row: int, component: int | str) -> list[str]:
+        """Strings of the top-k tokens for one row and component."""
+        c = self.components.index(component) if isinstance(component, str) else component
+        return [self.vocab.get(i, str(i)) for i in self.top_ids[row, c].tolist()]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (sample, position, component, target): logit, prob, rank, top-1 token."""
+        rows = []
+        for r in range(len(self.positions)):
+            for c, comp in enumerate(self.components):
+                top1 = self.top_tokens(r, c)[0] if self.top_ids.shape[-1] else ""
+                for t, target in enumerate(self.targets):
+                    rows.append(
+                        {
+                            "sample": self.samples[r],
+                            "position": self.positions[r],
+                            "token": self.position_tokens[r],
+                            "component": comp,
+                            "target": target,
+                            "target_id": self.target_ids[t],
+                            "logit": float(self.target_logits[r, c, t]),
+                            "prob": float(self.target_probs[r, c, t]),
+                            "rank": int(self.target_ranks[r, c, t]),
+                            "top1": top1,
+                        }
+                    )
+        return pd.DataFrame(rows)
+
+    def mean_over_rows(self) -> Float[Tensor, "component target"]:
+        """Target logits averaged over all rows (samples × positions)."""
+        return self.target_logits.mean(0)
+
+    def first_top1_component(self, target: int = 0) -> list[str | None]:
+        """Per row, the first component (in order) where target ``target`` is top-1, or None."""
+        out: list[str | None] = []
+        for r in range(len(self.positions)):
+            hits = (self.target_ranks[r, :, target] == 0).nonzero()
+            out.append(self.components[int(hits[0])] if len(hits) else None)
+        return out
+
+    def to_json(self, path: str | None = None) -> str:
+        """JSON with the labels, the mean target logits per component and the full frame."""
+        payload: dict[str, Any] = {
+            "mode": self.mode,
+            "norm": self.norm,
+            "components": self.components,
+            "targets": self.targets,
+            "target_ids": self.target_ids,
+            "mean_target_logits": self.mean_over_rows().tolist(),
+            "rows": self.to_frame().to_dict(orient="records"),
+        }
+        text = json.dumps(payload)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text)
+        return text
+
+    def plot(self, kind: Literal["heatmap", "dla"] = "heatmap", row: int = 0, **kwargs: Any) -> Any:
+        """Draw the lens (``heatmap``: layers × components with top tokens) or the DLA line chart."""
+        from mechthink.plotting import lens as lens_plots
+
+        if kind == "heatmap":
+            return lens_plots.plot_lens_heatmap(self, row=row, **kwargs)
+        return lens_plots.plot_dla(self, **kwargs)
+
+
+# --------------------------------------------------------------------------- computation
+def _normalise_inputs(
+    model: ThinkingModel,
+    tokens: Int[Tensor, "batch pos"] | Int[Tensor, "pos"] | Sequence[Sequence[int]] | Sequence[Tensor],
+    positions: int | Sequence[int] | Sequence[Sequence[int]] | None,
+) -> list[tuple[Tensor, list[int]]]:
+    if isinstance(tokens, Tensor):
+        seqs = [tokens] if tokens.dim() == 1 else list(tokens)
+    else:
+        seqs = [torch.as_tensor(list(s) if not isinstance(s, Tensor) else s, dtype=torch.long) for s in tokens]
+    if not seqs:
+        raise ValueError("logit_lens: no token sequences given")
+    per: list[list[int]]
+    if positions is None:
+        per = [[-1] for _ in seqs]
+    elif isinstance(positions, int):
+        per = [[positions] for _ in seqs]
+    else:
+        flat = [p for p in positions if isinstance(p, int)]
+        if len(flat) == len(positions):
+            per = [flat for _ in seqs]
+        else:
+            if len(positions) != len(seqs):
+                raise ValueError(f"logit_lens: {len(positions)} position lists for {len(seqs)} sequences")
+            per = [[int(q) for q in p] for p in positions if not isinstance(p, int)]
+    out = []
+    for i, (s, ps) in enumerate(zip(seqs, per)):
+        n = int(s.shape[-1])
+        fixed = []
+        for p in ps:
+            q = p + n if p < 0 else p
+            if not 0 <= q < n:
+                raise ValueError(f"logit_lens: position {p} is outside sequence {i} of length {n}")
+            fixed.append(q)
+        out.append((s.to(model.device), fixed))
+    return out
+
+
+@torch.no_grad()
+def logit_lens(
+    model: ThinkingModel,
+    tokens: Int[Tensor, "batch pos"] | Int[Tensor, "pos"] | Sequence[Sequence[int]] | Sequence[Tensor],
+    targets: Sequence[str | int] | str | int,
+    mode: LensMode = "accumulated",
+    positions: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
+    norm: NormMode = "frozen",
+    top_k: int = 5,
+) -> LensResult:
+    """Logit lens (accumulated residual) or direct logit attribution (decomposed components).
+
+    Args:
+        model: A loaded :class:`ThinkingModel`.
+        tokens: One sequence, a ``[batch, pos]`` tensor, or a list of sequences (ragged is fine;
+            each is run on its own with only the needed hooks cached).
+        targets: Words (every single-token variant is used, e.g. " Wait", "Wait", " wait") or ids.
+        mode: ``"accumulated"`` or ``"decomposed"``.
+        positions: Positions to read (default the last); an int, one list for all sequences, or
+            one list per sequence. Negative positions count from the end.
+        norm: For ``decomposed``: ``"frozen"`` divides every component by the final norm's scale
+            from the real forward (contributions + bias sum to the logit), ``"recompute"``
+            normalises each component on its own. ``accumulated`` always recomputes.
+        top_k: How many top tokens to keep per component.
+
+    Returns:
+        A :class:`LensResult` (rows = (sample, position) pairs).
+    """
+    if mode not in ("accumulated", "decomposed"):
+        raise ValueError(f"mode={mode!r} is not supported; use 'accumulated' or 'decomposed'")
+    if norm not in ("frozen", "recompute"):
+        raise ValueError(f"norm={norm!r} is not supported; use 'frozen' or 'recompute'")
+    target_ids, target_strs = resolve_targets(model, targets)
+    n_layers = model.n_layers
+    comps = component_names(n_layers, mode)
+    if mode == "accumulated":
+        hooks = [f"blocks.{L}.hook_resid_pre" for L in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    else:
+        hooks = (
+            ["blocks.0.hook_resid_pre"]
+            + [f"blocks.{L}.{h}" for L in range(n_layers) for h in ("hook_attn_out", "hook_mlp_out")]
+            + ["ln_final.hook_scale"]
+        )
+    wanted = set(hooks)
+    tid = torch.tensor(target_ids, device=model.device)
+
+    all_tl, all_tp, all_tr, all_ti, all_tv, all_ml = [], [], [], [], [], []
+    samples: list[int] = []
+    positions_out: list[int] = []
+    pos_tokens: list[str] = []
+    for i, (seq, pos) in enumerate(_normalise_inputs(model, tokens, positions)):
+        logits, cache = model.bridge.run_with_cache(seq[None], names_filter=lambda n: n in wanted)
+        p = torch.tensor(pos, device=model.device)
+        stack = torch.stack([cache[h][0, p] for h in hooks if h != "ln_final.hook_scale"], dim=1)  # [npos, comp, d]
+        if mode == "accumulated":
+            comp_logits = unembed(model, final_norm(model, stack))
+        else:
+            scale = cache["ln_final.hook_scale"][0, p]  # [npos, 1]
+            if norm == "frozen":
+                normed = final_norm(model, stack, scale=rearrange(scale, "n one -> n 1 one"))
+            else:
+                normed = final_norm(model, stack)
+            comp_logits = unembed(model, normed, bias=False)
+        comp_logits = comp_logits.float()
+        lp = comp_logits.log_softmax(-1)
+        t_logit = comp_logits[..., tid]
+        t_prob = lp[..., tid].exp()
+        t_rank = (comp_logits.unsqueeze(-2) > t_logit.unsqueeze(-1)).sum(-1)
+        tv, ti = comp_logits.topk(min(top_k, comp_logits.shape[-1]), dim=-1)
+        all_tl.append(t_logit)
+        all_tp.append(t_prob)
+        all_tr.append(t_rank)
+        all_ti.append(ti)
+        all_tv.append(tv)
+        all_ml.append(logits[0, p][:, tid].float())
+        samples += [i] * len(pos)
+        positions_out += pos
+        pos_tokens += [model.tokenizer.decode([int(seq[q])]) for q in pos]
+        del cache
+
+    top_ids = torch.cat(all_ti)
+    vocab = {i: model.tokenizer.decode([i]) for i in sorted(set(top_ids.flatten().tolist()))}
+    return LensResult(
+        target_logits=torch.cat(all_tl),
+        target_probs=torch.cat(all_tp),
+        target_ranks=torch.cat(all_tr),
+        top_ids=top_ids,
+        top_logits=torch.cat(all_tv),
+        model_logits=torch.cat(all_ml),
+        components=comps,
+        target_ids=target_ids,
+        targets=target_strs,
+        samples=samples,
+        positions=positions_out,
+        position_tokens=pos_tokens,
+        mode=mode,
+        norm="recompute" if mode == "accumulated" else norm,
+        vocab=vocab,
+    )
+
+
+def dla_bias(model: ThinkingModel, target_ids: Sequence[int]) -> Float[Tensor, "target"]:
+    """The unembedding bias of each target (the constant that completes the DLA sum)."""
+    b = getattr(model.bridge, "b_U", None)
+    if b is None:
+        return torch.zeros(len(target_ids))
+    return b[torch.tensor(list(target_ids), device=b.device)].float().cpu()
+
+
+def sum_check(result: LensResult, model: ThinkingModel) -> Float[Tensor, "row target"]:
+    """For a ``decomposed``/``frozen`` result: Σ components + bias − model logit (≈ 0)."""
+    if result.mode != "decomposed" or result.norm != "frozen":
+        raise ValueError("sum_check needs a decomposed lens with norm='frozen'")
+    total = einsum(result.target_logits, "row comp target -> row target")
+    return total + dla_bias(model, result.target_ids).to(total.device) - result.model_logits

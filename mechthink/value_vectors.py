@@ -1,0 +1,397 @@
+"""MLP value vectors projected onto the vocabulary, neuron search, linear probes, ablation.
+
+A neuron ``n`` of layer ``L`` writes ``act · W_out[L][n]`` into the residual stream; projecting
+that row (its *value vector*) through the unembedding shows which tokens the neuron promotes
+(Geva et al. 2022). ARBOR #22 (after ajyl's "MLP value vectors" post) finds, on
+R1-Distill-Llama-8B, neurons whose value vectors promote "wait" (L24 #11117) or "therefore"
+(L17 #13623) by training per-layer linear probes that separate backtracking from wrap-up
+positions (≥ 0.99 accuracy from layer 6 on) and ranking value vectors by cosine with the probe
+direction; ablating them (zeroing ``mlp.hook_post``) tests their effect.
+
+Compatibility mode folds the final norm's weight into ``W_U`` and centres it, so
+``W_out[L][n] @ W_U`` is the value vector's direct effect on the (centred) logits up to the
+final norm's per-position scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechthink.lens import resolve_targets
+from mechthink.models.thinking_model import ThinkingModel
+
+__all__ = [
+    "value_vector_logits",
+    "top_tokens",
+    "NeuronHits",
+    "search_neurons",
+    "ProbeResult",
+    "collect_activations",
+    "layer_probes",
+    "rank_by_probe",
+    "ablate_neurons",
+    "ablation_effect",
+    "AblationEffect",
+]
+
+
+def _w_out(model: ThinkingModel, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"layer {layer} is outside [0, {model.n_layers})")
+    return model.bridge.blocks[layer].mlp.W_out
+
+
+def value_vector_logits(model: ThinkingModel, layer: int, neurons: Sequence[int]) -> Float[Tensor, "neuron d_vocab"]:
+    """``W_out[layer][neurons] @ W_U``: each value vector's direct effect on every logit."""
+    w = _w_out(model, layer)
+    idx = torch.tensor(list(neurons), device=w.device)
+    if len(idx) and (idx.min() < 0 or idx.max() >= w.shape[0]):
+        raise ValueError(f"neurons must be in [0, {w.shape[0]}) for layer {layer}")
+    with torch.no_grad():
+        return (w[idx] @ model.bridge.W_U).float()
+
+
+def top_tokens(
+    model: ThinkingModel, layer: int, neurons: int | Sequence[int], k: int = 20, bottom: bool = False
+) -> pd.DataFrame:
+    """The top-k (or bottom-k) vocabulary tokens of each (layer, neuron) value vector.
+
+    Returns:
+        A frame with one row per (neuron, rank): ``layer, neuron, rank, token, token_id, logit``.
+    """
+    neurons = [neurons] if isinstance(neurons, int) else list(neurons)
+    logits = value_vector_logits(model, layer, neurons)
+    vals, ids = (-logits if bottom else logits).topk(k, dim=-1)
+    rows = []
+    for i, n in enumerate(neurons):
+        for r in range(k):
+            tid = int(ids[i, r])
+            rows.append(
+                {
+                    "layer": layer,
+                    "neuron": n,
+                    "rank": r,
+                    "token": model.tokenizer.decode([tid]),
+                    "token_id": tid,
+                    "logit": float(logits[i, tid]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class NeuronHits:
+    """Neurons whose value vectors most promote a target token set.
+
+    Attributes:
+        layers / neurons: location of each hit, best first.
+        scores: the score used for ranking (see ``score``).
+        target_logits: mean direct logit of the targets for each hit.
+        score: ``"logit"`` (mean target logit of the value vector) or ``"zscore"`` (that, in
+            standard deviations of the value vector's logits over the whole vocabulary).
+        targets: the target token strings.
+    """
+
+    layers: Int[Tensor, "hit"]
+    neurons: Int[Tensor, "hit"]
+    scores: Float[Tensor, "hit"]
+    target_logits: Float[Tensor, "hit"]
+    score: str
+    targets: list[str]
+
+    def to_frame(self, model: ThinkingModel | None = None, k: int = 10) -> pd.DataFrame:
+        """One row per hit; with ``model``, also the value vector's top-k tokens."""
+        rows = []
+        for i in range(len(self.neurons)):
+            row: dict[str, Any] = {
+                "layer": int(self.layers[i]),
+                "neuron": int(self.neurons[i]),
+                "score": float(self.scores[i]),
+                "target_logit": float(self.target_logits[i]),
+            }
+            if model is not None:
+                tt = top_tokens(model, row["layer"], [row["neuron"]], k=k)
+                row["top_tokens"] = list(tt["token"])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def search_neurons(
+    model: ThinkingModel,
+    targets: Sequence[str | int] | str | int,
+    layers: Sequence[int] | None = None,
+    k: int = 20,
+    score: Literal["logit", "zscore"] = "zscore",
+    chunk: int = 4096,
+) -> NeuronHits:
+    """Find the (layer, neuron) value vectors that most promote ``targets`` (all their variants).
+
+    ``score="logit"`` ranks by the mean of the targets' direct logits; ``"zscore"`` divides by
+    each value vector's logit standard deviation over the vocabulary (so neurons that promote the
+    targets *specifically* rank first). Chunked over neurons: memory ``chunk × d_vocab``.
+    """
+    if score not in ("logit", "zscore"):
+        raise ValueError(f"score={score!r} is not supported; use 'logit' or 'zscore'")
+    ids, strs = resolve_targets(model, targets)
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    W_U = model.bridge.W_U
+    tid = torch.tensor(ids, device=W_U.device)
+    all_scores, all_tl, all_layer, all_neuron = [], [], [], []
+    for L in layers:
+        w = _w_out(model, L)
+        for start in range(0, w.shape[0], chunk):
+            block = w[start : start + chunk]
+            t_logit = (block @ W_U[:, tid]).float().mean(-1)
+            if score == "zscore":
+                full = (block @ W_U).float()
+                s = (t_logit - full.mean(-1)) / full.std(-1).clamp_min(1e-8)
+            else:
+                s = t_logit
+            all_scores.append(s)
+            all_tl.append(t_logit)
+            all_layer.append(torch.full_like(s, L, dtype=torch.long))
+            all_neuron.append(torch.arange(start, start + len(s), device=s.device))
+    scores = torch.cat(all_scores)
+    top = scores.topk(min(k, len(scores))).indices
+    return NeuronHits(
+        layers=torch.cat(all_layer)[top].cpu(),
+        neurons=torch.cat(all_neuron)[top].cpu(),
+        scores=scores[top].cpu(),
+        target_logits=torch.cat(all_tl)[top].cpu(),
+        score=score,
+        targets=strs,
+    )
+
+
+# --------------------------------------------------------------------------- probes
+@torch.no_grad()
+def collect_activations(
+    model: ThinkingModel,
+    examples: Sequence[tuple[Sequence[int] | Tensor, int]],
+    hook: str = "hook_resid_post",
+    layers: Sequence[int] | None = None,
+) -> Float[Tensor, "example layer d"]:
+    """Activations of ``blocks.{L}.{hook}`` at one position per example (token ids, position)."""
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    names = [f"blocks.{L}.{hook}" for L in layers]
+    wanted = set(names)
+    rows = []
+    for toks, pos in examples:
+        t = torch.as_tensor(list(toks) if not isinstance(toks, Tensor) else toks, dtype=torch.long, device=model.device)
+        if not -len(t) <= pos < len(t):
+            raise ValueError(f"collect_activations: position {pos} outside a sequence of length {len(t)}")
+        _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
+        rows.append(torch.stack([cache[n][0, pos].float().cpu() for n in names]))
+    return torch.stack(rows)
+
+
+@dataclass
+class ProbeResult:
+    """Per-layer logistic-regression probes separating two labelled position sets.
+
+    Attributes:
+        accuracy: k-fold cross-validated accuracy per layer.
+        train_accuracy: accuracy of the probe fit on all examples.
+        directions: unit probe weight vectors (in the activation space) per layer.
+        layers / hook / folds / label_names: what was probed.
+    """
+
+    accuracy: Float[Tensor, "layer"]
+    train_accuracy: Float[Tensor, "layer"]
+    directions: Float[Tensor, "layer d"]
+    layers: list[int]
+    hook: str
+    folds: int
+    label_names: tuple[str, str]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "layer": self.layers,
+                "cv_accuracy": self.accuracy.tolist(),
+                "train_accuracy": self.train_accuracy.tolist(),
+            }
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({"hook": self.hook, "folds": self.folds, "labels": list(self.label_names), "rows": self.to_frame().to_dict(orient="records")})
+
+    def plot(self) -> Any:
+        from mechthink.plotting.lens import plot_probe_accuracy
+
+        return plot_probe_accuracy(self)
+
+
+def _fit_logreg(x: Tensor, y: Tensor, l2: float, steps: int) -> tuple[Tensor, Tensor]:
+    """L2-regularised logistic regression on standardised features (LBFGS, full batch)."""
+    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def layer_probes(
+    acts: Float[Tensor, "example layer d"],
+    labels: Sequence[int] | Int[Tensor, "example"],
+    layers: Sequence[int] | None = None,
+    hook: str = "hook_resid_post",
+    folds: int = 5,
+    l2: float = 1e-3,
+    steps: int = 100,
+    seed: int = 0,
+    label_names: tuple[str, str] = ("wrap-up", "backtrack"),
+) -> ProbeResult:
+    """Train one linear probe per layer on activations (from :func:`collect_activations`).
+
+    Features are standardised per layer (mean/std from the training fold); the returned
+    direction is mapped back to the raw activation space (``w / std``) and unit-normalised.
+    """
+    y = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels).double()
+    if set(y.unique().tolist()) - {0.0, 1.0} or len(y.unique()) != 2:
+        raise ValueError("layer_probes: labels must contain both classes 0 and 1 and nothing else")
+    n = acts.shape[0]
+    if n != len(y):
+        raise ValueError(f"layer_probes: {n} activations but {len(y)} labels")
+    folds = max(2, min(folds, int(min((y == 0).sum(), (y == 1).sum()))))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    fold_of = torch.empty(n, dtype=torch.long)
+    fold_of[perm] = torch.arange(n) % folds
+    layers = list(range(acts.shape[1])) if layers is None else list(layers)
+    accs, train_accs, dirs = [], [], []
+    for li in range(acts.shape[1]):
+        x = acts[:, li].double()
+        correct = 0
+        for f in range(folds):
+            tr, te = fold_of != f, fold_of == f
+            mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
+            w, b = _fit_logreg((x[tr] - mu) / sd, y[tr], l2, steps)
+            pred = (((x[te] - mu) / sd) @ w + b) > 0
+            correct += int((pred == y[te].bool()).sum())
+        accs.append(correct / n)
+        mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+        w, b = _fit_logreg((x - mu) / sd, y, l2, steps)
+        train_accs.append(float(((((x - mu) / sd) @ w + b > 0) == y.bool()).double().mean()))
+        d = w / sd
+        dirs.append((d / d.norm().clamp_min(1e-12)).float())
+    return ProbeResult(
+        accuracy=torch.tensor(accs),
+        train_accuracy=torch.tensor(train_accs),
+        directions=torch.stack(dirs),
+        layers=layers,
+        hook=hook,
+        folds=folds,
+        label_names=label_names,
+    )
+
+
+@torch.no_grad()
+def rank_by_probe(model: ThinkingModel, probe: ProbeResult, layer: int, k: int = 20) -> pd.DataFrame:
+    """Value vectors of ``layer`` ranked by cosine with that layer's probe direction.
+
+    Positive cosine = the neuron writes toward the probe's positive class (``label_names[1]``).
+    Returns ``layer, neuron, cosine`` plus each value vector's top-5 tokens.
+    """
+    if layer not in probe.layers:
+        raise ValueError(f"layer {layer} was not probed (probed: {probe.layers})")
+    d = probe.directions[probe.layers.index(layer)].to(model.device)
+    w = _w_out(model, layer).float()
+    cos = (w @ d) / w.norm(dim=-1).clamp_min(1e-12)
+    top = cos.topk(min(k, len(cos))).indices.tolist()
+    vv = value_vector_logits(model, layer, top).topk(5, dim=-1).indices
+    return pd.DataFrame(
+        [
+            {
+                "layer": layer,
+                "neuron": n,
+                "cosine": float(cos[n]),
+                "top_tokens": [model.tokenizer.decode([int(t)]) for t in vv[i]],
+            }
+            for i, n in enumerate(top)
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- ablation
+@contextlib.contextmanager
+def ablate_neurons(model: ThinkingModel, neurons: Mapping[int, Sequence[int]]) -> Iterator[None]:
+    """Zero the ``mlp.hook_post`` activations of the given neurons ``{layer: [neuron, …]}``.
+
+    A context manager on ``bridge.hooks``: exactly the hooks it added are removed on exit,
+    also after an exception.
+    """
+    fwd_hooks = []
+    for layer, ns in neurons.items():
+        idx = torch.tensor(list(ns), dtype=torch.long, device=model.device)
+        if len(idx) and (idx.min() < 0 or idx.max() >= _w_out(model, layer).shape[0]):
+            raise ValueError(f"ablate_neurons: neuron index out of range for layer {layer}")
+
+        def zero(act: Tensor, hook: Any, idx: Tensor = idx) -> Tensor:
+            act = act.clone()
+            act[..., idx] = 0.0
+            return act
+
+        fwd_hooks.append((f"blocks.{layer}.mlp.hook_post", zero))
+    with model.bridge.hooks(fwd_hooks=fwd_hooks):
+        yield
+
+
+@dataclass
+class AblationEffect:
+    """Target probability before and after ablating a set of neurons, per example."""
+
+    prob_clean: Float[Tensor, "example"]
+    prob_ablated: Float[Tensor, "example"]
+    targets: list[str]
+    neurons: dict[int, list[int]]
+
+    @property
+    def mean_drop(self) -> float:
+        return float((self.prob_clean - self.prob_ablated).mean())
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"prob_clean": self.prob_clean.tolist(), "prob_ablated": self.prob_ablated.tolist()})
+
+
+@torch.no_grad()
+def ablation_effect(
+    model: ThinkingModel,
+    examples: Sequence[tuple[Sequence[int] | Tensor, int]],
+    neurons: Mapping[int, Sequence[int]],
+    targets: Sequence[str | int] | str | int,
+) -> AblationEffect:
+    """P(any target token) at each example's position, clean vs with ``neurons`` ablated."""
+    ids, strs = resolve_targets(model, targets)
+    tid = torch.tensor(ids, device=model.device)
+
+    def probs() -> Tensor:
+        out = []
+        for toks, pos in examples:
+            t = torch.as_tensor(list(toks) if not isinstance(toks, Tensor) else toks, dtype=torch.long, device=model.device)
+            lp = model.bridge(t[None])[0, pos].float().log_softmax(-1)
+            out.append(lp[tid].exp().sum())
+        return torch.stack(out).cpu()
+
+    clean = probs()
+    with ablate_neurons(model, neurons):
+        ablated = probs()
+    return AblationEffect(clean, ablated, strs, {int(k): [int(n) for n in v] for k, v in neurons.items()})
