@@ -64,6 +64,10 @@ def models() -> None:
 
 def discover_analyses(directory: Path = ANALYSES_DIR) -> dict[str, ModuleType]:
     """Import every ``analyses/NN_<name>.py`` and return them by ``NAME``, in file order."""
+    import sys
+
+    if str(directory) not in sys.path:  # the scripts share analyses/_common.py
+        sys.path.insert(0, str(directory))
     found: dict[str, ModuleType] = {}
     for path in sorted(directory.glob("[0-9][0-9]_*.py")):
         spec = importlib.util.spec_from_file_location(f"mechthink_analyses.{path.stem}", path)

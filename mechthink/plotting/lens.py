@@ -30,7 +30,7 @@ def _layer_of(comp: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2)) if m.group(2) else -1
 
 
-def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int = 8) -> Figure:
+def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int = 8, ax: Any = None) -> Figure:
     """Layers × {resid, attn, mlp} heatmap of the target's logit, cells annotated with top-1 tokens.
 
     For an ``accumulated`` result the single row is ``resid_pre_L``; for ``decomposed`` the rows
@@ -55,8 +55,11 @@ def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int
             r, col = kinds.index(kind), layer
         grid[r, col] = float(result.target_logits[row, c, target])
         labels[r, col] = result.top_tokens(row, c)[0][:max_label]
-    fig = new_figure(max(6.0, 0.55 * grid.shape[1] + 2), 1.2 + 0.7 * len(kinds))
-    ax = fig.add_subplot(1, 1, 1)
+    if ax is None:
+        fig = new_figure(max(6.0, 0.55 * grid.shape[1] + 2), 1.2 + 0.7 * len(kinds))
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
     vmax = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
     im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     for (r, col), text in np.ndenumerate(labels):
@@ -74,12 +77,15 @@ def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int
     return fig
 
 
-def plot_dla(result: Any, targets: list[int] | None = None) -> Figure:
+def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> Figure:
     """Direct logit attribution to each target per component, averaged over rows (± s.e.m.)."""
     targets = targets if targets is not None else list(range(len(result.targets)))
     x = np.arange(len(result.components))
-    fig = new_figure(max(7.0, 0.18 * len(x) + 3), 3.5)
-    ax = fig.add_subplot(1, 1, 1)
+    if ax is None:
+        fig = new_figure(max(7.0, 0.18 * len(x) + 3), 3.5)
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
     data = result.target_logits.float().cpu().numpy()
     for t in targets:
         mean = data[:, :, t].mean(0)
@@ -87,7 +93,7 @@ def plot_dla(result: Any, targets: list[int] | None = None) -> Figure:
         ax.plot(x, mean, marker="o", ms=3, label=repr(result.targets[t]))
         ax.fill_between(x, mean - sem, mean + sem, alpha=0.2)
     ax.axhline(0, color="grey", lw=0.5)
-    step = max(1, len(x) // 30)
+    step = max(1, len(x) // 70)
     ax.set_xticks(x[::step], [result.components[i] for i in x[::step]], rotation=90, fontsize=6)
     ax.set_ylabel("direct logit contribution" if result.mode == "decomposed" else "lens logit")
     ax.set_title(f"{result.mode} ({result.norm} norm), mean over {data.shape[0]} positions")
@@ -95,10 +101,13 @@ def plot_dla(result: Any, targets: list[int] | None = None) -> Figure:
     return fig
 
 
-def plot_probe_accuracy(result: Any) -> Figure:
+def plot_probe_accuracy(result: Any, ax: Any = None) -> Figure:
     """Per-layer probe accuracy (cross-validated) for a value-vector probe result."""
-    fig = new_figure(6.0, 3.0)
-    ax = fig.add_subplot(1, 1, 1)
+    if ax is None:
+        fig = new_figure(6.0, 3.0)
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
     acc = result.accuracy.float().cpu().numpy()
     ax.plot(result.layers, acc, marker="o")
     ax.axhline(0.5, color="grey", lw=0.5, ls="--")
