@@ -79,7 +79,8 @@ def plot_mi_trajectory(
     ax.grid(axis="y", linestyle="--", alpha=0.4)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     return fig
 
 
@@ -113,5 +114,6 @@ def plot_peak_token_counts(
     ax.set_xticklabels(labels, rotation=45, ha="right")
     ax.set_ylabel("Frequency")
     ax.set_title(title)
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     return fig
