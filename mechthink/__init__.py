@@ -18,9 +18,28 @@ from mechthink.models import (
 
 __version__ = "0.1.0"
 
+from mechthink import (  # noqa: E402  (technique modules, after the models they build on)
+    attribution,
+    confidence,
+    context,
+    data,
+    lens,
+    mi,
+    traces,
+    value_vectors,
+)
+
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
+    "attribution",
+    "confidence",
+    "context",
+    "data",
+    "lens",
+    "mi",
+    "traces",
+    "value_vectors",
     "REGISTRY",
     "ThinkingModel",
     "ThinkingModelSpec",

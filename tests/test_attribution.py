@@ -1,0 +1,260 @@
+"""Attribution patching vs exact patching, identities, mean activations (tiny random models)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import mechthink as mt
+from conftest import TYPE_ERRORS
+from mechthink import attribution as A
+
+ARCH = "LlamaForCausalLM"
+TEXT = "Hmm, the answer is 12. Alternatively, we could add"
+DATA = [
+    "Wait, let me check that again.",
+    "So the answer is 42. Therefore",
+    "Compute 3 + 5 - 2 + 7. First 3 + 5 = 8.",
+    "The user asks a question about numbers.",
+]
+
+
+def _scaled(tiny_hf, scale: float):
+    ref, tok = tiny_hf(ARCH)
+    hf = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return mt.load_model(f"tiny-random-{ARCH}-x{scale}", hf_model=hf, tokenizer=tok, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def normal(tiny_loaded):
+    return tiny_loaded(ARCH)[0]
+
+
+@pytest.fixture(scope="module")
+def near_linear(tiny_hf):
+    """The same tiny model with 2-D weights scaled by 0.1: small activations, near-linear."""
+    return _scaled(tiny_hf, 0.1)
+
+
+def _setup(model):
+    means = A.mean_activations(model, [model.to_tokens(t)[0] for t in DATA], hooks=A.NODE_TYPES)
+    toks = model.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    return means, toks, metric
+
+
+def _rho(model, nodes=("resid_pre", "attn_out", "mlp_out", "z")):
+    means, toks, metric = _setup(model)
+    atp = A.attribution_patching(model, toks, metric, "mean", nodes=nodes, means=means)
+    ex = A.activation_patching(model, toks, metric, "mean", nodes=nodes, means=means, batch_size=64)
+    assert atp.metric_clean == pytest.approx(ex.metric_clean, abs=1e-5)
+    return {n: float(spearmanr(atp[n].flatten(), ex[n].flatten())[0]) for n in nodes}, atp, ex
+
+
+def test_atp_matches_exact_near_linear(near_linear):
+    rho, atp, ex = _rho(near_linear)
+    print("near-linear model (weights x0.1) Spearman rho AtP vs exact:", {k: round(v, 3) for k, v in rho.items()})
+    # measured here: resid_pre 0.77, attn_out 1.00, mlp_out 1.00, z 1.00. Small weights make
+    # attention and MLPs near-linear, but RMSNorm is scale-invariant, so replacing a whole
+    # residual vector by the mean stays nonlinear: resid_pre gets a looser bound.
+    for n, thr in {"resid_pre": 0.7, "attn_out": 0.95, "mlp_out": 0.95, "z": 0.95}.items():
+        assert rho[n] >= thr, (n, rho[n])
+    assert atp["z"].shape == (near_linear.n_layers, len(atp.tokens), near_linear.cfg.n_heads)
+    assert atp["resid_pre"].shape == (near_linear.n_layers, len(atp.tokens))
+
+
+def test_atp_is_first_order_exact(normal):
+    """Baseline = clean activation + a small perturbation: AtP equals exact patching to first order."""
+    toks = normal.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, normal.token_ids("Wait"))
+    names = [A.hook_name(n, L) for n in A.NODE_TYPES for L in range(normal.n_layers)]
+    _, cache = normal.bridge.run_with_cache(toks.unsqueeze(0), names_filter=names)
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-2
+    base = {}
+    for h in names:
+        a = cache[h][0].float()
+        base[h] = a + eps * a.abs().mean() * torch.randn(a.shape, generator=g)
+    atp = A.attribution_patching(normal, toks, metric, base, nodes=A.NODE_TYPES)
+    ex = A.activation_patching(normal, toks, metric, base, nodes=A.NODE_TYPES, batch_size=64)
+    assert atp.baseline == "custom"
+    rho = {n: float(spearmanr(atp[n].flatten(), ex[n].flatten())[0]) for n in A.NODE_TYPES}
+    print("small-perturbation baseline Spearman rho:", {k: round(v, 3) for k, v in rho.items()})
+    for n in A.NODE_TYPES:
+        assert rho[n] >= 0.95, (n, rho[n])
+        err = (atp[n] - ex[n]).abs().max() / ex[n].abs().max()
+        assert err < 0.1, (n, float(err))
+
+
+def test_atp_vs_exact_normal_model_report(normal):
+    rho, _, _ = _rho(normal)
+    print("normal tiny model (conftest weights) Spearman rho AtP vs exact:", {k: round(v, 3) for k, v in rho.items()})
+    # a random model with widened weights is strongly nonlinear; measured ~0.5-0.95
+    assert all(v > 0.3 for v in rho.values()), rho
+
+
+def test_ig_runs_and_tracks_exact(near_linear):
+    means, toks, metric = _setup(near_linear)
+    ig = A.attribution_patching(near_linear, toks, metric, "mean", nodes=("resid_pre", "z"), means=means, ig_steps=4, ig_batch_size=5)
+    ex = A.activation_patching(near_linear, toks, metric, "mean", nodes=("resid_pre",), means=means, batch_size=64)
+    assert ig.method == "ig" and ig["z"].dim() == 3
+    rho = spearmanr(ig["resid_pre"].flatten(), ex["resid_pre"].flatten())[0]
+    print("IG(4) resid_pre rho:", round(float(rho), 3))
+    assert rho >= 0.85
+
+
+def test_zero_when_baseline_is_the_clean_run(normal):
+    toks = normal.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, normal.token_ids("Wait"))
+    atp = A.attribution_patching(normal, toks, metric, baseline=toks, nodes=A.NODE_TYPES)
+    for n in A.NODE_TYPES:
+        assert torch.count_nonzero(atp[n]) == 0, n
+    ex = A.activation_patching(normal, toks, metric, baseline=toks, nodes=("resid_pre", "z"), positions=[-1, 2], batch_size=8)
+    assert torch.nanmean(ex["resid_pre"].abs()) < 1e-5 and torch.nanmean(ex["z"].abs()) < 1e-5
+    ig = A.attribution_patching(normal, toks, metric, baseline=toks, nodes=("mlp_out",), ig_steps=2)
+    assert torch.count_nonzero(ig["mlp_out"]) == 0
+
+
+def test_linear_metric_of_final_resid_equals_exact(normal):
+    """Metric = w · (final residual at the last position): AtP is exact for the last layer's
+    resid_post and mlp_out (the metric is linear in them), any baseline."""
+    bridge = normal.bridge
+    hp = bridge.hook_dict["ln_final.hook_in"]
+    store: dict[str, torch.Tensor] = {}
+    w = torch.randn(normal.d_model, generator=torch.Generator().manual_seed(0))
+
+    def grab(act, hook):
+        store["x"] = act
+        return act
+
+    def metric(logits):
+        return store["x"][:, -1].float() @ w
+
+    toks = normal.to_tokens(TEXT)[0]
+    hp.add_hook(grab, is_permanent=True)
+    try:
+        nodes = ("resid_post", "mlp_out")
+        atp = A.attribution_patching(normal, toks, metric, baseline="zero", nodes=nodes)
+        last = normal.n_layers - 1
+        ex = A.activation_patching(normal, toks, metric, baseline="zero", nodes=nodes, layers=[last], batch_size=32)
+    finally:
+        hp.remove_hooks("fwd", including_permanent=True)
+    for n in nodes:
+        torch.testing.assert_close(atp[n][last], ex[n][last], atol=1e-4, rtol=1e-4)
+        assert atp[n][last, :-1].abs().max() == 0  # other positions cannot reach the metric
+    assert not hp.fwd_hooks
+
+
+def test_model_left_untouched(normal):
+    params = [p.requires_grad for p in normal.bridge.parameters()]
+    means, toks, metric = _setup(normal)
+    A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means)
+    assert [p.requires_grad for p in normal.bridge.parameters()] == params
+    assert all(p.grad is None for p in normal.bridge.parameters())
+    assert not any(hp.fwd_hooks for hp in normal.bridge.hook_dict.values())
+    with torch.inference_mode():  # callers inside inference mode still get gradients
+        r = A.attribution_patching(normal, toks, metric, "zero", nodes=("resid_pre",))
+    assert torch.isfinite(r["resid_pre"]).all() and r["resid_pre"].abs().sum() > 0
+
+
+def test_mean_activations_streaming_save_resume(normal, tmp_path):
+    samples = [normal.to_tokens(t)[0] for t in DATA]
+    hooks = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"]
+    full = A.mean_activations(normal, samples, hooks=hooks)
+    # reference: concatenate every cached position except the BOS
+    acc = {h: [] for h in hooks}
+    for s in samples:
+        _, cache = normal.bridge.run_with_cache(s.unsqueeze(0), names_filter=hooks)
+        for h in hooks:
+            acc[h].append(cache[h][0, 1:])
+    for h in hooks:
+        ref = torch.cat(acc[h]).double().mean(0).float()
+        torch.testing.assert_close(full[h], ref, atol=1e-5, rtol=1e-5)
+    assert full.count == sum(len(s) - 1 for s in samples) and full.n_samples == 4
+    assert full["blocks.0.attn.hook_z"].shape == (normal.cfg.n_heads, normal.cfg.d_head)
+    part = A.mean_activations(normal, samples[:2], hooks=hooks)
+    path = part.save(tmp_path / "means.safetensors")
+    assert json.loads((tmp_path / "means.safetensors.json").read_text())["count"] == part.count
+    resumed = A.mean_activations(normal, samples[2:], hooks=hooks, resume=A.MeanActivations.load(path))
+    for h in hooks:
+        torch.testing.assert_close(resumed[h], full[h])
+    assert resumed.count == full.count
+    lists = A.mean_activations(normal, [s.tolist() for s in samples], hooks="resid_pre", skip_bos=False)
+    assert len(lists.hooks) == normal.n_layers and lists.count == sum(len(s) for s in samples)
+    with pytest.raises(ValueError, match="does not exist"):
+        A.mean_activations(normal, samples, hooks=["blocks.0.hook_nope"])
+
+
+def test_metrics_and_result_api(normal):
+    logits = torch.randn(3, 5, 11)
+    torch.testing.assert_close(A.logit_metric(-1, 4)(logits), logits[:, -1, 4])
+    torch.testing.assert_close(A.logit_metric(2, [1, 3], reduce="sum")(logits), logits[:, 2, 1] + logits[:, 2, 3])
+    torch.testing.assert_close(A.logit_diff_metric(-1, 1, [2, 3])(logits), logits[:, -1, 1] - logits[:, -1, [2, 3]].mean(-1))
+    lp = A.logit_metric(-1, 4, log_probs=True)(logits)
+    torch.testing.assert_close(lp, logits[:, -1].log_softmax(-1)[:, 4])
+    with pytest.raises(ValueError):
+        A.logit_metric(-1, 4, reduce="median")
+
+    means, toks, metric = _setup(normal)
+    scalar_metric = lambda lg: lg[0, -1, normal.token_ids("Wait")].mean()  # noqa: E731
+    r = A.attribution_patching(normal, toks, scalar_metric, "mean", nodes=("resid_pre", "z"), means=means)
+    r2 = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre", "z"), means=means)
+    torch.testing.assert_close(r["z"], r2["z"])
+    imp = r.token_importance()
+    assert imp.shape == (len(toks),)
+    torch.testing.assert_close(imp, r["resid_pre"].max(0).values)
+    assert r.token_importance("z", reduce="sum").shape == (len(toks),)
+    torch.testing.assert_close(r.token_importance(sign=-1, reduce="max"), (-r["resid_pre"]).max(0).values)
+    df = r.to_frame()
+    assert len(df) == normal.n_layers * len(toks) * (1 + normal.cfg.n_heads)
+    assert set(df.node) == {"resid_pre", "z"}
+    js = json.loads(r.to_json())
+    assert js["str_tokens"] == r.str_tokens and len(js["scores"]["z"]) == normal.n_layers
+    fig = r.plot()
+    assert fig.axes
+    with pytest.raises(ValueError, match="means"):
+        A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",))
+    with pytest.raises(ValueError, match="unknown node"):
+        A.attribution_patching(normal, toks, metric, "zero", nodes=("resid_mid",))
+    with pytest.raises(TYPE_ERRORS):  # jaxtyping binds "pos" to the clean length first
+        A.attribution_patching(normal, toks, metric, toks[:-1], nodes=("resid_pre",))
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_other_architectures(tiny_loaded, arch):
+    model = tiny_loaded(arch)[0]
+    toks = model.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    atp = A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre", "z"))
+    ex = A.activation_patching(model, toks, metric, "zero", nodes=("z",), layers=[model.n_layers - 1], batch_size=64)
+    rho = spearmanr(atp["z"][-1].flatten(), ex["z"][-1].flatten())[0]
+    print(arch, "last-layer z rho:", round(float(rho), 3))
+    assert rho > 0.5
+
+
+def test_smollm2_resid_pre_rho(smollm2):
+    """SmolLM2-135M, 16-token prompt, resid_pre, mean-over-prompt baseline; every 3rd layer."""
+    model = smollm2[0]
+    text = "Tom has 3 apples and buys 5 more. So he has 8 apples. Wait"
+    toks = model.to_tokens(text)[0][:16]
+    means = A.mean_activations(model, [toks], hooks="resid_pre")
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    layers = list(range(0, model.n_layers, 3))
+    atp = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means)
+    ex = A.activation_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, layers=layers, batch_size=40)
+    a, e = atp["resid_pre"][layers].flatten(), ex["resid_pre"][layers].flatten()
+    rho = float(spearmanr(a, e)[0])
+    print(f"SmolLM2 resid_pre Spearman rho AtP vs exact ({len(layers)} layers x {len(toks)} positions): {rho:.3f}")
+    # Reported, not asserted: replacing a whole residual vector of a real model by the mean is far
+    # outside AtP's linear regime (measured rho ~ -0.1 here; AtP overshoots exact ~10x at the
+    # query position). The check is that both paths agree on the clean metric and run.
+    assert atp.metric_clean == pytest.approx(ex.metric_clean, rel=1e-4, abs=1e-4)
+    assert torch.isfinite(a).all() and torch.isfinite(e).all()
