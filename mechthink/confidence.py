@@ -8,7 +8,8 @@ wassname/llm-moral-foundations2 (``gather/cot.py``: logp(Yes) − logp(No)) and 
 experiment of ARBOR #22 (wj210/cot_backtrack: force the answer at each answer-reaching instance).
 
 The shared prefix is never recomputed: one incremental pass over the trace with a Hugging Face
-``DynamicCache``; at each probe position the suffix runs on the cache (then is cropped away),
+``DynamicCache``; at each probe position the next prefix chunk and the suffix run in one call
+on the cache (the suffix is then cropped away),
 and multi-token choice sequences run in one right-padded batch on a forked cache
 (``deepcopy`` + ``batch_repeat_interleave``) with an attention mask.
 """
@@ -19,7 +20,8 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -280,18 +282,13 @@ def answer_probe(
     per_pos: dict[int, tuple[list[float], list[float], str | None]] = {}
     kv = None
     done = 0
-    last_logits: Tensor | None = None
     for p in sorted(set(positions)):
-        if p + 1 > done:
-            lg, kv = _forward(model, ids[done : p + 1], kv)
-            last_logits = lg[0, -1]
-            done = p + 1
-        assert last_logits is not None
-        if suffix_ids:
-            sl, kv = _forward(model, suffix_ids, kv)
-            head = sl[0, -1]
-        else:
-            head = last_logits
+        # The new part of the prefix and the suffix run in one call (causal: the prefix's
+        # keys/values do not see the suffix); the suffix is cropped away afterwards.
+        chunk = ids[done : p + 1]
+        lg, kv = _forward(model, chunk + suffix_ids, kv)
+        done = p + 1
+        head = lg[0, -1]
         head_lp = head.log_softmax(-1)
         tok_lp = [[float(head_lp[s[0]])] for s in flat]
         tok_lg = [[float(head[s[0]])] for s in flat]

@@ -17,7 +17,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -144,10 +145,9 @@ class Trace:
     @property
     def thinking_char_span(self) -> tuple[int, int]:
         """``(start, end)`` character offsets of the thinking in ``text``."""
-        start, end = self.thinking_span
+        start, _ = self.thinking_span
         c0 = self.offsets[start][0] if start < len(self.offsets) else len(self.text)
-        c1 = self.offsets[end][0] if end < len(self.offsets) else _content_end(self)
-        return c0, c1
+        return c0, c0 + len(self.thinking)
 
     def token_at_char(self, char: int) -> int:
         """Position of the token whose span contains character ``char`` of ``text``."""
@@ -173,7 +173,7 @@ class Trace:
 
 
 def _content_end(trace: Trace) -> int:
-    """Character end of ``text`` without trailing eos tokens (end of the last non-eos token)."""
+    """Character end of ``text`` (the completion region's end)."""
     return trace.offsets[-1][1] if trace.offsets else 0
 
 
@@ -646,7 +646,9 @@ def _require_thinking(tr: Trace) -> tuple[int, int]:
 
 
 def _open_tag(tr: Trace) -> str:
-    return "<think>"
+    from mechthink.models.registry import get_spec, resolve_name
+
+    return get_spec(tr.model).think_open if tr.model and resolve_name(tr.model) else "<think>"
 
 
 def split_steps(trace_or_text: Trace | str, region: Literal["thinking", "completion"] = "thinking") -> list[Step]:
