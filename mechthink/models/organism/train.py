@@ -3,7 +3,13 @@
 Trains next-token prediction on freshly generated thinking transcripts (loss only on the assistant
 turn), deterministically given a seed, on CPU. Usage::
 
-    python -m mechthink.models.organism.train --seed 0 --steps 3000 --out DIR
+    python -m mechthink.models.organism.train --seed 0 --out DIR
+
+The shipped weights were made in two stages (see ``weights/TRAINING.md``)::
+
+    python -m mechthink.models.organism.train --seed 0 --steps 4000 --out /tmp/stage1
+    python -m mechthink.models.organism.train --seed 1 --steps 1500 --lr 1.5e-3 --warmup 50 \
+        --init-from /tmp/stage1
 
 Source: this repository (mechthink tiny-thinker organism; AdamW, arXiv:1711.05101).
 """
@@ -55,6 +61,7 @@ class TrainConfig:
             backtracking word or the newline), to speed up learning of the planted decision.
         p_check: Probability of a re-check line.
         pool_batches: Batches generated at once and bucketed by length.
+        init_from: Directory of a saved organism to continue training from ("" = fresh init).
         threads: torch intra-op threads (0: leave torch's default; 1 is fastest on shared cores).
     """
 
@@ -73,6 +80,7 @@ class TrainConfig:
     decision_weight: float = 5.0
     p_check: float = 0.5
     pool_batches: int = 16
+    init_from: str = ""
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -171,7 +179,12 @@ def _train(config: TrainConfig, out: Path | None, progress: bool) -> LlamaForCau
     torch.manual_seed(config.seed)
     rng = random.Random(f"train-{config.seed}")
     tok = build_hf_tokenizer()
-    model = build_model(config, len(tok))
+    if config.init_from:
+        model = LlamaForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        model.set_attn_implementation("sdpa")
+        logger.info("continuing from %s", config.init_from)
+    else:
+        model = build_model(config, len(tok))
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("tiny-thinker: %d parameters, config %s", n_params, asdict(config))
 
