@@ -43,3 +43,22 @@ def arg_parser(config_cls: type) -> Any:
         else:
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
     return ap
+
+
+def organism_questions(n: int, seed: int) -> list[dict]:
+    """Held-out tiny-thinker problems as ``{"id", "question", "answer"}`` dicts (a fixed seed)."""
+    from mechthink.models.organism import sample_transcripts
+
+    return [
+        {"id": f"organism-{seed}-{i}", "question": tr.problem.question, "answer": str(tr.answer)}
+        for i, tr in enumerate(sample_transcripts(n, seed=f"analysis-{seed}"))
+    ]
+
+
+def questions_for(model: Any, n: int, seed: int, gsm8k_path: str) -> list[dict]:
+    """tiny-thinker: its own held-out problems; any other model: the first n GSM8K test items."""
+    if model.spec.name == "tiny-thinker":
+        return organism_questions(n, seed)
+    from mechthink.data import load_gsm8k
+
+    return [{"id": p.id, "question": p.question, "answer": p.answer} for p in load_gsm8k("test", path=gsm8k_path, n=n)]

@@ -374,6 +374,7 @@ def early_exit(
     gold: str | None = None,
     suffix: str | None = None,
     max_answer_tokens: int = 8,
+    terminator: str | None = None,
 ) -> EarlyExitResult:
     """Force an answer at every answer-reaching instance of a trace and score it (ARBOR #22).
 
@@ -383,6 +384,9 @@ def early_exit(
         gold: The gold answer (default ``trace.gold``).
         suffix: The answer-forcing suffix (default ``model.spec.answer_suffix``).
         max_answer_tokens: Greedy decoding budget for the forced answer (stops at ``}``).
+        terminator: Appended to every gold spelling before scoring so the choice is the whole
+            answer, not a prefix of a longer number ("1}" excludes "12}"); default ``"}"`` when
+            the suffix ends in ``{`` (``\boxed{``), else none. ``mean_logit`` covers it too.
 
     Returns:
         An :class:`EarlyExitResult`; no rows when the answer never appears in the thinking.
@@ -394,8 +398,10 @@ def early_exit(
     inst = answer_instances(trace, gold)
     if not inst:
         return EarlyExitResult(trace.id, str(gold), suffix, [], None)
+    if terminator is None:
+        terminator = "}" if suffix.rstrip().endswith("{") else ""
     probe = answer_probe(
-        model, trace.ids, [i.position for i in inst], {"gold": gold_variants(gold)},
+        model, trace.ids, [i.position for i in inst], {"gold": [g + terminator for g in gold_variants(gold)]},
         suffix=suffix, greedy_tokens=max_answer_tokens, greedy_stop="}",
     )
     rows = []

@@ -116,7 +116,8 @@ def test_early_exit(tiny_loaded):
     inst = T.answer_instances(tr)
     assert [r["position"] for r in res.rows] == [i.position for i in inst]
     assert [r["next_word"] for r in res.rows] == ["Wait", "Hmm", "so", None]
-    ref = _reference(model, tr.ids, [i.position for i in inst], {"gold": ["18"]}, model.spec.answer_suffix)
+    # the gold is scored as a whole answer, closed by "}" (the suffix ends in \boxed{)
+    ref = _reference(model, tr.ids, [i.position for i in inst], {"gold": ["18}"]}, model.spec.answer_suffix)
     got = torch.tensor([r["logprob"] for r in res.rows], dtype=torch.float64)
     assert (got - ref[:, 0]).abs().max() <= 1e-4
     for r in res.rows:

@@ -132,7 +132,7 @@ def test_chat_template(tok, tmp_path):
     tr = sample_transcripts(1, seed=0)[0]
     q = prompt_text(tr.problem.question)
     assistant = tr.text[len(q) - len("<think>\n") : -len("<|end|>")]
-    full = msgs[:0] + [
+    full = [
         {"role": "user", "content": tr.problem.question},
         {"role": "assistant", "content": assistant},
     ]

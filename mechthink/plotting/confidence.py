@@ -6,6 +6,7 @@ the Agg canvas without pyplot, so they never touch the global backend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
@@ -94,4 +95,45 @@ def plot_early_exit_table(table: "pd.DataFrame", ax: Axes | None = None, title: 
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_confidence_curves(
+    results: Sequence["ProbeResult"],
+    choice: Sequence[str],
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One line per trace: log p(choice) against the fraction of the thinking, ``</think>`` marked.
+
+    Args:
+        results: Probe results from :func:`mechthink.confidence.confidence_curve` (their
+            ``marks`` must hold ``think_start``; ``think_end`` when the thinking closed).
+        choice: For each result, the name of the choice to draw (e.g. the gold answer).
+        ax: Axes to draw on; a new figure when None.
+        title: Optional title.
+    """
+    if ax is None:
+        fig, ax = _new_axes((9.0, 4.0))
+    else:
+        fig = ax.figure
+    for res, name in zip(results, choice):
+        start = res.marks.get("think_start", min(res.positions))
+        end = res.marks.get("think_end")
+        stop = end if end is not None else max(res.positions)
+        span = max(1, stop - start)
+        c = res.choice_names.index(name)
+        order = sorted(range(len(res.positions)), key=lambda i: res.positions[i])
+        xs = [(res.positions[i] - start) / span for i in order]
+        ys = [float(res.logprobs[i, c]) for i in order]
+        (line,) = ax.plot(xs, ys, lw=1, alpha=0.7)
+        if end is not None and end in res.positions:
+            i = res.positions.index(end)
+            ax.plot([1.0], [float(res.logprobs[i, c])], marker="s", color=line.get_color(), ms=5)
+    ax.axvline(1.0, color="grey", ls=":", lw=1)
+    ax.annotate("</think>", (1.0, 1.0), xycoords=("data", "axes fraction"), fontsize=8, color="grey", ha="right", va="top")
+    ax.set_xlabel("fraction of the thinking")
+    ax.set_ylabel("log p(gold answer) after the answer suffix")
+    if title:
+        ax.set_title(title)
     return fig

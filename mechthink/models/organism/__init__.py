@@ -1,6 +1,6 @@
 """tiny-thinker: a small trained thinking-model organism with planted backtracking.
 
-A ~0.9M-parameter ``LlamaForCausalLM`` trained from scratch (``train.py``) on R1-format thinking
+A 0.91M-parameter ``LlamaForCausalLM`` trained from scratch (``train.py``) on R1-format thinking
 transcripts of multi-step arithmetic (``tasks.py``) in which wrongly written steps are followed by
 a backtracking word and the redone step, so analyses can be checked against known ground truth.
 Weights and tokenizer ship in ``weights/`` and load offline. Source: this repository.
