@@ -23,7 +23,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 12
+    n_samples: int = 16
     n_points: int = 16
     max_new_tokens: int = 256
     seed: int = 7

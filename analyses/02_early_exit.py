@@ -23,7 +23,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 40
+    n_samples: int = 100
     max_new_tokens: int = 256
     max_instances: int = 6
     seed: int = 11

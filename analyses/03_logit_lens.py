@@ -22,7 +22,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 64
+    n_samples: int = 200
     target: str = " Wait"
     top_k: int = 5
 

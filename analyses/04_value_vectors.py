@@ -24,7 +24,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 64
+    n_samples: int = 200
     target: str = "Wait"
     n_ablate: int = 10
     seed: int = 0
@@ -63,6 +63,12 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     for L in hits.layers.tolist():
         rand_plan.setdefault(L, []).append(int(torch.randint(d_mlp, (1,), generator=g)))
     control = vv.ablation_effect(model, errors, rand_plan, [cfg.target])
+    # the neurons that actually write the target at these positions (act x value-vector logit)
+    dla = vv.neuron_dla(model, errors, [cfg.target], k=cfg.n_ablate)
+    dla_plan: dict[int, list[int]] = {}
+    for L, n in zip(dla["layer"].tolist(), dla["neuron"].tolist()):
+        dla_plan.setdefault(int(L), []).append(int(n))
+    by_dla = vv.ablation_effect(model, errors, dla_plan, [cfg.target])
 
     numbers = {
         "n_examples": len(examples),
@@ -73,16 +79,19 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         "p_target_clean_mean": float(effect.prob_clean.mean()),
         "p_target_ablated_top_mean": float(effect.prob_ablated.mean()),
         "p_target_ablated_random_mean": float(control.prob_ablated.mean()),
+        "p_target_ablated_top_dla_mean": float(by_dla.prob_ablated.mean()),
+        "top_dla_neurons": dla.to_dict(orient="records"),
         "ablated_neurons": plan,
+        "ablated_neurons_by_dla": dla_plan,
     }
 
     fig = new_figure(13, 7.5)
     top_ax, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
     a1, a2 = top_ax.subplots(1, 2, width_ratios=[1.4, 1])
     plot_probe_accuracy(probe, ax=a1)
-    a2.bar(["clean", f"top-{cfg.n_ablate}\nablated", f"random {cfg.n_ablate}\nablated"],
-           [numbers["p_target_clean_mean"], numbers["p_target_ablated_top_mean"], numbers["p_target_ablated_random_mean"]],
-           color=["grey", "tab:red", "tab:blue"])
+    a2.bar(["clean", f"top-{cfg.n_ablate}\nby z-score", f"top-{cfg.n_ablate}\nby DLA", f"random {cfg.n_ablate}"],
+           [numbers["p_target_clean_mean"], numbers["p_target_ablated_top_mean"], numbers["p_target_ablated_top_dla_mean"], numbers["p_target_ablated_random_mean"]],
+           color=["grey", "tab:red", "tab:orange", "tab:blue"])
     a2.set_ylabel(f"P({cfg.target!r} variants) after a wrong step")
     a2.set_title("ablating value vectors")
     tab_ax = bottom.subplots(1, 1)

@@ -26,7 +26,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 40
+    n_samples: int = 200
     n_exact: int = 6
     target: str = " Wait"
 

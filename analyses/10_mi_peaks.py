@@ -26,7 +26,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 24
+    n_samples: int = 60
     seed: int = 12345
     peak_method: str = "iqr"
     max_new_tokens: int = 256

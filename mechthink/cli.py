@@ -73,6 +73,7 @@ def discover_analyses(directory: Path = ANALYSES_DIR) -> dict[str, ModuleType]:
         spec = importlib.util.spec_from_file_location(f"mechthink_analyses.{path.stem}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
         spec.loader.exec_module(module)
         found[module.NAME] = module
     return found

@@ -41,6 +41,7 @@ __all__ = [
     "ablate_neurons",
     "ablation_effect",
     "AblationEffect",
+    "neuron_dla",
 ]
 
 
@@ -171,6 +172,50 @@ def search_neurons(
         score=score,
         targets=strs,
     )
+
+
+@torch.no_grad()
+def neuron_dla(
+    model: ThinkingModel,
+    examples: Sequence[tuple[Sequence[int] | Tensor, int]],
+    targets: Sequence[str | int] | str | int,
+    layers: Sequence[int] | None = None,
+    k: int = 20,
+) -> pd.DataFrame:
+    """Neurons ranked by their direct logit attribution to ``targets`` at the given positions.
+
+    DLA of neuron n of layer L at a position = ``act[n] · (W_out[L][n] @ W_U[:, t])`` divided by
+    the final norm's scale there (frozen from the forward), averaged over the target ids and the
+    examples: how much that neuron's value vector, weighted by how strongly it fired, writes the
+    targets' logits directly. Unlike :func:`search_neurons` it depends on the inputs.
+
+    Returns:
+        ``layer, neuron, dla, mean_act`` for the top-k neurons, best first.
+    """
+    ids, _ = resolve_targets(model, targets)
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    names = [f"blocks.{L}.mlp.hook_post" for L in layers] + ["ln_final.hook_scale"]
+    wanted = set(names)
+    W_U = model.bridge.W_U[:, torch.tensor(ids, device=model.device)]
+    per_layer_vv = [(_w_out(model, L) @ W_U).float().mean(-1) for L in layers]  # [d_mlp]
+    total = [torch.zeros_like(v) for v in per_layer_vv]
+    acts_sum = [torch.zeros_like(v) for v in per_layer_vv]
+    for toks, pos in examples:
+        t = torch.as_tensor(list(toks) if not isinstance(toks, Tensor) else toks, dtype=torch.long, device=model.device)
+        _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
+        scale = cache["ln_final.hook_scale"][0, pos].float()
+        for i, L in enumerate(layers):
+            act = cache[f"blocks.{L}.mlp.hook_post"][0, pos].float()
+            total[i] += act * per_layer_vv[i] / scale
+            acts_sum[i] += act
+    n = max(1, len(examples))
+    rows = [
+        {"layer": L, "neuron": j, "dla": float(total[i][j]) / n, "mean_act": float(acts_sum[i][j]) / n}
+        for i, L in enumerate(layers)
+        for j in range(len(total[i]))
+    ]
+    frame = pd.DataFrame(rows).sort_values("dla", ascending=False).head(k).reset_index(drop=True)
+    return frame
 
 
 # --------------------------------------------------------------------------- probes

@@ -180,3 +180,17 @@ def test_ablation_effect_of_planted_neuron(planted):
     strong = acts.abs() > 0.05
     assert strong.any()
     assert (torch.sign(drop[strong]) == torch.sign(acts[strong])).all()
+
+
+def test_neuron_dla_sums_to_component_dla(tiny_loaded):
+    """Σ over a layer's neurons of their DLA = that layer's mlp_out DLA from the lens (bias-free)."""
+    model, _ = tiny_loaded("LlamaForCausalLM")
+    seqs = _tokens(model)
+    examples = [(s, -1) for s in seqs]
+    d_mlp = model.bridge.blocks[0].mlp.W_out.shape[0]
+    frame = vv.neuron_dla(model, examples, ["Wait"], k=d_mlp * model.n_layers)
+    res = L.logit_lens(model, seqs, ["Wait"], mode="decomposed")
+    for layer in range(model.n_layers):
+        lens_val = res.target_logits[:, res.components.index(f"mlp_{layer}")].mean().item()
+        ours = frame[frame.layer == layer]["dla"].sum()
+        assert abs(ours - lens_val) < 1e-3

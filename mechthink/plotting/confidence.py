@@ -74,7 +74,8 @@ def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None 
     ax.legend(loc="upper left", fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     return fig
 
 
@@ -94,7 +95,8 @@ def plot_early_exit_table(table: "pd.DataFrame", ax: Axes | None = None, title: 
     ax2.set_ylabel("mean gold logit")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     return fig
 
 
