@@ -129,7 +129,11 @@ def reproduce(
         console.print(f"[bold]{name}[/bold] on {model} …")
         module.main(cfg, loaded_model=loaded)
         console.print(f"  done in {time.perf_counter() - t0:.1f} s")
-    console.print(f"all done in {time.perf_counter() - t_all:.1f} s")
+    from mechthink.report import build_index
+
+    descriptions = {n: (m.__doc__ or "").strip().splitlines()[0] for n, m in analyses.items()}
+    index = build_index(out, descriptions)
+    console.print(f"all done in {time.perf_counter() - t_all:.1f} s; report: {index}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -93,3 +93,56 @@ def write_outputs(
     }
     _atomic_write(js, json.dumps(payload, indent=1).encode())
     return png, js
+
+
+def build_index(out: str | Path, descriptions: dict[str, str] | None = None) -> Path:
+    """Write ``<out>/index.html``: every figure with one line on what it shows, fully offline.
+
+    Images are referenced by relative paths (no network); circuitsvis views (``*.html`` next to
+    a figure) are linked. An inline script marks each ``<img>`` with ``data-loaded`` once it has
+    rendered, so a headless browser check can confirm every image is present.
+    """
+    import html as _html
+
+    out = Path(out)
+    descriptions = descriptions or {}
+    sections = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        items = []
+        for js in sorted(folder.glob("*.json")):
+            try:
+                meta = json.loads(js.read_text())
+            except json.JSONDecodeError:
+                continue
+            png = js.with_suffix(".png")
+            view = js.with_suffix(".html")
+            model = _html.escape(str(meta.get("model", js.stem)))
+            links = [f'<a href="{folder.name}/{js.name}">numbers (JSON)</a>']
+            if view.exists():
+                links.append(f'<a href="{folder.name}/{view.name}">interactive token view</a>')
+            img = (
+                f'<img src="{folder.name}/{png.name}" alt="{folder.name} on {model}" loading="eager">'
+                if png.exists()
+                else ""
+            )
+            items.append(
+                f"<div class='fig'><h3>{model}</h3>{img}<p>{' · '.join(links)} · commit "
+                f"{_html.escape(str(meta.get('git_commit') or '?'))[:10]}</p></div>"
+            )
+        if items:
+            desc = _html.escape(descriptions.get(folder.name, ""))
+            sections.append(f"<section id='{folder.name}'><h2>{folder.name}</h2><p>{desc}</p>{''.join(items)}</section>")
+    toc = "".join(f"<li><a href='#{p.name}'>{p.name}</a>: {_html.escape(descriptions.get(p.name, ''))}</li>" for p in sorted(out.iterdir()) if p.is_dir())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mechthink figures</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}} img{{max-width:100%;border:1px solid #ddd}}
+.fig{{margin-bottom:2em}} h2{{border-bottom:1px solid #aaa}}</style></head>
+<body><h1>mechthink: reproduced figures</h1><ul>{toc}</ul>{''.join(sections)}
+<script>
+function mark(img){{ if (img.complete && img.naturalWidth > 0) img.setAttribute('data-loaded','1'); }}
+document.querySelectorAll('img').forEach(function(img){{ mark(img); img.addEventListener('load', function(){{ mark(img); }}); }});
+</script></body></html>
+"""
+    path = out / "index.html"
+    _atomic_write(path, page.encode())
+    return path

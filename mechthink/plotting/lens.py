@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 __all__ = ["plot_lens_heatmap", "plot_dla", "plot_probe_accuracy", "new_figure"]
 
 
-def new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float | int, height: float | int) -> Figure:
     """A matplotlib Figure attached to an Agg canvas (no pyplot)."""
     fig = Figure(figsize=(width, height), constrained_layout=True)
     FigureCanvasAgg(fig)

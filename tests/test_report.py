@@ -1,0 +1,59 @@
+"""Analysis outputs and the offline figures report (figures/index.html)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mechthink.plotting.lens import new_figure
+from mechthink.report import build_index, write_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _render(path: Path) -> str:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium): headless render check skipped")
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",  # network off
+             f"--user-data-dir={profile}", "--virtual-time-budget=4000", "--dump-dom", path.as_uri()],
+            capture_output=True, text=True, timeout=90,
+        ).stdout
+
+
+def test_write_outputs_and_index(tmp_path):
+    fig = new_figure(3, 2)
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    png, js = write_outputs(tmp_path, "demo", "org/model", fig, {"x": 1.5}, {"n": 3})
+    assert png.name == "org__model.png" and png.stat().st_size > 1000
+    meta = json.loads(js.read_text())
+    assert meta["complete"] is True and meta["numbers"] == {"x": 1.5} and meta["model"] == "org/model"
+    assert "git_commit" in meta and "mechthink_version" in meta
+    index = build_index(tmp_path, {"demo": "a demo figure"})
+    page = index.read_text()
+    assert "a demo figure" in page and 'src="demo/org__model.png"' in page
+    assert not re.search(r"(src|href)\s*=\s*[\"']https?:", page)
+    dom = _render(index)
+    assert dom.count("<img") == 1 and dom.count('data-loaded="1"') == 1
+
+
+def test_committed_report_renders_every_image_offline():
+    index = REPO / "figures" / "index.html"
+    assert index.exists(), "figures/index.html is written by `mechthink reproduce`"
+    page = index.read_text()
+    n_img = page.count("<img")
+    assert n_img >= 6
+    for src in re.findall(r'<img src="([^"]+)"', page):
+        assert (index.parent / src).exists(), src
+    dom = _render(index)
+    assert dom.count('data-loaded="1"') == n_img

@@ -1,0 +1,45 @@
+"""`mechthink reproduce` end to end on tiny-thinker: every analysis, resumable after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mechthink.cli import discover_analyses
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mechthink.cli", "reproduce", "--n-samples", "8", "--out", str(out), *extra]
+
+
+def test_reproduce_all_then_resume_after_kill(tmp_path):
+    names = list(discover_analyses())
+    assert {"confidence_curve", "early_exit", "logit_lens", "value_vectors", "attribution", "mi_peaks"} <= set(names)
+
+    # killed midway: SIGKILL as soon as the first analysis has written its JSON
+    proc = subprocess.Popen(_cmd(tmp_path), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / names[0] / "tiny-thinker.json"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    stamp = first.stat().st_mtime_ns
+
+    done = subprocess.run(_cmd(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"skip {names[0]}" in done.stdout
+    assert first.stat().st_mtime_ns == stamp  # finished work is not redone
+    for name in names:
+        meta = json.loads((tmp_path / name / "tiny-thinker.json").read_text())
+        assert meta["complete"] and meta["config"].get("n_samples", 8) == 8
+        assert (tmp_path / name / "tiny-thinker.png").stat().st_size > 1000
+    assert (tmp_path / "index.html").exists()
