@@ -92,7 +92,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         numbers["top3_contains_step_operand_or_result"] = hits_any / max(1, len(errors))
         numbers["top3_contains_step_result"] = hits_result / max(1, len(errors))
 
-    ex0, res0 = errors[0], results[0]
+    res0 = results[0]
     png, _ = output_paths(cfg.out, NAME, cfg.model)
     html = png.with_suffix(".html")
     save_colored_tokens(html, res0.str_tokens, importances[0], title=f"{model.spec.name}: importance for {cfg.target!r} (resid_pre AtP, mean ablation)")

@@ -11,7 +11,7 @@ in greedy continuations, P(" Wait") as the next token, accuracy and degeneration
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -136,6 +136,15 @@ ARCH_STYLE = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread (tiny models run far faster that way on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """``make(arch) -> (hf_model, tokenizer)`` cached per architecture (treat as read-only)."""

@@ -17,13 +17,7 @@ COMPLETION = (
 CHOICES = {"18": ["18", " 18", "eighteen"], "wait": [" Wait", "Hmm, let me check"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread when the cores are busy; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.inference_mode()

@@ -11,12 +11,7 @@ from mechthink import traces
 ARCH = "LlamaForCausalLM"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +94,7 @@ def test_recycling_identity_block_reproduces_generation(thinker):
     prompt = model.to_token_lists([model.prompt(QS[0])])[0]
     lens: list[tuple[int, int]] = []
     with iv.recycle(model, 2, token_ids=trig) as rs2:
-        ids = _manual_decode(model, prompt, 30, lens)
+        _manual_decode(model, prompt, 30, lens)
     assert rs2.n_recycled > 0
     assert all(a == b for a, b in lens)  # cache length == token count at every step
 

@@ -11,12 +11,7 @@ from mechthink.steering import SteeringVector, StreamTracker, steer
 ARCH = "LlamaForCausalLM"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

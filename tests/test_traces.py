@@ -20,13 +20,7 @@ from mechthink import traces as T
 ARCHS = ["LlamaForCausalLM", "Qwen3ForCausalLM"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread when the cores are busy; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTIONS = ["Compute 3 + 5", "Wait, let me check that again. Hmm what is 12?", "So", "The user asks about numbers."]
 
 COMPLETION = (

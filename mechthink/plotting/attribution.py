@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from mechthink.plotting.base import new_axes as _new_axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["colored_tokens_html", "plot_attribution_heatmap", "plot_binned", "save_colored_tokens"]
 
 
-def _new_axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
 
 
 def colored_tokens_html(

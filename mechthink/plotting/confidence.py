@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from mechthink.plotting.base import new_axes as _new_axes
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
@@ -21,10 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["plot_early_exit_table", "plot_probe"]
 
 
-def _new_axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
 
 
 def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> Figure:

@@ -10,17 +10,13 @@ import re
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from mechthink.plotting.base import new_figure
 
 __all__ = ["plot_lens_heatmap", "plot_dla", "plot_probe_accuracy", "new_figure"]
 
 
-def new_figure(width: float | int, height: float | int) -> Figure:
-    """A matplotlib Figure attached to an Agg canvas (no pyplot)."""
-    fig = Figure(figsize=(width, height), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _layer_of(comp: str) -> tuple[str, int]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from mechthink.plotting.base import new_axes as _new_axes
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
@@ -20,11 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["plot_mi_trajectory", "plot_peak_token_counts"]
 
 
-def _new_axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    """A figure on an Agg canvas, created without pyplot (no global backend state)."""
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
 
 
 def plot_mi_trajectory(

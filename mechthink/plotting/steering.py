@@ -9,17 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from mechthink.plotting.base import new_figure as _base_figure
 
 __all__ = ["new_figure", "plot_bars", "plot_curves"]
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on its own Agg canvas."""
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
+def new_figure(width: float | int, height: float | int) -> Figure:
+    """A figure on its own Agg canvas (no layout engine)."""
+    return _base_figure(width, height, constrained=False)
 
 
 def plot_curves(

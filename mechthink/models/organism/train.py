@@ -5,11 +5,13 @@ turn), deterministically given a seed, on CPU. Usage::
 
     python -m mechthink.models.organism.train --seed 0 --out DIR
 
-The shipped weights were made in two stages (see ``weights/TRAINING.md``)::
+The shipped weights were made in two stages (see ``weights/TRAINING.md``); ``--recipe shipped``
+runs both in one command::
 
-    python -m mechthink.models.organism.train --seed 0 --steps 4000 --out /tmp/stage1
-    python -m mechthink.models.organism.train --seed 1 --steps 1500 --lr 1.5e-3 --warmup 50 \
-        --init-from /tmp/stage1
+    python -m mechthink.models.organism.train --recipe shipped --out DIR
+    # = python -m mechthink.models.organism.train --seed 0 --steps 4000 --out /tmp/stage1
+    #   python -m mechthink.models.organism.train --seed 1 --steps 1500 --lr 1.5e-3 --warmup 50 \
+    #       --init-from /tmp/stage1 --out DIR
 
 Source: this repository (mechthink tiny-thinker organism; AdamW, arXiv:1711.05101).
 """
@@ -262,11 +264,27 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--recipe",
+        choices=["single", "shipped"],
+        default="single",
+        help="'shipped': the two-stage recipe of the shipped weights (other options ignored but --out)",
+    )
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     progress = not args.pop("no_progress")
+    recipe = args.pop("recipe")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    train(TrainConfig(**args), out=out, progress=progress)
+    if recipe == "single":
+        train(TrainConfig(**args), out=out, progress=progress)
+        return
+    import tempfile
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="tiny-thinker-stage1-") as stage1:
+        train(TrainConfig(seed=0, steps=4000), out=stage1, progress=progress)
+        train(TrainConfig(seed=1, steps=1500, lr=1.5e-3, warmup=50, init_from=stage1), out=out, progress=progress)
+    logger.info("shipped recipe finished in %.1f s", time.time() - t0)
 
 
 if __name__ == "__main__":
