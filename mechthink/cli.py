@@ -136,6 +136,49 @@ def reproduce(
     console.print(f"all done in {time.perf_counter() - t_all:.1f} s; report: {index}")
 
 
+def _analysis_command(name: str, module: ModuleType) -> None:
+    """Register ``mechthink <name>``: one analysis, its options generated from its Config."""
+    import inspect
+
+    defaults = module.Config()
+    params = []
+    for f in fields(module.Config):
+        default = getattr(defaults, f.name)
+        kind = type(default) if isinstance(default, (str, int, float, bool, Path)) else str
+        if isinstance(default, Path):
+            kind = Path
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, help=f"{f.name} ({kind.__name__})"), annotation=kind
+            )
+        )
+    extra = {
+        "device": (Optional[str], typer.Option(None, help="cpu, cuda, cuda:N (default: cuda if available).")),
+        "dtype": (str, typer.Option("float32", help="float32, bfloat16 or float16.")),
+    }
+    for key, (ann, opt) in extra.items():
+        params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
+
+    def command(**kwargs: object) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        import mechthink as mt
+
+        device, dtype = kwargs.pop("device"), kwargs.pop("dtype")
+        cfg = module.Config(**kwargs)
+        loaded = mt.load_model(cfg.model, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        module.main(cfg, loaded_model=loaded)
+        console.print(f"{name} on {cfg.model} done in {time.perf_counter() - t0:.1f} s")
+
+    setattr(command, "__signature__", inspect.Signature(params))  # typer reads the options from it
+    command.__doc__ = (module.__doc__ or name).strip().splitlines()[0]
+    app.command(name=name.replace("_", "-"))(command)
+
+
+for _name, _module in discover_analyses().items():
+    _analysis_command(_name, _module)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

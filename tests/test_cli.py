@@ -20,3 +20,15 @@ def test_reproduce_rejects_unknown_analysis():
     result = runner.invoke(app, ["reproduce", "--only", "no_such_analysis"])
     assert result.exit_code != 0
     assert "unknown analyses" in result.output
+
+
+def test_one_subcommand_per_analysis_generated_from_config(tmp_path):
+    from mechthink.cli import discover_analyses
+
+    names = list(discover_analyses())
+    help_text = runner.invoke(app, ["--help"]).output
+    for name in names:
+        assert name.replace("_", "-") in help_text
+    result = runner.invoke(app, ["mi-peaks", "--n-samples", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mi_peaks" / "tiny-thinker.json").exists()
