@@ -25,6 +25,7 @@ class Config:
     n_samples: int = 200
     target: str = " Wait"
     top_k: int = 5
+    tuned_steps: int = 100  # train a tuned lens on half of the examples (0: skip)
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -45,6 +46,17 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     acc = lens.logit_lens(model, seqs, [target_id], mode="accumulated", top_k=cfg.top_k)
     dec = lens.logit_lens(model, seqs, [target_id], mode="decomposed", top_k=cfg.top_k)
 
+    tuned_numbers: dict[str, Any] = {}
+    if cfg.tuned_steps > 0:
+        half = len(seqs) // 2
+        tuned = lens.train_tuned_lens(model, seqs[:half], steps=cfg.tuned_steps, lr=3e-3, batch_size=4)
+        tl = lens.logit_lens(model, seqs[half:], [target_id], mode="accumulated", tuned=tuned)
+        tuned_numbers = {
+            "tuned_lens_heldout_kl_plain": lens.tuned_lens_kl(model, None, seqs[half:]).tolist(),
+            "tuned_lens_heldout_kl_tuned": lens.tuned_lens_kl(model, tuned, seqs[half:]).tolist(),
+            "tuned_top1_fraction_by_layer": dict(zip(tl.components, (tl.target_ranks[:, :, 0] == 0).float().mean(0).tolist())),
+        }
+
     top1_frac = (acc.target_ranks[:, :, 0] == 0).float().mean(0)  # per component
     first = acc.first_top1_component(0)
     mean_dla = dec.target_logits[:, :, 0].mean(0)
@@ -58,6 +70,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         "mean_dla_by_component": dict(zip(dec.components, mean_dla.tolist())),
         "top_dla_components": [dec.components[i] for i in order[:5].tolist()],
         "dla_sum_identity_max_error": float(lens.sum_check(dec, model).abs().max()),
+        **tuned_numbers,
     }
 
     fig = new_figure(13, 7.5)

@@ -12,6 +12,10 @@ Two views of how a prediction (e.g. the next token " Wait" at a backtracking poi
   attribution), or with ``norm="recompute"`` each component normalised on its own (a lens of
   what that component alone would say).
 
+Optionally the identity is replaced by a *tuned lens* (Belrose et al. 2023): one affine
+translator per layer, trained so that the translated residual's lens matches the model's final
+distribution (KL), saved as safetensors (:class:`TunedLens`, :func:`train_tuned_lens`).
+
 Source: ARBOR #22 "Understanding backtracking — logit lens" (wj210/cot_backtrack) on
 R1-Distill-Llama-8B, following ajyl's MLP value-vector post; TransformerLens's
 ``ActivationCache.accumulated_resid`` / ``decompose_resid`` / ``apply_ln_to_stack``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -32,7 +37,16 @@ from torch import Tensor
 
 from mechthink.models.thinking_model import ThinkingModel
 
-__all__ = ["LensResult", "logit_lens", "resolve_targets", "final_norm", "unembed", "component_names"]
+__all__ = [
+    "LensResult",
+    "TunedLens",
+    "component_names",
+    "final_norm",
+    "logit_lens",
+    "resolve_targets",
+    "train_tuned_lens",
+    "unembed",
+]
 
 LensMode = Literal["accumulated", "decomposed"]
 NormMode = Literal["frozen", "recompute"]
@@ -41,7 +55,7 @@ NormMode = Literal["frozen", "recompute"]
 # --------------------------------------------------------------------------- model pieces
 def _norm_weight(model: ThinkingModel) -> Tensor | None:
     w = getattr(model.bridge.ln_final, "w", None)
-    return w if isinstance(w, Tensor) else None
+    return w.detach() if isinstance(w, Tensor) else None
 
 
 def _is_layernorm(model: ThinkingModel) -> bool:
@@ -70,10 +84,13 @@ def final_norm(
 
 
 def unembed(model: ThinkingModel, x: Float[Tensor, "... d_model"], bias: bool = True) -> Float[Tensor, "... d_vocab"]:
-    """``x @ W_U (+ b_U)`` with the bridge's (compatibility-mode, centred) unembedding."""
-    out = x @ model.bridge.W_U
+    """``x @ W_U (+ b_U)`` with the bridge's (compatibility-mode, centred) unembedding.
+
+    The weights are detached: gradients (e.g. when training a tuned lens) never reach the model.
+    """
+    out = x @ model.bridge.W_U.detach()
     if bias and getattr(model.bridge, "b_U", None) is not None:
-        out = out + model.bridge.b_U
+        out = out + model.bridge.b_U.detach()
     return out
 
 
@@ -251,6 +268,7 @@ def logit_lens(
     positions: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
     norm: NormMode = "frozen",
     top_k: int = 5,
+    tuned: TunedLens | None = None,
 ) -> LensResult:
     """Logit lens (accumulated residual) or direct logit attribution (decomposed components).
 
@@ -266,6 +284,8 @@ def logit_lens(
             from the real forward (contributions + bias sum to the logit), ``"recompute"``
             normalises each component on its own. ``accumulated`` always recomputes.
         top_k: How many top tokens to keep per component.
+        tuned: For ``accumulated``: a :class:`TunedLens` whose translators are applied to each
+            ``resid_pre_L`` before the final norm (the final ``resid_post`` stays as it is).
 
     Returns:
         A :class:`LensResult` (rows = (sample, position) pairs).
@@ -274,6 +294,10 @@ def logit_lens(
         raise ValueError(f"mode={mode!r} is not supported; use 'accumulated' or 'decomposed'")
     if norm not in ("frozen", "recompute"):
         raise ValueError(f"norm={norm!r} is not supported; use 'frozen' or 'recompute'")
+    if tuned is not None and mode != "accumulated":
+        raise ValueError("a tuned lens applies to mode='accumulated' only")
+    if tuned is not None and tuned.n_layers != model.n_layers:
+        raise ValueError(f"tuned lens has {tuned.n_layers} translators but the model has {model.n_layers} layers")
     target_ids, target_strs = resolve_targets(model, targets)
     n_layers = model.n_layers
     comps = component_names(n_layers, mode)
@@ -297,6 +321,8 @@ def logit_lens(
         p = torch.tensor(pos, device=model.device)
         stack = torch.stack([cache[h][0, p] for h in hooks if h != "ln_final.hook_scale"], dim=1)  # [npos, comp, d]
         if mode == "accumulated":
+            if tuned is not None:
+                stack = torch.cat([tuned.translate_stack(stack[:, :-1]), stack[:, -1:]], dim=1)
             comp_logits = unembed(model, final_norm(model, stack))
         else:
             scale = cache["ln_final.hook_scale"][0, p]  # [npos, 1]
@@ -337,7 +363,7 @@ def logit_lens(
         samples=samples,
         positions=positions_out,
         position_tokens=pos_tokens,
-        mode=mode,
+        mode=mode if tuned is None else "tuned",
         norm="recompute" if mode == "accumulated" else norm,
         vocab=vocab,
     )
@@ -357,3 +383,113 @@ def sum_check(result: LensResult, model: ThinkingModel) -> Float[Tensor, "row ta
         raise ValueError("sum_check needs a decomposed lens with norm='frozen'")
     total = einsum(result.target_logits, "row comp target -> row target")
     return total + dla_bias(model, result.target_ids).to(total.device) - result.model_logits
+
+
+# --------------------------------------------------------------------------- tuned lens
+@dataclass
+class TunedLens:
+    """Per-layer affine translators ``x ↦ x + x @ weight[L] + bias[L]`` for ``resid_pre_L``.
+
+    Initialised at zero (= the plain logit lens). Train with :func:`train_tuned_lens`.
+    """
+
+    weight: Float[Tensor, "layer d_model d_model"]
+    bias: Float[Tensor, "layer d_model"]
+    model_name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.weight.shape[0])
+
+    @classmethod
+    def identity(cls, n_layers: int, d_model: int, model_name: str = "") -> "TunedLens":
+        return cls(torch.zeros(n_layers, d_model, d_model), torch.zeros(n_layers, d_model), model_name)
+
+    def translate_stack(self, stack: Float[Tensor, "n layer d_model"]) -> Float[Tensor, "n layer d_model"]:
+        """Translate ``resid_pre_L`` for every layer L (the stack's layer axis)."""
+        w = self.weight.to(stack.device, stack.dtype)
+        b = self.bias.to(stack.device, stack.dtype)
+        return stack + einsum(stack, w, "n layer d, layer d e -> n layer e") + b
+
+    def save(self, path: str | Path) -> None:
+        """Save as safetensors (metadata: model name and training config as JSON)."""
+        from safetensors.torch import save_file
+
+        meta = {"model_name": self.model_name, "meta": json.dumps(self.meta)}
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TunedLens":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            return cls(fh.get_tensor("weight"), fh.get_tensor("bias"), meta.get("model_name", ""), json.loads(meta.get("meta", "{}")))
+
+
+def tuned_lens_kl(
+    model: ThinkingModel, tuned: TunedLens | None, sequences: Sequence[Sequence[int] | Tensor]
+) -> Float[Tensor, "layer"]:
+    """Mean KL(final ‖ lens of resid_pre_L) per layer over all positions (``tuned=None``: plain lens)."""
+    tuned = tuned or TunedLens.identity(model.n_layers, model.d_model)
+    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.n_layers)]
+    total = torch.zeros(model.n_layers)
+    count = 0
+    with torch.no_grad():
+        for seq in sequences:
+            t = torch.as_tensor(list(seq) if not isinstance(seq, Tensor) else seq, dtype=torch.long, device=model.device)
+            logits, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in names)
+            target = logits[0].float().log_softmax(-1)
+            stack = torch.stack([cache[n][0] for n in names], dim=1).float()
+            lp = unembed(model, final_norm(model, tuned.translate_stack(stack))).float().log_softmax(-1)
+            kl = (target.exp()[:, None] * (target[:, None] - lp)).sum(-1)  # [pos, layer]
+            total += kl.sum(0).cpu()
+            count += kl.shape[0]
+    return total / max(1, count)
+
+
+def train_tuned_lens(
+    model: ThinkingModel,
+    sequences: Sequence[Sequence[int] | Tensor],
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> TunedLens:
+    """Train one affine translator per layer so each layer's lens matches the final distribution.
+
+    Loss: KL(final ‖ lens(translate(resid_pre_L))) summed over layers, averaged over positions of
+    a random batch of ``sequences`` per step (Adam). Residuals are computed without gradients
+    through the model; only the translators learn.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tuned = TunedLens.identity(model.n_layers, model.d_model, model.spec.name)
+    weight = tuned.weight.to(model.device).float().requires_grad_(True)
+    bias = tuned.bias.to(model.device).float().requires_grad_(True)
+    opt = torch.optim.Adam([weight, bias], lr=lr)
+    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.n_layers)]
+    seqs = [torch.as_tensor(list(s) if not isinstance(s, Tensor) else s, dtype=torch.long) for s in sequences]
+    if not seqs:
+        raise ValueError("train_tuned_lens: no training sequences")
+    for _ in range(steps):
+        idx = torch.randint(len(seqs), (min(batch_size, len(seqs)),), generator=g).tolist()
+        stacks, targets = [], []
+        with torch.no_grad():
+            for i in idx:
+                t = seqs[i].to(model.device)
+                logits, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in names)
+                stacks.append(torch.stack([cache[n][0] for n in names], dim=1).float())
+                targets.append(logits[0].float().log_softmax(-1))
+        stack, target = torch.cat(stacks), torch.cat(targets)
+        with torch.enable_grad():
+            translated = stack + einsum(stack, weight, "n layer d, layer d e -> n layer e") + bias
+            lp = unembed(model, final_norm(model, translated)).float().log_softmax(-1)
+            loss = (target.exp()[:, None] * (target[:, None] - lp)).sum(-1).mean(0).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    tuned.weight = weight.detach().cpu()
+    tuned.bias = bias.detach().cpu()
+    tuned.meta = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "n_sequences": len(seqs)}
+    return tuned
