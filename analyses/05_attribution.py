@@ -57,7 +57,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     metric = atp.logit_metric(-1, target_id)
 
     organism = model.spec.name == "tiny-thinker"
-    hits_any = hits_result = 0
+    hits_any = hits_result = top1_in_step = 0
     importances, q_spans, t_spans, rhos = [], [], [], []
     results = []
     for i, ex in enumerate(errors):
@@ -76,6 +76,9 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             step_tokens = set(ex["step_operand_positions"]) | set(ex["step_result_positions"])
             hits_any += bool(top3 & step_tokens)
             hits_result += bool(top3 & set(ex["step_result_positions"]))
+            # the whole written step: operands, operator, "=", the result and its leading space
+            step_span = set(range(min(step_tokens), max(ex["step_result_positions"]) + 1))
+            top1_in_step += int(cand.argmax()) in step_span
         if i < cfg.n_exact:
             exact = atp.activation_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",), batch_size=64)
             rhos.append(_spearman(res.scores["resid_pre"], exact.scores["resid_pre"]))
@@ -91,6 +94,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     if organism:
         numbers["top3_contains_step_operand_or_result"] = hits_any / max(1, len(errors))
         numbers["top3_contains_step_result"] = hits_result / max(1, len(errors))
+        numbers["top1_within_wrong_step_span"] = top1_in_step / max(1, len(errors))
 
     res0 = results[0]
     png, _ = output_paths(cfg.out, NAME, cfg.model)
