@@ -53,6 +53,12 @@ NormMode = Literal["frozen", "recompute"]
 
 
 # --------------------------------------------------------------------------- model pieces
+def as_token_row(tokens: Sequence[int] | Tensor, device: torch.device | str | None = None) -> Int[Tensor, "pos"]:
+    """One token sequence (list or tensor) as a 1-D long tensor, optionally on ``device``."""
+    t = tokens if isinstance(tokens, Tensor) else torch.as_tensor(list(tokens))
+    return t.to(dtype=torch.long, device=device) if device is not None else t.long()
+
+
 def _norm_weight(model: ThinkingModel) -> Tensor | None:
     w = getattr(model.bridge.ln_final, "w", None)
     return w.detach() if isinstance(w, Tensor) else None
@@ -230,7 +236,7 @@ def _normalise_inputs(
     if isinstance(tokens, Tensor):
         seqs = [tokens] if tokens.dim() == 1 else list(tokens)
     else:
-        seqs = [torch.as_tensor(list(s) if not isinstance(s, Tensor) else s, dtype=torch.long) for s in tokens]
+        seqs = [as_token_row(s) for s in tokens]
     if not seqs:
         raise ValueError("logit_lens: no token sequences given")
     per: list[list[int]]
@@ -438,7 +444,7 @@ def tuned_lens_kl(
     count = 0
     with torch.no_grad():
         for seq in sequences:
-            t = torch.as_tensor(list(seq) if not isinstance(seq, Tensor) else seq, dtype=torch.long, device=model.device)
+            t = as_token_row(seq, model.device)
             logits, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in names)
             target = logits[0].float().log_softmax(-1)
             stack = torch.stack([cache[n][0] for n in names], dim=1).float()
@@ -469,7 +475,7 @@ def train_tuned_lens(
     bias = tuned.bias.to(model.device).float().requires_grad_(True)
     opt = torch.optim.Adam([weight, bias], lr=lr)
     names = [f"blocks.{L}.hook_resid_pre" for L in range(model.n_layers)]
-    seqs = [torch.as_tensor(list(s) if not isinstance(s, Tensor) else s, dtype=torch.long) for s in sequences]
+    seqs = [as_token_row(s) for s in sequences]
     if not seqs:
         raise ValueError("train_tuned_lens: no training sequences")
     for _ in range(steps):

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechthink.lens import resolve_targets
+from mechthink.lens import as_token_row, resolve_targets
 from mechthink.models.thinking_model import ThinkingModel
 
 __all__ = [
@@ -201,7 +201,7 @@ def neuron_dla(
     total = [torch.zeros_like(v) for v in per_layer_vv]
     acts_sum = [torch.zeros_like(v) for v in per_layer_vv]
     for toks, pos in examples:
-        t = torch.as_tensor(list(toks) if not isinstance(toks, Tensor) else toks, dtype=torch.long, device=model.device)
+        t = as_token_row(toks, model.device)
         _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
         scale = cache["ln_final.hook_scale"][0, pos].float()
         for i, L in enumerate(layers):
@@ -232,7 +232,7 @@ def collect_activations(
     wanted = set(names)
     rows = []
     for toks, pos in examples:
-        t = torch.as_tensor(list(toks) if not isinstance(toks, Tensor) else toks, dtype=torch.long, device=model.device)
+        t = as_token_row(toks, model.device)
         if not -len(t) <= pos < len(t):
             raise ValueError(f"collect_activations: position {pos} outside a sequence of length {len(t)}")
         _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
@@ -431,7 +431,7 @@ def ablation_effect(
     def probs() -> Tensor:
         out = []
         for toks, pos in examples:
-            t = torch.as_tensor(list(toks) if not isinstance(toks, Tensor) else toks, dtype=torch.long, device=model.device)
+            t = as_token_row(toks, model.device)
             lp = model.bridge(t[None])[0, pos].float().log_softmax(-1)
             out.append(lp[tid].exp().sum())
         return torch.stack(out).cpu()
