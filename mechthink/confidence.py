@@ -9,7 +9,7 @@ experiment of ARBOR #22 (wj210/cot_backtrack: force the answer at each answer-re
 
 The shared prefix is never recomputed: one incremental pass over the trace with a Hugging Face
 ``DynamicCache``; at each probe position the next prefix chunk and the suffix run in one call
-on the cache (the suffix is then cropped away),
+on the cache, unembedding only the last position (the suffix is then cropped away),
 and multi-token choice sequences run in one right-padded batch on a forked cache
 (``deepcopy`` + ``batch_repeat_interleave``) with an attention mask.
 """
@@ -280,13 +280,14 @@ def answer_probe(
     multi_idx = [k for k, s in enumerate(flat) if len(s) > 1]
 
     per_pos: dict[int, tuple[list[float], list[float], str | None]] = {}
+    last_only = model.last_logits_kwargs()  # only the suffix's last logits are read
     kv = None
     done = 0
     for p in sorted(set(positions)):
         # The new part of the prefix and the suffix run in one call (causal: the prefix's
         # keys/values do not see the suffix); the suffix is cropped away afterwards.
         chunk = ids[done : p + 1]
-        lg, kv = _forward(model, chunk + suffix_ids, kv)
+        lg, kv = _forward(model, chunk + suffix_ids, kv, **last_only)
         done = p + 1
         head = lg[0, -1]
         head_lp = head.log_softmax(-1)

@@ -426,7 +426,9 @@ def _generate_batch(
         mask[i, width - len(r) :] = 1
     x, mask = x.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, kv = model.bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos)
+    logits, kv = model.bridge(
+        x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **model.last_logits_kwargs()
+    )
     last_pos = pos[:, -1:]
     out: list[list[int]] = [[] for _ in range(n)]
     reason: list[str | None] = [None] * n

@@ -41,6 +41,19 @@ def test_port_matches_hf_log_softmax(tiny_loaded, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_last_logits_only_forward_matches_full(tiny_loaded, arch):
+    model, _ = tiny_loaded(arch)
+    keep = model.last_logits_kwargs()
+    assert keep == {"logits_to_keep": 1}  # every supported architecture takes it in transformers 5
+    tokens = model.to_tokens(_prompts(model)[-1])
+    with torch.no_grad():
+        full = model.bridge(tokens)
+        last = model.bridge(tokens, **keep)
+    assert last.shape == (1, 1, full.shape[-1])
+    assert (last[0, -1] - full[0, -1]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_hook_names_are_hookedtransformer_names(tiny_loaded, arch):
     model, _ = tiny_loaded(arch)
     tokens = model.to_tokens(model.prompt(QUESTIONS[0]))

@@ -10,6 +10,8 @@ never here.
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -89,6 +91,21 @@ class ThinkingModel:
             if int(i) not in ids:
                 ids.append(int(i))
         return ids
+
+    def last_logits_kwargs(self) -> dict[str, Any]:
+        """Forward kwargs that make the HF model unembed only the last position.
+
+        ``{"logits_to_keep": 1}`` when the wrapped model's ``forward`` takes it (Llama, Qwen2/3,
+        GLM-4, Mistral, ... in transformers >= 4.50), else ``{}``. Callers that only read
+        ``logits[:, -1]`` (prefills, probe chunks) skip the vocabulary projection of every other
+        position; hooks before the unembedding still see every position.
+        """
+        fwd = getattr(self.bridge.original_model, "forward", None)
+        try:
+            params = inspect.signature(fwd).parameters if fwd is not None else {}
+        except (TypeError, ValueError):
+            params = {}
+        return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def __repr__(self) -> str:
         return (
