@@ -2,9 +2,11 @@
 
 The vector is the difference of mean ``resid_post`` at the end of wrongly written steps and at
 the end of correct steps (tiny-thinker's held-out examples, re-rendered for other models). It is
-added continuously (every generated token) at the default steering layers with coefficients
-from negative to positive; from correct-step prefixes we measure the rate of backtracking words
-in greedy continuations, P(" Wait") as the next token, accuracy and degeneration.
+added continuously (every generated token) at the default steering layers and at the late
+layers, with coefficients from negative to positive. At decision points — prefixes ending right
+after a wrong step (base rate of backtracking ≈ 1) and after a correct step (≈ 0), and their
+even mix — we measure P(backtracking word) as the next token, the rate of backtracking words in
+greedy continuations, final accuracy and whether thinking closes.
 
     python analyses/06_steering.py [--model tiny-thinker] [--n-samples 40]
 """
@@ -60,33 +62,49 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         [(e["input_ids"], [len(e["input_ids"]) - 1]) for e in train if not e["is_error"]],
         layers=list(range(model.n_layers)),
     )
-    evals = [e for e in step_examples(model, 2 * cfg.n_samples, seed=cfg.seed) if not e["is_error"]][: cfg.n_samples]
-    prefixes = [e["input_ids"] for e in evals]
-    golds = [str(e["answer"]) for e in evals]
+    held = step_examples(model, 4 * cfg.n_samples, seed=cfg.seed)
+    # Decision points: prefixes ending right after a wrongly written step (the organism
+    # backtracks there) and after a correct step (it goes on); the mix has a base rate near 0.5.
+    groups = {
+        "wrong": [e for e in held if e["is_error"]][: cfg.n_samples],
+        "correct": [e for e in held if not e["is_error"]][: cfg.n_samples],
+    }
     words = list(model.spec.backtracking_words)
     pat = re.compile(r"(?<![A-Za-z])(?:" + "|".join(re.escape(w) for w in words) + r")(?![A-Za-z])")
+    bt_ids = model.token_ids(words)
     wait_ids = model.token_ids(["Wait"])
     close = model.spec.think_close
     coeffs = [float(c) for c in cfg.coeffs.split(",")]
+
+    def measure(exs: list[dict], layers: list[int], c: float) -> dict:
+        prefixes = [e["input_ids"] for e in exs]
+        with steering.steer(model, vec, layers=layers, coeff=c, mode="continuous"):
+            with torch.inference_mode():
+                nxt = [iv.logits_at_last(model, p).exp() for p in prefixes]
+            gens = iv.continue_greedy(model, prefixes, cfg.max_new_tokens)
+        texts = [model.to_string(g) for g in gens]
+        firsts = [model.to_string(g[: cfg.window]) for g in gens]
+        n_tok = sum(min(len(g), cfg.window) for g in gens)
+        return {
+            "p_backtrack_next": sum(float(q[bt_ids].sum()) for q in nxt) / len(nxt),
+            "p_wait_next": sum(float(q[wait_ids].sum()) for q in nxt) / len(nxt),
+            "backtrack_rate": sum(bool(pat.search(t)) for t in firsts) / len(firsts),
+            "wait_rate": sum(" Wait" in t or t.startswith("Wait") for t in firsts) / len(firsts),
+            "backtrack_words_per_100_tokens": 100.0 * sum(len(pat.findall(t)) for t in firsts) / max(n_tok, 1),
+            "accuracy": iv.accuracy(texts, [str(e["answer"]) for e in exs]),
+            "closed_rate": sum(close in t for t in texts) / len(texts),
+        }
+
     def sweep(layers: list[int]) -> list[dict]:
         rows = []
         for c in coeffs:
-            with steering.steer(model, vec, layers=layers, coeff=c, mode="continuous"):
-                gens = iv.continue_greedy(model, prefixes, cfg.max_new_tokens)
-                with torch.inference_mode():
-                    p_wait = sum(float(iv.logits_at_last(model, p).exp()[wait_ids].sum()) for p in prefixes) / len(prefixes)
-            texts = [model.to_string(g) for g in gens]
-            firsts = [model.to_string(g[: cfg.window]) for g in gens]
-            n_tok = sum(min(len(g), cfg.window) for g in gens)
-            rows.append({
-                "coeff": c,
-                "backtrack_rate": sum(bool(pat.search(t)) for t in firsts) / len(firsts),
-                "wait_rate": sum(" Wait" in t or t.startswith("Wait") for t in firsts) / len(firsts),
-                "backtrack_words_per_100_tokens": 100.0 * sum(len(pat.findall(t)) for t in firsts) / max(n_tok, 1),
-                "p_wait_next": p_wait,
-                "accuracy": iv.accuracy(texts, golds),
-                "closed_rate": sum(close in t for t in texts) / len(texts),
-            })
+            row: dict[str, Any] = {"coeff": c}
+            per = {g: measure(exs, layers, c) for g, exs in groups.items()}
+            for g, m in per.items():
+                row.update({f"{g}/{k}": v for k, v in m.items()})
+            for k in per["wrong"]:  # the mix: both groups weighted equally
+                row[f"mix/{k}"] = (per["wrong"][k] + per["correct"][k]) / 2
+            rows.append(row)
         return rows
 
     def monotonic(rows: list[dict], key: str) -> bool:
@@ -96,29 +114,38 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     if cfg.late_layers:
         sets["late_layers"] = list(range((2 * model.n_layers) // 3, model.n_layers))
     sweeps = {name: sweep(ls) for name, ls in sets.items()}
+    keys = ("mix/p_backtrack_next", "mix/backtrack_rate", "mix/wait_rate", "mix/p_wait_next")
     numbers = {
         "layer_sets": sets,
         "vector_norms": dict(zip(map(str, vec.layers), vec.norms.tolist())),
-        "n_samples": len(prefixes),
+        "n_samples_per_group": {g: len(v) for g, v in groups.items()},
         "sweeps": sweeps,
-        "monotonic": {name: {k: monotonic(rows, k) for k in ("wait_rate", "p_wait_next", "backtrack_rate")}
-                      for name, rows in sweeps.items()},
-        "monotonic_nonnegative_coeffs": {
-            name: {k: monotonic([r for r in rows if r["coeff"] >= 0], k) for k in ("wait_rate", "p_wait_next")}
-            for name, rows in sweeps.items()},
-        "negation_lowers_p_wait": {
-            name: all(r["p_wait_next"] < z["p_wait_next"] for r in rows if r["coeff"] < 0
+        "monotonic": {name: {k: monotonic(rows, k) for k in keys} for name, rows in sweeps.items()},
+        "negation_lowers_backtracking_after_wrong_steps": {
+            name: all(r["wrong/p_backtrack_next"] < z["wrong/p_backtrack_next"] for r in rows if r["coeff"] < 0
+                      for z in rows if z["coeff"] == 0) for name, rows in sweeps.items()},
+        "positive_raises_backtracking_after_correct_steps": {
+            name: all(r["correct/p_backtrack_next"] > z["correct/p_backtrack_next"] for r in rows if r["coeff"] > 0
                       for z in rows if z["coeff"] == 0) for name, rows in sweeps.items()},
     }
-    fig = new_figure(6 * len(sweeps), 4)
+    fig = new_figure(6 * len(sweeps), 8)
     for j, (name, rows) in enumerate(sweeps.items()):
-        ax = fig.add_subplot(1, len(sweeps), j + 1)
+        ax = fig.add_subplot(2, len(sweeps), j + 1)
         plot_curves(
             ax, coeffs,
-            {k: [r[k] for r in rows] for k in ("wait_rate", "backtrack_rate", "p_wait_next", "accuracy", "closed_rate")},
+            {f"P(backtrack word next), {g}": [r[f"{g}/p_backtrack_next"] for r in rows] for g in ("mix", "wrong", "correct")}
+            | {"greedy backtrack rate, mix": [r["mix/backtrack_rate"] for r in rows]},
             "steering coefficient", "rate / probability",
-            f"{model.spec.name}: backtracking vector at layers {sets[name]}\n(greedy from {len(prefixes)} correct-step prefixes)",
+            f"{model.spec.name}: backtracking vector at layers {sets[name]}\n"
+            f"({len(groups['wrong'])} wrong-step + {len(groups['correct'])} correct-step prefixes)",
         )
+        ax2 = fig.add_subplot(2, len(sweeps), len(sweeps) + j + 1)
+        plot_curves(
+            ax2, coeffs,
+            {f"{k}, {g}": [r[f"{g}/{k}"] for r in rows] for k in ("accuracy", "closed_rate") for g in ("wrong", "correct")},
+            "steering coefficient", "rate", "greedy continuation: final accuracy and </think> produced",
+        )
+    fig.subplots_adjust(hspace=0.45, wspace=0.25)
     write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
     return numbers
 

@@ -2,11 +2,16 @@
 
 Held-out problems whose thinking is prefilled up to a wrongly written step (so the model has to
 backtrack to get the answer right) are continued greedily while the logits of " Wait", " Hmm",
-" Alternatively" (all single-token spellings) are set to −inf, one word at a time and all
-together, against random control sets of the same size. Reports final accuracy and how often
-any backtracking word still appears.
+" Alternatively" (all single-token spellings) are set to −inf — one word at a time and
+cumulatively (1, 2, 3 kinds) — against two random control sets of the same size: uniform over
+the vocabulary, and uniform over the tokens the model never produced unsuppressed (the analog
+of Qian et al.'s random tokens from a 150k vocabulary, almost none of which a model ever
+produces; in a 234-token vocabulary a uniform draw often hits digits and operators. Under
+greedy decoding suppressing never-produced tokens cannot change the continuation, so that
+control equals the unsuppressed run by construction — as a 150k-vocabulary random draw does in
+practice). Reports final accuracy and how often any backtracking word still appears.
 
-    python analyses/07_suppression.py [--model tiny-thinker] [--n-samples 40]
+    python analyses/07_suppression.py [--model tiny-thinker] [--n-samples 100]
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class Config:
 
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_samples: int = 40
+    n_samples: int = 100
     max_new_tokens: int = 80
     n_random: int = 8
     seed: int = 7
@@ -42,14 +47,14 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
 
     import mechthink as mt
     from mechthink import interventions as iv
-    from mechthink.plotting.steering import new_figure, plot_bars
+    from mechthink.plotting.steering import new_figure, plot_bars, plot_curves
     from mechthink.report import write_outputs
 
     from _common import step_examples
 
     torch.set_num_threads(1)
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    evals = [e for e in step_examples(model, 2 * cfg.n_samples, seed=cfg.seed) if e["is_error"]][: cfg.n_samples]
+    evals = [e for e in step_examples(model, 4 * cfg.n_samples, seed=cfg.seed) if e["is_error"]][: cfg.n_samples]
     prefixes = [e["input_ids"] for e in evals]
     golds = [str(e["answer"]) for e in evals]
     words = list(model.spec.backtracking_words)
@@ -66,37 +71,74 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
                 "backtrack_rate": sum(bool(pat.search(t)) for t in texts) / len(texts),
                 "n_tokens": len(ids or [])}
 
+    base_gens = iv.continue_greedy(model, prefixes, cfg.max_new_tokens)
+    produced = {int(t) for g in base_gens for t in g}
+    # Singles, then cumulative sets in the spec's order (1, 2, ... kinds suppressed).
     sets: dict[str, list[int]] = {w: model.token_ids([w]) for w in words}
-    sets["all"] = model.token_ids(words)
+    cumulative = [" + ".join(words[: k + 1]) for k in range(len(words))]
+    for k, name in enumerate(cumulative):
+        sets.setdefault(name, model.token_ids(words[: k + 1]))
+    all_ids = model.token_ids(words)
+    # Tokens the model never produced unsuppressed: the analog of a random draw from a 150k
+    # vocabulary (Qian et al.), where almost no random token is ever produced in math reasoning.
+    unused = [i for i in range(int(model.bridge.cfg.d_vocab)) if i not in produced]
     results: dict[str, Any] = {"none": run(None)}
-    for name, ids in sets.items():
-        results[name] = run(ids)
-        ctl = [run(iv.random_control(model, len(ids), exclude=sets["all"], seed=cfg.seed + s)) for s in range(cfg.n_random)]
+    controls = {"random": None, "random unused": unused}
+
+    def control(n: int, pool: list[int] | None) -> dict:
+        ctl = [run(iv.random_control(model, n, exclude=all_ids, seed=cfg.seed + s, pool=pool)) for s in range(cfg.n_random)]
         accs = [c["accuracy"] for c in ctl]
-        results[f"random({name})"] = {
+        return {
             "accuracy": statistics.mean(accs),
             "accuracy_sd": statistics.pstdev(accs),
             "accuracy_median": statistics.median(accs),
             "accuracy_each": accs,
             "backtrack_rate": statistics.mean(c["backtrack_rate"] for c in ctl),
-            "n_tokens": len(ids),
+            "n_tokens": n,
         }
+
+    for name, ids in sets.items():
+        results[name] = run(ids)
+        for cname, pool in controls.items():
+            results[f"{cname}({name})"] = control(len(ids), pool)
     numbers = {
         "n_samples": len(prefixes),
         "suppressed_sets": {k: [model.to_string([i]) for i in v] for k, v in sets.items()},
+        "n_vocab_tokens_produced_unsuppressed": len(produced),
+        "n_unused_pool": len([i for i in unused if i not in all_ids]),
         "results": results,
-        "drop_wait_vs_random": results["random(Wait)"]["accuracy"] - results["Wait"]["accuracy"],
-        "drop_all_vs_random": results["random(all)"]["accuracy"] - results["all"]["accuracy"],
+        "cumulative_sets": cumulative,
+        "drop_wait_vs_random": results[f"random({words[0]})"]["accuracy"] - results[words[0]]["accuracy"],
+        "drop_wait_vs_random_unused": results[f"random unused({words[0]})"]["accuracy"] - results[words[0]]["accuracy"],
+        "drop_all_vs_random": results[f"random({cumulative[-1]})"]["accuracy"] - results[cumulative[-1]]["accuracy"],
+        "drop_all_vs_random_unused": (
+            results[f"random unused({cumulative[-1]})"]["accuracy"] - results[cumulative[-1]]["accuracy"]),
     }
-    labels = ["none"] + [k for name in sets for k in (name, f"random({name})")]
-    fig = new_figure(9, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    plot_bars(
-        ax, labels, [results[k]["accuracy"] for k in labels], "final accuracy",
-        f"{model.spec.name}: accuracy after a prefilled wrong step ({len(prefixes)} problems), suppressing tokens",
-        errors=[results[k].get("accuracy_sd", 0.0) for k in labels],
-        colors=["grey"] + ["tab:red" if not k.startswith("random") else "tab:blue" for k in labels[1:]],
+    fig = new_figure(14, 4.5)
+    ax1 = fig.add_subplot(1, 2, 1)
+    ks = list(range(len(cumulative) + 1))
+    plot_curves(
+        ax1, ks,
+        {"thinking tokens": [results["none"]["accuracy"]] + [results[c]["accuracy"] for c in cumulative]}
+        | {f"{cname} (same size)": [results["none"]["accuracy"]] + [results[f"{cname}({c})"]["accuracy"] for c in cumulative]
+           for cname in controls},
+        "thinking-token kinds suppressed", "final accuracy",
+        f"{model.spec.name}: accuracy after a prefilled wrong step ({len(prefixes)} problems)",
+        xticklabels=["none"] + [c.replace(" + ", "+").replace(" ", "") for c in cumulative],
     )
+    ax2 = fig.add_subplot(1, 2, 2)
+    labels = ["none"] + [k for name in words for k in (name, *(f"{c}({name})" for c in controls))]
+    plot_bars(
+        ax2, labels, [results[k]["accuracy"] for k in labels], "final accuracy",
+        "one word at a time vs random controls of the same size (mean ± sd over draws)",
+        errors=[results[k].get("accuracy_sd", 0.0) for k in labels],
+        colors=["grey"] + ["tab:blue" if k.startswith("random(") else "tab:green" if k.startswith("random unused") else "tab:red"
+                           for k in labels[1:]],
+    )
+    ax2.tick_params(axis="x", labelrotation=35, labelsize=7)
+    for lbl in ax2.get_xticklabels():
+        lbl.set_horizontalalignment("right")
+    fig.subplots_adjust(bottom=0.3, wspace=0.25)
     write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
     return numbers
 

@@ -89,15 +89,27 @@ def thinking_token_ids(model: "ThinkingModel", words: Sequence[str] | None = Non
     return list(out)
 
 
-def random_control(model: "ThinkingModel", n: int, exclude: Sequence[int] = (), seed: int = 0) -> list[int]:
-    """``n`` random token ids (a control set of the same size), never special or excluded ids."""
+def random_control(
+    model: "ThinkingModel",
+    n: int,
+    exclude: Sequence[int] = (),
+    seed: int = 0,
+    pool: Sequence[int] | None = None,
+) -> list[int]:
+    """``n`` random token ids (a control set of the same size), never special or excluded ids.
+
+    ``pool`` restricts the draw to those candidates (e.g. tokens the model never produced
+    unsuppressed: in a 150k vocabulary almost every random token is such a token, in a small
+    vocabulary most are not, so the uniform draw is a much harsher control there).
+    """
     special = set(int(i) for i in getattr(model.tokenizer, "all_special_ids", []) or [])
     vocab = int(model.bridge.cfg.d_vocab)
     banned = special | {int(i) for i in exclude}
-    pool = [i for i in range(min(vocab, len(model.tokenizer))) if i not in banned]
-    if n > len(pool):
-        raise ValueError(f"random_control: asked for {n} tokens but only {len(pool)} are eligible")
-    return sorted(random.Random(seed).sample(pool, n))
+    cands = range(min(vocab, len(model.tokenizer))) if pool is None else sorted({int(i) for i in pool})
+    eligible = [i for i in cands if i not in banned and 0 <= i < vocab]
+    if n > len(eligible):
+        raise ValueError(f"random_control: asked for {n} tokens but only {len(eligible)} are eligible")
+    return sorted(random.Random(seed).sample(eligible, n))
 
 
 # ============================================================================ suppression

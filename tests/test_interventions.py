@@ -42,6 +42,12 @@ def test_suppress_and_random_control(thinker):
     assert len(ctl) == len(so) and not set(ctl) & set(so)
     assert not set(ctl) & set(model.tokenizer.all_special_ids)
     assert ctl == iv.random_control(model, len(so), exclude=so, seed=3)
+    digits = model.token_ids(["1", "2", "3", "4"])[:4]
+    pool = [*digits, *so, *model.tokenizer.all_special_ids]
+    drawn = iv.random_control(model, 3, exclude=so, seed=1, pool=pool)
+    assert len(drawn) == 3 and set(drawn) <= set(digits)
+    with pytest.raises(ValueError, match="only 4 are eligible"):
+        iv.random_control(model, 5, exclude=so, pool=pool)
 
 
 def test_budget_cap_forces_answer(thinker):
