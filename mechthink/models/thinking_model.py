@@ -11,7 +11,6 @@ never here.
 from __future__ import annotations
 
 import inspect
-
 import logging
 from dataclasses import dataclass
 from collections.abc import Sequence
