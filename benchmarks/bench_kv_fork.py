@@ -58,30 +58,22 @@ def main() -> None:
     def forked() -> None:
         answer_probe(model, ids, positions, choices, suffix=SUFFIX)
 
-    def floor() -> None:
-        _, kv = bridge(torch.tensor([ids]), return_type="logits_and_cache")
-        bridge(torch.tensor([suffix_ids * args.k]), past_key_values=kv)
-
     keep = model.last_logits_kwargs()
 
-    def floor_last() -> None:
-        _, kv = bridge(torch.tensor([ids]), return_type="logits_and_cache", **keep)
-        bridge(torch.tensor([suffix_ids * args.k]), past_key_values=kv, **keep)
+    def floor(**kw: object) -> None:
+        _, kv = bridge(torch.tensor([ids]), return_type="logits_and_cache", **kw)
+        bridge(torch.tensor([suffix_ids * args.k]), past_key_values=kv, **kw)
 
-    def recompute() -> None:
+    def recompute(**kw: object) -> None:
         for p in positions:
-            bridge(torch.tensor([ids[: p + 1] + suffix_ids]))
-
-    def recompute_last() -> None:
-        for p in positions:
-            bridge(torch.tensor([ids[: p + 1] + suffix_ids]), **keep)
+            bridge(torch.tensor([ids[: p + 1] + suffix_ids]), **kw)
 
     fns = {
         "a: forked probes": forked,
         "b: floor (trace + k*suffix)": floor,
-        "b': floor, last logits only": floor_last,
+        "b': floor, last logits only": lambda: floor(**keep),
         "c: recompute each prefix": recompute,
-        "c': recompute, last logits only": recompute_last,
+        "c': recompute, last logits only": lambda: recompute(**keep),
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():

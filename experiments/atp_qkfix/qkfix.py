@@ -279,7 +279,6 @@ def v3_scores(fn, ids, mu, tid, C=None, G=None, m0=None):
     out = torch.zeros(fn.nL, T, dtype=DT)
     with torch.no_grad():
         for L in range(fn.nL):
-            r = C[("r", L)]
             st, fin = stream_p(fn, C, L, mu[L][None].expand(T, -1).clone(), cos, sin, exact=True)
             lin = sum(column_term_q(fn, C, G, L + i, d["k"], d["v"])[:, :T - 1].sum((0, 1)) for i, d in enumerate(st))
             out[L] = lin + last_row_exact(fn, C, L, st, cos, sin, tid, m0)
