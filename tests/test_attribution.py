@@ -253,8 +253,132 @@ def test_smollm2_resid_pre_rho(smollm2):
     a, e = atp["resid_pre"][layers].flatten(), ex["resid_pre"][layers].flatten()
     rho = float(spearmanr(a, e)[0])
     print(f"SmolLM2 resid_pre Spearman rho AtP vs exact ({len(layers)} layers x {len(toks)} positions): {rho:.3f}")
-    # Reported, not asserted: replacing a whole residual vector of a real model by the mean is far
-    # outside AtP's linear regime (measured rho ~ -0.1 here; AtP overshoots exact ~10x at the
-    # query position). The check is that both paths agree on the clean metric and run.
+    # Plain AtP is reported, not asserted: replacing a whole residual vector of a real model by the
+    # mean is far outside its linear regime (measured rho ~ -0.1 here; AtP overshoots exact ~10x at
+    # the query position). The QK-fix keeps the pattern and metric-stream effects exact.
     assert atp.metric_clean == pytest.approx(ex.metric_clean, rel=1e-4, abs=1e-4)
     assert torch.isfinite(a).all() and torch.isfinite(e).all()
+    qk = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)
+    rho_qk = float(spearmanr(qk["resid_pre"][layers].flatten(), e)[0])
+    print(f"SmolLM2 resid_pre Spearman rho QK-fix vs exact: {rho_qk:.3f}")
+    assert rho_qk >= 0.8, rho_qk  # measured 0.87 over all 30 layers
+    assert torch.allclose(qk["resid_pre"][layers, -1], ex["resid_pre"][layers, -1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ AtP* QK-fix
+QK_ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
+RESID = ("resid_pre", "resid_post")
+
+
+def _corrupted(model, toks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    other = torch.randint(5, int(model.cfg.d_vocab), toks.shape, generator=g)
+    other[0] = toks[0]  # same BOS / first token
+    return other
+
+
+@pytest.mark.parametrize("arch", QK_ARCHS)
+def test_qkfix_exact_where_nothing_is_linearised(tiny_loaded, arch):
+    """QK-fix keeps the patched position's stream, the key/value column it changes and the metric
+    position's stream exact; only positions strictly between p and the last stay linear. So it must
+    equal exact patching on the last layer, at the last position, and everywhere on a 2-token
+    sequence, for each layout (Qwen2 biases, Qwen3 q/k norms, GLM-4 partial rotary and sandwich
+    norms, GQA in all four)."""
+    model = tiny_loaded(arch)[0]
+    toks = model.to_tokens(TEXT)[0]
+    other = _corrupted(model, toks)
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    q = A.attribution_patching(model, toks, metric, other, nodes=RESID, qk_fix=True)
+    ex = A.activation_patching(model, toks, metric, other, nodes=RESID, batch_size=64)
+    assert q.method == "atp+qkfix" and q.config["qk_fix"] is True
+    for n in RESID:
+        tol = 1e-4 * max(1.0, float(ex[n].abs().max()))
+        assert torch.allclose(q[n][-1], ex[n][-1], atol=tol), (n, (q[n][-1] - ex[n][-1]).abs().max())
+        assert torch.allclose(q[n][:, -1], ex[n][:, -1], atol=tol), (n, (q[n][:, -1] - ex[n][:, -1]).abs().max())
+    # resid_post of layer L is resid_pre of layer L + 1 (same activations, same corrupted baseline)
+    assert torch.allclose(q["resid_post"][:-1], q["resid_pre"][1:], atol=1e-4)
+    # the final resid_post reaches the metric only at the last position
+    assert torch.count_nonzero(q["resid_post"][-1, :-1]) == 0
+    q2 = A.attribution_patching(model, toks[:2], metric, other[:2], nodes=RESID, qk_fix=True)
+    ex2 = A.activation_patching(model, toks[:2], metric, other[:2], nodes=RESID, batch_size=64)
+    for n in RESID:
+        assert torch.allclose(q2[n], ex2[n], atol=1e-4 * max(1.0, float(ex2[n].abs().max()))), n
+
+
+def test_qkfix_first_order_exact_and_better_than_atp(normal):
+    """Small perturbation: QK-fix agrees with exact patching to first order (so the linearised
+    column terms use the right gradients); mean ablation: it ranks nodes at least as well as AtP."""
+    toks = normal.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, normal.token_ids("Wait"))
+    names = [A.hook_name(n, L) for n in RESID for L in range(normal.n_layers)]
+    _, cache = normal.bridge.run_with_cache(toks.unsqueeze(0), names_filter=names)
+    g = torch.Generator().manual_seed(0)
+    base = {h: cache[h][0] + 1e-2 * cache[h][0].abs().mean() * torch.randn(cache[h][0].shape, generator=g) for h in names}
+    q = A.attribution_patching(normal, toks, metric, base, nodes=RESID, qk_fix=True)
+    ex = A.activation_patching(normal, toks, metric, base, nodes=RESID, batch_size=64)
+    for n in RESID:
+        err = (q[n] - ex[n]).abs().max() / ex[n].abs().max()
+        assert err < 0.05, (n, float(err))
+    means, toks, metric = _setup(normal)
+    q = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)
+    a = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means)
+    ex = A.activation_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, batch_size=64)
+    rq = float(spearmanr(q["resid_pre"].flatten(), ex["resid_pre"].flatten())[0])
+    ra = float(spearmanr(a["resid_pre"].flatten(), ex["resid_pre"].flatten())[0])
+    print(f"normal tiny Llama, mean ablation, resid_pre rho: AtP {ra:.3f}, QK-fix {rq:.3f}")
+    assert rq >= max(ra, 0.8), (ra, rq)
+
+
+def test_qkfix_saturated_columns_recomputed_consistently(normal, monkeypatch):
+    """The closed-form column update and the exact row recompute (used where the clean weight on
+    the column is > 0.5) agree when either is used for every entry."""
+    from mechthink import _qkfix
+
+    means, toks, metric = _setup(normal)
+    out = {}
+    for thr in (2.0, -1.0):
+        monkeypatch.setattr(_qkfix, "_RECOMPUTE_ABOVE", thr)
+        out[thr] = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)["resid_pre"]
+    assert torch.allclose(out[2.0], out[-1.0], atol=1e-3 * float(out[-1.0].abs().max()))
+
+
+def test_qkfix_errors(tiny_loaded):
+    model = tiny_loaded("Qwen2ForCausalLM")[0]
+    toks = model.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    with pytest.raises(ValueError, match="last position"):
+        A.attribution_patching(model, toks, A.logit_metric(-2, model.token_ids("Wait")), "zero", nodes=("resid_pre",), qk_fix=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre",), qk_fix=True, ig_steps=2)
+    cfg = model.bridge.original_model.config
+    cfg.use_sliding_window = True
+    try:
+        with pytest.raises(ValueError, match="does not support .*sliding-window"):
+            A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre",), qk_fix=True)
+    finally:
+        cfg.use_sliding_window = False
+    # node types other than resid stay plain AtP
+    a = A.attribution_patching(model, toks, metric, "zero", nodes=("z",))
+    q = A.attribution_patching(model, toks, metric, "zero", nodes=("z",), qk_fix=True)
+    assert torch.equal(a["z"], q["z"])
+
+
+def test_qkfix_organism_rho_goal():
+    """Issue #6 goal: ρ ≥ 0.8 for resid nodes on tiny-thinker (planted-error examples, " Wait"
+    logit, dataset-mean baseline). Plain AtP measures ~0.3 here."""
+    from mechthink.models.organism import HELD_OUT_SEED, held_out_examples
+
+    model = mt.load_model("tiny-thinker")
+    ex = held_out_examples(60, seed=HELD_OUT_SEED)
+    means = A.mean_activations(model, [e["input_ids"] for e in ex], hooks=RESID)
+    metric = A.logit_metric(-1, model.token_variants("Wait")[" Wait"])
+    rhos = {n: [] for n in RESID}
+    for e in [e for e in ex if e["is_error"]][:4]:
+        ids = torch.tensor(e["input_ids"])
+        q = A.attribution_patching(model, ids, metric, "mean", nodes=RESID, means=means, qk_fix=True)
+        x = A.activation_patching(model, ids, metric, "mean", nodes=RESID, means=means, batch_size=64)
+        for n in RESID:
+            rhos[n].append(float(spearmanr(q[n].flatten(), x[n].flatten())[0]))
+    mean = {n: sum(v) / len(v) for n, v in rhos.items()}
+    print("tiny-thinker QK-fix rho vs exact:", {n: [round(r, 3) for r in v] for n, v in rhos.items()}, mean)
+    assert mean["resid_pre"] >= 0.8 and mean["resid_post"] >= 0.8, mean

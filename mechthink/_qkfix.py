@@ -1,0 +1,363 @@
+"""AtP* QK-fix for residual-stream nodes, run through the model's own HF modules.
+
+Used by :func:`mechthink.attribution.attribution_patching` with ``qk_fix=True``.
+
+Why: plain attribution patching of ``resid_pre`` under mean ablation misranks nodes whose effect
+goes through attention *patterns*. Replacing position ``p``'s residual vector by the mean changes
+``p``'s keys, a position the later queries barely attended can become attended, and the softmax
+gradient at the clean point does not see it (the AtP failure mode of Kramár et al. 2024). On
+tiny-thinker this puts the Spearman ρ of AtP against exact patching at 0.30.
+
+What is computed, for every node (``L``, ``p``) = "``resid_pre`` of layer ``L`` at position ``p``
+replaced by its baseline ``b``", with no forward pass per node:
+
+1. **p's own stream, exactly.** Causality leaves every position ``< p`` unchanged, so the patched
+   stream of ``p`` through layers ``L..n-1`` is exact given the clean keys/values of the earlier
+   positions. All ``p`` run at once as a batch of single-query rows.
+2. **Column-p terms, exact in the pattern.** In each layer ``l ≥ L`` only key/value column ``p``
+   changes for the queries ``q > p`` (to the patched stream's ``k'_l[p]``, ``v'_l[p]``). The new
+   attention output of query ``q`` is then exactly
+   ``z'_q = (z_q − a·v_p + a·e^Δs·v'_p) / (1 − a + a·e^Δs)`` with ``a`` the clean weight on ``p`` and
+   ``Δs`` the score change; it is contracted with the clean gradient ``∂m/∂z_l[q]`` (computed in
+   log space, stable when the softmax saturates). Only these intermediate positions
+   ``p < q < T−1`` stay linear.
+3. **The metric's own stream, exactly.** The last position is rerun through layers ``L..n-1`` with
+   column ``p`` replaced in every layer (and its own key/value recomputed), and the metric is read
+   from its logits: the largest terms are exact.
+
+For ``p = T−1``, and for every ``p`` at the last layer, the estimate equals exact patching. The
+metric must read only the last position's logits (``logit_metric(-1, ...)`` and the like).
+
+Supported decoder layouts: Llama / Qwen2 (attention biases) / Qwen3 (q/k norms) / GLM-4 (partial
+interleaved rotary, sandwich norms), with GQA. At every call the functional clean forward is
+checked against ``model.bridge``; a mismatch raises instead of returning wrong scores.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mechthink.models.thinking_model import ThinkingModel
+
+_CHUNK_ELEMENTS = 1 << 23  # rows·T·heads per chunk of positions (bounds the [rows, heads, T] tensors)
+_RECOMPUTE_ABOVE = 0.5  # clean weight on column p above which a column term is recomputed row-exactly
+
+
+def _u(module: Any) -> Any:
+    """The HF module a TransformerBridge component wraps (or the module itself)."""
+    return getattr(module, "_original_component", module)
+
+
+class _Functional:
+    """The decoder stack as functions of (stream, position), built from the HF submodules."""
+
+    def __init__(self, model: "ThinkingModel") -> None:
+        hf = model.bridge.original_model
+        cfg = hf.config
+        arch = (getattr(cfg, "architectures", None) or [type(hf).__name__])[0]
+        inner = _u(hf.model)
+        layers = [_u(layer) for layer in inner.layers]
+        problems = []
+        if getattr(cfg, "use_sliding_window", False) or any(
+            t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])
+        ):
+            problems.append("sliding-window attention")
+        if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None):
+            problems.append("logit soft-capping")
+        for layer in layers:
+            attn = _u(getattr(layer, "self_attn", None))
+            need = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+            if any(not hasattr(layer, n) for n in need) or any(
+                not hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
+            ):
+                problems.append(f"decoder layer {type(layer).__name__}")
+                break
+            if getattr(attn, "sliding_window", None):
+                problems.append("sliding-window attention")
+                break
+        if problems:
+            raise ValueError(
+                f"qk_fix does not support {arch} ({', '.join(sorted(set(problems)))}); "
+                "it supports Llama, Qwen2, Qwen3 and GLM-4 decoder layouts; use qk_fix=False"
+            )
+        self.arch = arch
+        self.embed = _u(inner.embed_tokens)
+        self.norm = _u(inner.norm)
+        self.lm_head = _u(hf.lm_head)
+        self.rotary = _u(inner.rotary_emb)
+        self.layers = layers
+        self.attn = [_u(layer.self_attn) for layer in layers]
+        a0 = self.attn[0]
+        self.apply_rotary: Callable[..., Any] = sys.modules[type(a0).__module__].apply_rotary_pos_emb
+        self.dh = int(a0.head_dim)
+        self.scale = float(a0.scaling)
+        self.H = int(cfg.num_attention_heads)
+        self.Hkv = int(getattr(cfg, "num_key_value_heads", None) or self.H)
+        self.g = self.H // self.Hkv
+        self.n_layers = len(layers)
+        p = next(hf.parameters())
+        self.dtype, self.device = p.dtype, p.device
+
+    # ---------------------------------------------------------------- module calls (float32 out)
+    def _m(self, module: Any, x: Tensor) -> Tensor:
+        return module(x.to(self.dtype)).float()
+
+    def _opt(self, layer: Any, name: str, x: Tensor) -> Tensor:
+        mod = getattr(layer, name, None)
+        return x if mod is None else self._m(_u(mod), x)
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[1, n, rot_dim]`` for the given positions."""
+        dummy = torch.zeros(1, positions.numel(), 1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(dummy, positions.reshape(1, -1).to(self.device))
+        return cos.float(), sin.float()
+
+    def qkv(self, l: int, s: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stream ``[B, S, d]`` -> rotated q ``[B, H, S, dh]``, k, v ``[B, Hkv, S, dh]``.
+
+        ``cos``/``sin`` are ``[B or 1, S, rot_dim]``."""
+        layer, attn = self.layers[l], self.attn[l]
+        x = self._m(_u(layer.input_layernorm), s)
+        B, S, _ = x.shape
+        q = self._m(_u(attn.q_proj), x).view(B, S, -1, self.dh)
+        k = self._m(_u(attn.k_proj), x).view(B, S, -1, self.dh)
+        v = self._m(_u(attn.v_proj), x).view(B, S, -1, self.dh)
+        if getattr(attn, "q_norm", None) is not None:
+            q = self._m(_u(attn.q_norm), q)
+            k = self._m(_u(attn.k_norm), k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = self.apply_rotary(q, k, cos, sin)
+        return q.float(), k.float(), v
+
+    def after_attention(self, l: int, s: Tensor, z: Tensor) -> Tensor:
+        """Stream ``[..., d]`` and attention output ``z [..., H·dh]`` -> next layer's stream."""
+        layer, attn = self.layers[l], self.attn[l]
+        o = self._opt(layer, "post_self_attn_layernorm", self._m(_u(attn.o_proj), z))
+        m = s + o
+        mo = self._m(_u(layer.mlp), self._m(_u(layer.post_attention_layernorm), m))
+        return m + self._opt(layer, "post_mlp_layernorm", mo)
+
+    def logits(self, s: Tensor) -> Tensor:
+        return self._m(self.lm_head, self._m(self.norm, s))
+
+    def expand_kv(self, t: Tensor) -> Tensor:
+        """``[..., Hkv, X, dh]`` on dim -3 -> ``[..., H, X, dh]`` (query head h uses kv head h // g)."""
+        return t.repeat_interleave(self.g, dim=-3) if self.g > 1 else t
+
+
+class _Clean:
+    """Clean-run quantities per layer (``R`` has ``n_layers + 1`` entries; the last is final)."""
+
+    def __init__(self) -> None:
+        self.R: list[Tensor] = []
+        self.Q: list[Tensor] = []
+        self.K: list[Tensor] = []
+        self.V: list[Tensor] = []
+        self.A: list[Tensor] = []
+        self.Z: list[Tensor] = []
+        self.GZ: list[Tensor] = []
+        self.S: list[Tensor] = []  # float64 attention scores [H, T, T], -inf above the diagonal
+        self.metric = 0.0
+
+
+def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Tensor]) -> tuple[_Clean, Tensor]:
+    """Functional clean forward + backward; returns the clean quantities and the full logits."""
+    T = row.shape[1]
+    pos = torch.arange(T, device=fn.device)
+    cos, sin = fn.rope(pos)
+    causal = torch.ones(T, T, dtype=torch.bool, device=fn.device).tril()
+    c = _Clean()
+    zs: list[Tensor] = []
+    with torch.enable_grad():
+        r = fn.embed(row).float()[0].detach().requires_grad_(True)
+        for l in range(fn.n_layers):
+            c.R.append(r.detach())
+            q, k, v = fn.qkv(l, r[None], cos, sin)
+            q, k, v = q[0], k[0], v[0].float()
+            s = ((q @ fn.expand_kv(k).transpose(-1, -2)) * fn.scale).masked_fill(~causal, float("-inf"))
+            a = s.softmax(-1)
+            z = a @ fn.expand_kv(v)  # [H, T, dh]
+            zs.append(z)
+            c.S.append(s.detach().double())
+            c.Q.append(q.detach())
+            c.K.append(k.detach())
+            c.V.append(v.detach())
+            c.A.append(a.detach())
+            c.Z.append(z.detach())
+            r = fn.after_attention(l, r, z.transpose(0, 1).reshape(T, -1))
+        c.R.append(r.detach())
+        logits = fn.logits(r)
+        m = metric_last(logits[None])
+        c.metric = float(m.detach())
+        grads = torch.autograd.grad(m, zs, allow_unused=True)
+    c.GZ = [g.detach() if g is not None else torch.zeros_like(z) for g, z in zip(grads, c.Z)]
+    return c, logits.detach()
+
+
+def _column_terms(fn: _Functional, c: _Clean, l: int, ps: Tensor, k_new: Tensor, v_new: Tensor) -> Tensor:
+    """Σ_h Σ_{p<q<T-1} ∂m/∂z_l[q] · (z'_l[q] − z_l[q]) when only key/value column p changes.
+
+    ``ps [n]`` positions, ``k_new``/``v_new [n, Hkv, dh]``; returns ``[n]``."""
+    Q, A, Z, GZ = c.Q[l], c.A[l], c.Z[l], c.GZ[l]
+    T = Q.shape[1]
+    kn = fn.expand_kv(k_new.transpose(0, 1))  # [H, n, dh]
+    vn = fn.expand_kv(v_new.transpose(0, 1))
+    Kp = fn.expand_kv(c.K[l][:, ps])  # [H, n, dh]
+    Vp = fn.expand_kv(c.V[l][:, ps])
+    ds = (torch.einsum("hqd,hnd->hqn", Q, kn - Kp) * fn.scale).double()
+    a = c.S[l].softmax(-1)[:, :, ps]  # clean weight of query q on column p (float64)
+    log_a = a.log()
+    log_d = torch.logaddexp(torch.log1p(-a), log_a + ds)  # log(1 − a + a·e^Δs)
+    w_new = (log_a + ds - log_d).exp()
+    w_old = (log_a - log_d).exp()
+    gz_z = (GZ * Z).sum(-1, keepdim=True).double()  # [H, T, 1]
+    gv_new = torch.einsum("hqd,hnd->hqn", GZ, vn).double()
+    gv_old = torch.einsum("hqd,hnd->hqn", GZ, Vp).double()
+    contrib = w_new * (gv_new - gz_z) - w_old * (gv_old - gz_z)  # [H, q, n]
+    q_idx = torch.arange(T, device=ps.device)[:, None]
+    keep = (q_idx > ps[None]) & (q_idx < T - 1)
+    # Where column p holds most of q's attention, z − a·v_p cancels and the division by
+    # 1 − a + a·e^Δs amplifies the rounding: recompute those entries' softmax rows exactly.
+    h_i, q_i, n_i = torch.nonzero((a > _RECOMPUTE_ABOVE) & keep[None], as_tuple=True)
+    if h_i.numel():
+        rows = c.S[l][h_i, q_i].clone()  # [m, T]
+        p_i = ps[n_i]
+        rows[torch.arange(len(p_i)), p_i] += ds[h_i, q_i, n_i]
+        a_new = rows.softmax(-1)
+        Vh = fn.expand_kv(c.V[l]).double()[h_i]  # [m, T, dh]
+        z_new = torch.einsum("mt,mtd->md", a_new, Vh)
+        z_new += a_new[torch.arange(len(p_i)), p_i, None] * (vn[h_i, n_i] - Vp[h_i, n_i]).double()
+        contrib[h_i, q_i, n_i] = (GZ[h_i, q_i].double() * (z_new - Z[h_i, q_i].double())).sum(-1)
+    return contrib.masked_fill(~keep[None], 0.0).sum((0, 1)).float()
+
+
+def _patched_streams(fn: _Functional, c: _Clean, L: int, ps: Tensor, s: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Run the patched streams of positions ``ps`` (rows of ``s [n, d]``, resid_pre of layer L).
+
+    Row i is position ``ps[i]``'s own stream, exact given the clean keys/values of the positions
+    before it. Returns, per layer ``l ≥ L``, the new key and value of column p,
+    ``([n, Hkv, dh], [n, Hkv, dh])``: p's effect reaches later positions only through them."""
+    n = ps.numel()
+    T = c.Q[0].shape[1]
+    cos, sin = fn.rope(ps)
+    cos, sin = cos[0][:, None], sin[0][:, None]  # [n, 1, rot]
+    j = torch.arange(T, device=ps.device)
+    future = j[None] > ps[:, None]  # [n, T]
+    idx = ps.view(n, 1, 1, 1).expand(n, fn.Hkv, fn.g, 1)
+    out = []
+    for l in range(L, fn.n_layers):
+        q, k, v = fn.qkv(l, s[:, None], cos, sin)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0].float()  # [n, H|Hkv, dh]
+        qg = q.view(n, fn.Hkv, fn.g, fn.dh)
+        K, V = c.K[l], c.V[l]  # [Hkv, T, dh]
+        sc = torch.einsum("nkgd,ktd->nkgt", qg, K) * fn.scale
+        own = torch.einsum("nkgd,nkd->nkg", qg, k)[..., None] * fn.scale
+        sc = sc.scatter(-1, idx, own).masked_fill(future[:, None, None], float("-inf"))
+        a = sc.softmax(-1)
+        a_p = a.gather(-1, idx)  # [n, Hkv, g, 1]
+        Vp = V[:, ps].transpose(0, 1)  # [n, Hkv, dh]
+        z = torch.einsum("nkgt,ktd->nkgd", a, V) + a_p * (v - Vp)[:, :, None]
+        out.append((k, v))
+        s = fn.after_attention(l, s, z.reshape(n, -1))
+    return out
+
+
+def _last_row(
+    fn: _Functional, c: _Clean, L: int, ps: Tensor, s_first: Tensor, cols: list[tuple[Tensor, Tensor]]
+) -> Tensor:
+    """The last position's stream from layer L with column p of every layer l ≥ L replaced (its own
+    key/value recomputed); ``s_first`` are the patched resid_pre rows. Returns final streams ``[n, d]``."""
+    n = ps.numel()
+    T = c.Q[0].shape[1]
+    t = T - 1
+    is_last = ps == t
+    s = torch.where(is_last[:, None], s_first, c.R[L][t].expand(n, -1))
+    cos, sin = fn.rope(torch.tensor([t], device=ps.device))
+    idx_p = ps.view(n, 1, 1, 1).expand(n, fn.Hkv, fn.g, 1)
+    not_last = (~is_last).view(n, 1, 1, 1).float()
+    for i, l in enumerate(range(L, fn.n_layers)):
+        q, k, v = fn.qkv(l, s[:, None], cos, sin)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0].float()
+        qg = q.view(n, fn.Hkv, fn.g, fn.dh)
+        K, V = c.K[l], c.V[l]
+        kp, vp = cols[i]
+        sc = torch.einsum("nkgd,ktd->nkgt", qg, K) * fn.scale
+        s_own = torch.einsum("nkgd,nkd->nkg", qg, k)[..., None] * fn.scale
+        s_col = torch.einsum("nkgd,nkd->nkg", qg, kp)[..., None] * fn.scale
+        sc[..., t : t + 1] = s_own
+        sc = sc.scatter(-1, idx_p, torch.where(is_last.view(n, 1, 1, 1), s_own, s_col))
+        a = sc.softmax(-1)
+        z = torch.einsum("nkgt,ktd->nkgd", a, V)
+        z = z + a[..., t : t + 1] * (v - V[:, t])[:, :, None]
+        Vp = V[:, ps].transpose(0, 1)
+        z = z + not_last * a.gather(-1, idx_p) * (vp - Vp)[:, :, None]
+        s = fn.after_attention(l, s, z.reshape(n, -1))
+    return s
+
+
+def check_last_position_metric(metric_rows: Callable[[Tensor], Tensor], logits: Tensor) -> None:
+    """Raise unless the metric gives the same value on the full logits and on the last position alone."""
+    try:
+        full = metric_rows(logits[None])
+        last = metric_rows(logits[None, -1:])
+        ok = torch.allclose(full, last, rtol=1e-5, atol=1e-5)
+    except Exception:  # noqa: BLE001 - any failure means the metric indexes other positions
+        ok = False
+    if not ok:
+        raise ValueError(
+            "qk_fix needs a metric that reads only the last position's logits with negative "
+            "indexing (e.g. logit_metric(-1, token)); use qk_fix=False for other metrics"
+        )
+
+
+def qkfix_resid_scores(
+    model: "ThinkingModel",
+    row: Tensor,
+    metric_rows: Callable[[Tensor], Tensor],
+    baselines: Sequence[Tensor],
+    starts: Sequence[int],
+) -> list[Tensor]:
+    """QK-fixed scores ``[T]`` per entry: stream position p replaced by ``baselines[i][p]`` at the
+    input of layer ``starts[i]`` (``n_layers`` = the final stream, i.e. the last ``resid_post``).
+
+    ``metric_rows`` maps logits ``[batch, pos, vocab]`` to ``[batch]``."""
+    fn = _Functional(model)
+    T = row.shape[1]
+
+    def metric_last(lg: Tensor) -> Tensor:
+        return metric_rows(lg).sum()
+
+    with torch.no_grad():
+        ref = model.bridge(row)[0, -1].float()
+    c, logits = _clean_run(fn, row, metric_last)
+    scale = max(1.0, float(ref.abs().max()))
+    tol = (1e-3 if fn.dtype == torch.float32 else 5e-2) * scale
+    err = float((logits[-1] - ref).abs().max())
+    if not err <= tol:
+        raise RuntimeError(
+            f"qk_fix: the functional forward of {fn.arch} disagrees with the model "
+            f"(max |Δ logit| = {err:.3g} > {tol:.3g}); use qk_fix=False"
+        )
+    check_last_position_metric(metric_rows, logits)
+    chunk = max(1, min(T, _CHUNK_ELEMENTS // max(1, T * fn.H)))
+    out = []
+    with torch.no_grad():
+        for L, base in zip(starts, baselines):
+            base = base.to(fn.device).float()
+            scores = torch.zeros(T)
+            for c0 in range(0, T, chunk):
+                ps = torch.arange(c0, min(T, c0 + chunk), device=fn.device)
+                s0 = base[ps]
+                cols = _patched_streams(fn, c, L, ps, s0)
+                lin = sum((_column_terms(fn, c, L + i, ps, k, v) for i, (k, v) in enumerate(cols)), torch.zeros(len(ps)))
+                final = _last_row(fn, c, L, ps, s0, cols)
+                exact = metric_rows(fn.logits(final)[:, None]) - c.metric
+                scores[ps.cpu()] = (lin.to(exact.device) + exact).cpu().float()
+            out.append(scores)
+    return out
