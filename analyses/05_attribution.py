@@ -2,11 +2,13 @@
 
 Metric: the " Wait" logit at the position right after a wrongly written step. Corrupted state:
 the dataset-mean ``resid_pre`` per layer (over all examples and positions). Token importance =
-the attribution score of largest magnitude over layers (sign: patching the token to the mean
-lowers the metric → positive importance). On tiny-thinker the ground truth is known: the wrong
-step's operand and result tokens should carry the decision. Also: AtP vs exact activation
-patching (Spearman ρ), importance binned into question vs five 20% bins of the thinking, and a
-self-contained circuitsvis HTML view of one example.
+the seed's "max over all layers" of the score, signed so that patching the token to the mean
+lowering the metric counts as important. Three estimators side by side: plain AtP (the seed's),
+the AtP* QK-fix, and exact activation patching (the reference; on the first ``n_exact``
+examples). On tiny-thinker the ground truth is known: the wrong step's operand and result tokens
+should carry the decision. Also: Spearman ρ of each estimator against exact patching,
+importance binned into question vs five 20% bins of the thinking, and a self-contained
+circuitsvis HTML view of one example.
 
     python analyses/05_attribution.py [--model tiny-thinker] [--n-samples 40]
 """
@@ -27,7 +29,7 @@ class Config:
     model: str = "tiny-thinker"
     out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 200
-    n_exact: int = 6
+    n_exact: int = 100
     target: str = " Wait"
 
 
@@ -57,56 +59,98 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     metric = atp.logit_metric(-1, target_id)
 
     organism = model.spec.name == "tiny-thinker"
-    hits_any = hits_result = top1_in_step = 0
-    importances, q_spans, t_spans, rhos = [], [], [], []
+    methods = ("atp", "qkfix", "exact")
+    hits = {k: {"any": 0, "result": 0, "result_and_operand": 0, "top1_in_step": 0, "n": 0} for k in methods}
+    importances: dict[str, list] = {k: [] for k in methods}
+    q_spans, t_spans = [], []
+    rhos: dict[str, list[float]] = {"atp": [], "qkfix": []}
     results = []
     for i, ex in enumerate(errors):
         ids = torch.tensor(ex["input_ids"])
-        res = atp.attribution_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",))
+        res = {
+            "atp": atp.attribution_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",)),
+            "qkfix": atp.attribution_patching(
+                model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",), qk_fix=True
+            ),
+        }
+        if i < cfg.n_exact:
+            res["exact"] = atp.activation_patching(
+                model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",), batch_size=64
+            )
+            for k in rhos:
+                rhos[k].append(_spearman(res[k].scores["resid_pre"], res["exact"].scores["resid_pre"]))
         results.append(res)
-        imp = res.token_importance("resid_pre", reduce="abs_max", sign=-1)
-        importances.append(imp)
         n = len(ids)
         q_spans.append(tuple(ex["question_span"]) if organism else (0, 1))
         t_spans.append((q_spans[-1][1], n - 1))
-        if organism:
+        for k, r in res.items():
+            # the seed's definition: max over layers of the score, signed so that a token whose
+            # ablation lowers the " Wait" logit is important
+            imp = r.token_importance("resid_pre", reduce="max", sign=-1)
+            importances[k].append(imp)
+            if not organism:
+                continue
             cand = imp.clone()
             cand[0] = cand[-1] = -float("inf")  # BOS and the query position itself
             top3 = set(cand.topk(3).indices.tolist())
-            step_tokens = set(ex["step_operand_positions"]) | set(ex["step_result_positions"])
-            hits_any += bool(top3 & step_tokens)
-            hits_result += bool(top3 & set(ex["step_result_positions"]))
+            operands, result = set(ex["step_operand_positions"]), set(ex["step_result_positions"])
+            h = hits[k]
+            h["n"] += 1
+            h["any"] += bool(top3 & (operands | result))
+            h["result"] += bool(top3 & result)
+            h["result_and_operand"] += bool(top3 & result) and bool(top3 & operands)
             # the whole written step: operands, operator, "=", the result and its leading space
-            step_span = set(range(min(step_tokens), max(ex["step_result_positions"]) + 1))
-            top1_in_step += int(cand.argmax()) in step_span
-        if i < cfg.n_exact:
-            exact = atp.activation_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",), batch_size=64)
-            rhos.append(_spearman(res.scores["resid_pre"], exact.scores["resid_pre"]))
+            step_span = set(range(min(operands | result), max(result) + 1))
+            h["top1_in_step"] += int(cand.argmax()) in step_span
 
-    bins = context.binned_importance(importances, q_spans, t_spans, n_bins=5)
+    bins = context.binned_importance(importances["atp"], q_spans, t_spans, n_bins=5)
+    bins_qk = context.binned_importance(importances["qkfix"], q_spans, t_spans, n_bins=5)
+    mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
     numbers: dict[str, Any] = {
         "n_error_examples": len(errors),
-        "atp_vs_exact_spearman_resid_pre": rhos,
-        "atp_vs_exact_spearman_resid_pre_mean": sum(rhos) / max(1, len(rhos)),
+        "n_exact": min(cfg.n_exact, len(errors)),
+        "importance": "max over layers of -score (resid_pre, mean ablation)",
+        "spearman_vs_exact_resid_pre": {k: v for k, v in rhos.items()},
+        "spearman_vs_exact_resid_pre_mean": {k: mean(v) for k, v in rhos.items()},
         "binned_importance_labels": bins.labels,
         "binned_importance_mean": bins.mean.tolist(),
+        "binned_importance_mean_qkfix": bins_qk.mean.tolist(),
     }
     if organism:
-        numbers["top3_contains_step_operand_or_result"] = hits_any / max(1, len(errors))
-        numbers["top3_contains_step_result"] = hits_result / max(1, len(errors))
-        numbers["top1_within_wrong_step_span"] = top1_in_step / max(1, len(errors))
+        for what in ("any", "result", "result_and_operand", "top1_in_step"):
+            key = {
+                "any": "top3_contains_step_operand_or_result",
+                "result": "top3_contains_step_result",
+                "result_and_operand": "top3_contains_step_result_and_an_operand",
+                "top1_in_step": "top1_within_wrong_step_span",
+            }[what]
+            numbers[key] = {k: hits[k][what] / max(1, hits[k]["n"]) for k in methods}
+        numbers["ground_truth_n"] = {k: hits[k]["n"] for k in methods}
 
     res0 = results[0]
     png, _ = output_paths(cfg.out, NAME, cfg.model)
     html = png.with_suffix(".html")
-    save_colored_tokens(html, res0.str_tokens, importances[0], title=f"{model.spec.name}: importance for {cfg.target!r} (resid_pre AtP, mean ablation)")
+    save_colored_tokens(
+        html,
+        res0["atp"].str_tokens,
+        importances["atp"][0],
+        title=f"{model.spec.name}: importance for {cfg.target!r} (resid_pre AtP, mean ablation, max over layers)",
+    )
     numbers["html_view"] = html.name
 
-    fig = new_figure(13, 7)
-    a1, a2 = fig.subplots(2, 1, height_ratios=[1.2, 1])
-    plot_attribution_heatmap(res0, node="resid_pre", ax=a1)
-    a1.set_title(f"AtP scores (patched − clean {cfg.target!r} logit) per layer × position, example 0")
-    plot_binned(bins.labels, bins.values, ax=a2, title=f"importance by region (min-max per sample, mean over {len(errors)})")
+    panels = [k for k in methods if k in res0]
+    fig = new_figure(13, 3.2 * len(panels) + 3.5)
+    axes = fig.subplots(len(panels) + 1, 1, height_ratios=[1.0] * len(panels) + [1.1])
+    names = {"atp": "AtP", "qkfix": "AtP* QK-fix", "exact": "exact patching"}
+    for ax, k in zip(axes, panels):
+        plot_attribution_heatmap(res0[k], node="resid_pre", ax=ax)
+        ax.set_title(f"{names[k]}: patched − clean {cfg.target!r} logit per layer × position, example 0")
+    plot_binned(
+        bins.labels,
+        bins.values,
+        ax=axes[-1],
+        title=f"AtP importance by region (min-max per sample, mean over {len(errors)})",
+    )
     fig.suptitle(f"{model.spec.name}: attribution patching with mean ablation at planted errors")
     write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
     return numbers

@@ -3,6 +3,8 @@
 AtP scores the full resid_pre grid (n_layers x 128 positions) from one forward + one backward;
 exact patching needs one forward per node. Exact patching is timed on a subset of the grid
 (batched, ``--exact-nodes`` nodes) and extrapolated linearly to the full grid; the output says so.
+The AtP* QK-fix estimator (``qk_fix=True``) is timed on the same grid and its Spearman ρ against
+exact patching reported on the same measured nodes (``--no-qkfix`` skips it).
 Run: ``python benchmarks/bench_attribution.py [--tokens 128] [--exact-nodes 64] [--batch 16]``.
 """
 
@@ -23,6 +25,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--exact-nodes", type=int, default=64, help="nodes actually patched exactly (rest extrapolated)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--no-qkfix", action="store_true", help="skip the QK-fix estimator")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -48,6 +51,14 @@ def main() -> None:
     sync()
     t_atp = time.perf_counter() - t0
 
+    t_qk = float("nan")
+    if not args.no_qkfix:
+        sync()
+        t0 = time.perf_counter()
+        qk = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)
+        sync()
+        t_qk = time.perf_counter() - t0
+
     # exact: a subset of the grid spread over layers and positions, batched
     n_sub = min(args.exact_nodes, L * T)
     flat = torch.linspace(0, L * T - 1, n_sub).round().long().tolist()
@@ -55,7 +66,7 @@ def main() -> None:
     layers = sorted({c[0] for c in cells})
     t_exact = 0.0
     n_done = 0
-    pairs_a, pairs_e = [], []
+    pairs_a, pairs_e, pairs_q = [], [], []
     for layer in layers:
         pos = [p for (l_, p) in cells if l_ == layer]
         sync()
@@ -69,6 +80,8 @@ def main() -> None:
         for p in pos:
             pairs_a.append(float(atp["resid_pre"][layer, p]))
             pairs_e.append(float(ex["resid_pre"][layer, p]))
+            if not args.no_qkfix:
+                pairs_q.append(float(qk["resid_pre"][layer, p]))
     per_node = t_exact / n_done
     t_exact_full = per_node * L * T
     from scipy.stats import spearmanr
@@ -82,6 +95,9 @@ def main() -> None:
     )
     print(f"speed ratio exact/AtP = {t_exact_full / t_atp:.0f}x (goal >= 300x)")
     print(f"Spearman rho AtP vs exact on the {n_done} measured nodes: {rho:.3f}")
+    if not args.no_qkfix:
+        print(f"AtP* QK-fix, whole grid: {t_qk:.2f} s; speed ratio exact/QK-fix = {t_exact_full / t_qk:.0f}x")
+        print(f"Spearman rho QK-fix vs exact on the {n_done} measured nodes: {spearmanr(pairs_q, pairs_e)[0]:.3f}")
 
 
 if __name__ == "__main__":
