@@ -30,6 +30,7 @@ class Config:
     out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 200
     n_exact: int = 100
+    n_node_types: int = 10
     target: str = " Wait"
 
 
@@ -103,6 +104,22 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             step_span = set(range(min(operands | result), max(result) + 1))
             h["top1_in_step"] += int(cand.argmax()) in step_span
 
+    # Spearman ρ against exact patching per node type (AtP for every type, QK-fix for resid)
+    all_nodes = atp.NODE_TYPES
+    node_means = atp.mean_activations(model, [e["input_ids"] for e in examples], hooks=all_nodes)
+    per_type: dict[str, list[float]] = {}
+    for ex in errors[: cfg.n_node_types]:
+        ids = torch.tensor(ex["input_ids"])
+        a = atp.attribution_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes)
+        q = atp.attribution_patching(
+            model, ids, metric, baseline="mean", means=node_means, nodes=("resid_pre", "resid_post"), qk_fix=True
+        )
+        x = atp.activation_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes, batch_size=128)
+        for n in all_nodes:
+            per_type.setdefault(f"atp/{n}", []).append(_spearman(a.scores[n], x.scores[n]))
+        for n in ("resid_pre", "resid_post"):
+            per_type.setdefault(f"qkfix/{n}", []).append(_spearman(q.scores[n], x.scores[n]))
+
     bins = context.binned_importance(importances["atp"], q_spans, t_spans, n_bins=5)
     bins_qk = context.binned_importance(importances["qkfix"], q_spans, t_spans, n_bins=5)
     mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
@@ -112,6 +129,8 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         "importance": "max over layers of -score (resid_pre, mean ablation)",
         "spearman_vs_exact_resid_pre": {k: v for k, v in rhos.items()},
         "spearman_vs_exact_resid_pre_mean": {k: mean(v) for k, v in rhos.items()},
+        "spearman_vs_exact_per_node_type_mean": {k: mean(v) for k, v in per_type.items()},
+        "spearman_per_node_type_n_examples": min(cfg.n_node_types, len(errors)),
         "binned_importance_labels": bins.labels,
         "binned_importance_mean": bins.mean.tolist(),
         "binned_importance_mean_qkfix": bins_qk.mean.tolist(),

@@ -265,6 +265,22 @@ def test_smollm2_resid_pre_rho(smollm2):
     assert torch.allclose(qk["resid_pre"][layers, -1], ex["resid_pre"][layers, -1], atol=1e-4)
 
 
+def test_smollm2_rho_per_node_type_report(smollm2):
+    """Reported per node type (issue #6): AtP vs exact on SmolLM2, 16 tokens, every 5th layer."""
+    model = smollm2[0]
+    toks = model.to_tokens("Tom has 3 apples and buys 5 more. So he has 8 apples. Wait")[0][:16]
+    nodes = ("attn_out", "mlp_out", "z")
+    means = A.mean_activations(model, [toks], hooks=nodes)
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    layers = list(range(0, model.n_layers, 5))
+    atp = A.attribution_patching(model, toks, metric, "mean", nodes=nodes, means=means)
+    ex = A.activation_patching(model, toks, metric, "mean", nodes=nodes, means=means, layers=layers, batch_size=48)
+    rho = {n: float(spearmanr(atp[n][layers].flatten(), ex[n][layers].flatten())[0]) for n in nodes}
+    print("SmolLM2 AtP vs exact Spearman rho per node type:", {k: round(v, 3) for k, v in rho.items()})
+    assert all(torch.isfinite(atp[n]).all() for n in nodes)
+    assert rho["z"] > 0.5, rho  # single heads are near-linear
+
+
 # ------------------------------------------------------------------------------ AtP* QK-fix
 QK_ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
 RESID = ("resid_pre", "resid_post")
