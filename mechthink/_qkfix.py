@@ -159,10 +159,9 @@ class _Clean:
         self.Q: list[Tensor] = []
         self.K: list[Tensor] = []
         self.V: list[Tensor] = []
-        self.A: list[Tensor] = []
         self.Z: list[Tensor] = []
         self.GZ: list[Tensor] = []
-        self.S: list[Tensor] = []  # float64 attention scores [H, T, T], -inf above the diagonal
+        self.LSE: list[Tensor] = []  # float64 log-sum-exp of each query's scores [H, T]
         self.metric = 0.0
 
 
@@ -184,11 +183,11 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
             a = s.softmax(-1)
             z = a @ fn.expand_kv(v)  # [H, T, dh]
             zs.append(z)
-            c.S.append(s.detach().double())
+            s64 = (q.detach().double() @ fn.expand_kv(k.detach()).double().transpose(-1, -2)) * fn.scale
+            c.LSE.append(s64.masked_fill(~causal, float("-inf")).logsumexp(-1))
             c.Q.append(q.detach())
             c.K.append(k.detach())
             c.V.append(v.detach())
-            c.A.append(a.detach())
             c.Z.append(z.detach())
             r = fn.after_attention(l, r, z.transpose(0, 1).reshape(T, -1))
         c.R.append(r.detach())
@@ -203,16 +202,20 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
 def _column_terms(fn: _Functional, c: _Clean, l: int, ps: Tensor, k_new: Tensor, v_new: Tensor) -> Tensor:
     """Σ_h Σ_{p<q<T-1} ∂m/∂z_l[q] · (z'_l[q] − z_l[q]) when only key/value column p changes.
 
-    ``ps [n]`` positions, ``k_new``/``v_new [n, Hkv, dh]``; returns ``[n]``."""
-    Q, A, Z, GZ = c.Q[l], c.A[l], c.Z[l], c.GZ[l]
+    ``ps [n]`` positions, ``k_new``/``v_new [n, Hkv, dh]``; returns ``[n]``. Memory is
+    O(heads · T · n): the clean attention is rebuilt for the n columns from the stored queries,
+    keys and per-query log-sum-exp, never stored as ``[H, T, T]``."""
+    Q, Z, GZ = c.Q[l].double(), c.Z[l], c.GZ[l]
     T = Q.shape[1]
-    kn = fn.expand_kv(k_new.transpose(0, 1))  # [H, n, dh]
+    kn = fn.expand_kv(k_new.transpose(0, 1)).double()  # [H, n, dh]
     vn = fn.expand_kv(v_new.transpose(0, 1))
-    Kp = fn.expand_kv(c.K[l][:, ps])  # [H, n, dh]
+    Kp = fn.expand_kv(c.K[l][:, ps]).double()  # [H, n, dh]
     Vp = fn.expand_kv(c.V[l][:, ps])
-    ds = (torch.einsum("hqd,hnd->hqn", Q, kn - Kp) * fn.scale).double()
-    a = c.S[l].softmax(-1)[:, :, ps]  # clean weight of query q on column p (float64)
-    log_a = a.log()
+    q_idx = torch.arange(T, device=ps.device)[:, None]
+    s_old = torch.einsum("hqd,hnd->hqn", Q, Kp) * fn.scale
+    ds = torch.einsum("hqd,hnd->hqn", Q, kn) * fn.scale - s_old
+    log_a = (s_old - c.LSE[l][:, :, None]).masked_fill((q_idx < ps[None])[None], float("-inf"))
+    a = log_a.exp()  # clean weight of query q on column p
     log_d = torch.logaddexp(torch.log1p(-a), log_a + ds)  # log(1 − a + a·e^Δs)
     w_new = (log_a + ds - log_d).exp()
     w_old = (log_a - log_d).exp()
@@ -220,20 +223,21 @@ def _column_terms(fn: _Functional, c: _Clean, l: int, ps: Tensor, k_new: Tensor,
     gv_new = torch.einsum("hqd,hnd->hqn", GZ, vn).double()
     gv_old = torch.einsum("hqd,hnd->hqn", GZ, Vp).double()
     contrib = w_new * (gv_new - gz_z) - w_old * (gv_old - gz_z)  # [H, q, n]
-    q_idx = torch.arange(T, device=ps.device)[:, None]
     keep = (q_idx > ps[None]) & (q_idx < T - 1)
     # Where column p holds most of q's attention, z − a·v_p cancels and the division by
     # 1 − a + a·e^Δs amplifies the rounding: recompute those entries' softmax rows exactly.
-    h_i, q_i, n_i = torch.nonzero((a > _RECOMPUTE_ABOVE) & keep[None], as_tuple=True)
-    if h_i.numel():
-        rows = c.S[l][h_i, q_i].clone()  # [m, T]
-        p_i = ps[n_i]
-        rows[torch.arange(len(p_i)), p_i] += ds[h_i, q_i, n_i]
-        a_new = rows.softmax(-1)
-        Vh = fn.expand_kv(c.V[l]).double()[h_i]  # [m, T, dh]
-        z_new = torch.einsum("mt,mtd->md", a_new, Vh)
-        z_new += a_new[torch.arange(len(p_i)), p_i, None] * (vn[h_i, n_i] - Vp[h_i, n_i]).double()
-        contrib[h_i, q_i, n_i] = (GZ[h_i, q_i].double() * (z_new - Z[h_i, q_i].double())).sum(-1)
+    sel = (a > _RECOMPUTE_ABOVE) & keep[None]
+    if bool(sel.any()):
+        Kx, Vx = fn.expand_kv(c.K[l]).double(), fn.expand_kv(c.V[l]).double()
+        j = torch.arange(T, device=ps.device)
+        for h in sel.any(2).any(1).nonzero().flatten().tolist():
+            q_i, n_i = sel[h].nonzero(as_tuple=True)
+            p_i, m = ps[n_i], torch.arange(len(n_i), device=ps.device)
+            rows = ((Q[h, q_i] @ Kx[h].T) * fn.scale).masked_fill(j[None] > q_i[:, None], float("-inf"))
+            rows[m, p_i] += ds[h, q_i, n_i]
+            a_new = rows.softmax(-1)
+            z_new = a_new @ Vx[h] + a_new[m, p_i, None] * (vn[h, n_i] - Vp[h, n_i]).double()
+            contrib[h, q_i, n_i] = (GZ[h, q_i].double() * (z_new - Z[h, q_i].double())).sum(-1)
     return contrib.masked_fill(~keep[None], 0.0).sum((0, 1)).float()
 
 
