@@ -104,20 +104,17 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             step_span = set(range(min(operands | result), max(result) + 1))
             h["top1_in_step"] += int(cand.argmax()) in step_span
 
-    # Spearman ρ against exact patching per node type (AtP for every type, QK-fix for resid)
+    # Spearman ρ against exact patching per node type, AtP and QK-fix
     all_nodes = atp.NODE_TYPES
     node_means = atp.mean_activations(model, [e["input_ids"] for e in examples], hooks=all_nodes)
     per_type: dict[str, list[float]] = {}
     for ex in errors[: cfg.n_node_types]:
         ids = torch.tensor(ex["input_ids"])
         a = atp.attribution_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes)
-        q = atp.attribution_patching(
-            model, ids, metric, baseline="mean", means=node_means, nodes=("resid_pre", "resid_post"), qk_fix=True
-        )
+        q = atp.attribution_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes, qk_fix=True)
         x = atp.activation_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes, batch_size=128)
         for n in all_nodes:
             per_type.setdefault(f"atp/{n}", []).append(_spearman(a.scores[n], x.scores[n]))
-        for n in ("resid_pre", "resid_post"):
             per_type.setdefault(f"qkfix/{n}", []).append(_spearman(q.scores[n], x.scores[n]))
 
     bins = context.binned_importance(importances["atp"], q_spans, t_spans, n_bins=5)

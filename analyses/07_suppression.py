@@ -11,6 +11,12 @@ greedy decoding suppressing never-produced tokens cannot change the continuation
 control equals the unsuppressed run by construction — as a 150k-vocabulary random draw does in
 practice). Reports final accuracy and how often any backtracking word still appears.
 
+Greedy decoding hides a single word's role: when " Wait" is suppressed the argmax moves to the
+next backtracking word. So " Wait" alone is also measured under sampling (temperature 1,
+``n_seeds`` seeds per problem, the same per-row generator streams in every condition, i.e.
+paired), against both random controls (``n_random_sampled`` draws on the first
+``n_seeds_control`` seeds), with 95% bootstrap intervals over problems for the accuracy change.
+
     python analyses/07_suppression.py [--model tiny-thinker] [--n-samples 100]
 """
 
@@ -31,8 +37,12 @@ class Config:
     out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 100
     max_new_tokens: int = 80
-    n_random: int = 8
+    n_random: int = 6
     seed: int = 7
+    n_seeds: int = 30
+    temperature: float = 1.0
+    n_random_sampled: int = 2
+    n_seeds_control: int = 4
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.n_random < 1:
@@ -101,6 +111,58 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         results[name] = run(ids)
         for cname, pool in controls.items():
             results[f"{cname}({name})"] = control(len(ids), pool)
+
+    # --- " Wait" alone under sampling, paired over (seed, problem)
+    backtracked: dict[str, float] = {}
+
+    def correct_matrix(ids: list[int] | None, n_seeds: int, label: str = "") -> torch.Tensor:
+        """[n_seeds, n_problems] 1.0 where the sampled continuation ends in the right answer."""
+        rows, bt = [], []
+        for s in range(n_seeds):
+            if ids:
+                with iv.suppress_tokens(model, ids):
+                    gens = iv.continue_prefixes(model, prefixes, cfg.max_new_tokens, temperature=cfg.temperature, seed=s)
+            else:
+                gens = iv.continue_prefixes(model, prefixes, cfg.max_new_tokens, temperature=cfg.temperature, seed=s)
+            texts = [model.to_string(g) for g in gens]
+            rows.append([iv.accuracy([t], [gold]) for t, gold in zip(texts, golds)])
+            bt += [bool(pat.search(t)) for t in texts]
+        if label:
+            backtracked[label] = sum(bt) / len(bt)
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def change_ci(delta: torch.Tensor) -> list[float]:
+        """95% bootstrap interval over problems of the mean accuracy change (delta [seeds, problems])."""
+        per_problem = delta.mean(0)
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randint(len(per_problem), (2000, len(per_problem)), generator=g)
+        boots = per_problem[idx].mean(1).sort().values
+        return [float(boots[49]), float(boots[1949])]
+
+    wait_ids = sets[words[0]]
+    base_m = correct_matrix(None, cfg.n_seeds, "none")
+    sampled: dict[str, Any] = {"none": {"accuracy": float(base_m.mean())}}
+    cond = {words[0]: correct_matrix(wait_ids, cfg.n_seeds, words[0])}
+    for cname, pool in controls.items():
+        draws = [
+            # the first draws of the greedy controls above (same seeds), so the panels are comparable
+            correct_matrix(
+                iv.random_control(model, len(wait_ids), exclude=all_ids, seed=cfg.seed + d, pool=pool), cfg.n_seeds_control
+            )
+            for d in range(cfg.n_random_sampled)
+        ]
+        cond[f"{cname}({words[0]})"] = torch.stack(draws).mean(0)
+    for name, m in cond.items():
+        d = m - base_m[: len(m)]  # the controls run on the first n_seeds_control seeds, paired
+        sampled[name] = {
+            "n_seeds": len(m),
+            "accuracy": float(m.mean()),
+            "accuracy_none_same_seeds": float(base_m[: len(m)].mean()),
+            "change_vs_none": float(d.mean()),
+            "change_ci95": change_ci(d),
+            "problem_seed_pairs_lost": int((d < 0).sum()),
+            "problem_seed_pairs_gained": int((d > 0).sum()),
+        }
     numbers = {
         "n_samples": len(prefixes),
         "suppressed_sets": {k: [model.to_string([i]) for i in v] for k, v in sets.items()},
@@ -113,9 +175,12 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         "drop_all_vs_random": results[f"random({cumulative[-1]})"]["accuracy"] - results[cumulative[-1]]["accuracy"],
         "drop_all_vs_random_unused": (
             results[f"random unused({cumulative[-1]})"]["accuracy"] - results[cumulative[-1]]["accuracy"]),
+        "sampled": {"temperature": cfg.temperature, "n_seeds": cfg.n_seeds, "n_random_draws": cfg.n_random_sampled}
+        | sampled
+        | {"any_backtracking_word_rate": backtracked},
     }
-    fig = new_figure(14, 4.5)
-    ax1 = fig.add_subplot(1, 2, 1)
+    fig = new_figure(20, 4.8)
+    ax1 = fig.add_subplot(1, 3, 1)
     ks = list(range(len(cumulative) + 1))
     plot_curves(
         ax1, ks,
@@ -126,7 +191,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         f"{model.spec.name}: accuracy after a prefilled wrong step ({len(prefixes)} problems)",
         xticklabels=["none"] + [c.replace(" + ", "+").replace(" ", "") for c in cumulative],
     )
-    ax2 = fig.add_subplot(1, 2, 2)
+    ax2 = fig.add_subplot(1, 3, 2)
     labels = ["none"] + [k for name in words for k in (name, *(f"{c}({name})" for c in controls))]
     plot_bars(
         ax2, labels, [results[k]["accuracy"] for k in labels], "final accuracy",
@@ -138,6 +203,20 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     ax2.tick_params(axis="x", labelrotation=35, labelsize=7)
     for lbl in ax2.get_xticklabels():
         lbl.set_horizontalalignment("right")
+    ax3 = fig.add_subplot(1, 3, 3)
+    slabels = ["none", *cond]
+    svals = [sampled[k]["accuracy"] for k in slabels]
+    lo_hi = [sampled[k].get("change_ci95") for k in slabels]
+    plot_bars(
+        ax3, [k.replace("random unused", "never-produced random") for k in slabels], svals, "final accuracy",
+        f"sampled, T={cfg.temperature:g}, {len(prefixes)} problems × {cfg.n_seeds} seeds "
+        f"(controls {cfg.n_seeds_control}), paired\n(bars: accuracy; black: 95% CI of the change vs none)",
+        colors=["grey", "tab:red", "tab:blue", "tab:green"][: len(slabels)],
+    )
+    for x, (v, ci) in enumerate(zip(svals, lo_hi)):
+        if ci is not None:  # the 95% interval of the change, drawn around this bar's value
+            ax3.plot([x, x], [svals[0] + ci[0], svals[0] + ci[1]], color="black", lw=1.5)
+    ax3.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.subplots_adjust(bottom=0.3, wspace=0.25)
     write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
     return numbers

@@ -135,13 +135,19 @@ class _Functional:
         q, k = self.apply_rotary(q, k, cos, sin)
         return q.float(), k.float(), v
 
-    def after_attention(self, l: int, s: Tensor, z: Tensor) -> Tensor:
-        """Stream ``[..., d]`` and attention output ``z [..., H·dh]`` -> next layer's stream."""
-        layer, attn = self.layers[l], self.attn[l]
-        o = self._opt(layer, "post_self_attn_layernorm", self._m(_u(attn.o_proj), z))
-        m = s + o
+    def attn_out(self, l: int, z: Tensor) -> Tensor:
+        """``z [..., H·dh]`` -> what the attention adds to the stream (``hook_attn_out``)."""
+        return self._opt(self.layers[l], "post_self_attn_layernorm", self._m(_u(self.attn[l].o_proj), z))
+
+    def mlp_tail(self, l: int, m: Tensor) -> Tensor:
+        """Mid-layer stream (``hook_resid_mid``) -> the layer's output stream."""
+        layer = self.layers[l]
         mo = self._m(_u(layer.mlp), self._m(_u(layer.post_attention_layernorm), m))
         return m + self._opt(layer, "post_mlp_layernorm", mo)
+
+    def after_attention(self, l: int, s: Tensor, z: Tensor) -> Tensor:
+        """Stream ``[..., d]`` and attention output ``z [..., H·dh]`` -> next layer's stream."""
+        return self.mlp_tail(l, s + self.attn_out(l, z))
 
     def logits(self, s: Tensor) -> Tensor:
         return self._m(self.lm_head, self._m(self.norm, s))
@@ -156,6 +162,7 @@ class _Clean:
 
     def __init__(self) -> None:
         self.R: list[Tensor] = []
+        self.M: list[Tensor] = []  # resid_mid [T, d]
         self.Q: list[Tensor] = []
         self.K: list[Tensor] = []
         self.V: list[Tensor] = []
@@ -189,7 +196,9 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
             c.K.append(k.detach())
             c.V.append(v.detach())
             c.Z.append(z.detach())
-            r = fn.after_attention(l, r, z.transpose(0, 1).reshape(T, -1))
+            m_mid = r + fn.attn_out(l, z.transpose(0, 1).reshape(T, -1))
+            c.M.append(m_mid.detach())
+            r = fn.mlp_tail(l, m_mid)
         c.R.append(r.detach())
         logits = fn.logits(r)
         m = metric_last(logits[None])
@@ -320,15 +329,33 @@ def check_last_position_metric(metric_rows: Callable[[Tensor], Tensor], logits: 
         )
 
 
-def qkfix_resid_scores(
+def _start_rows(fn: _Functional, c: _Clean, node: str, L: int, base: Tensor, ps: Tensor, hs: Tensor) -> tuple[int, Tensor]:
+    """The patched stream rows for nodes (L, ps[i][, hs[i]]) and the layer whose input they are."""
+    if node == "resid_pre":
+        return L, base[ps]
+    if node == "resid_post":
+        return L + 1, base[ps]
+    if node == "mlp_out":
+        return L + 1, c.M[L][ps] + base[ps]
+    if node == "attn_out":
+        return L + 1, fn.mlp_tail(L, c.R[L][ps] + base[ps])
+    if node == "z":  # one head's attention output at p replaced, the other heads clean
+        z = c.Z[L][:, ps].transpose(0, 1).clone()  # [n, H, dh]
+        rows = torch.arange(len(ps), device=ps.device)
+        z[rows, hs] = base[ps, hs]
+        return L + 1, fn.mlp_tail(L, c.R[L][ps] + fn.attn_out(L, z.reshape(len(ps), -1)))
+    raise ValueError(f"qk_fix has no rule for node type {node!r}")
+
+
+def qkfix_scores(
     model: "ThinkingModel",
     row: Tensor,
     metric_rows: Callable[[Tensor], Tensor],
-    baselines: Sequence[Tensor],
-    starts: Sequence[int],
+    jobs: Sequence[tuple[str, int, Tensor]],
 ) -> list[Tensor]:
-    """QK-fixed scores ``[T]`` per entry: stream position p replaced by ``baselines[i][p]`` at the
-    input of layer ``starts[i]`` (``n_layers`` = the final stream, i.e. the last ``resid_post``).
+    """QK-fixed scores per job ``(node_type, layer, baseline)``: ``[T]`` for resid_pre, resid_post,
+    attn_out and mlp_out, ``[T, H]`` for z. The baseline has the hook's per-position shape
+    (``[T, d]`` or ``[T, H, dh]``).
 
     ``metric_rows`` maps logits ``[batch, pos, vocab]`` to ``[batch]``."""
     fn = _Functional(model)
@@ -349,19 +376,24 @@ def qkfix_resid_scores(
             f"(max |Δ logit| = {err:.3g} > {tol:.3g}); use qk_fix=False"
         )
     check_last_position_metric(metric_rows, logits)
-    chunk = max(1, min(T, _CHUNK_ELEMENTS // max(1, T * fn.H)))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, T * fn.H))
     out = []
     with torch.no_grad():
-        for L, base in zip(starts, baselines):
+        for node, L, base in jobs:
             base = base.to(fn.device).float()
-            scores = torch.zeros(T)
-            for c0 in range(0, T, chunk):
-                ps = torch.arange(c0, min(T, c0 + chunk), device=fn.device)
-                s0 = base[ps]
-                cols = _patched_streams(fn, c, L, ps, s0)
-                lin = sum((_column_terms(fn, c, L + i, ps, k, v) for i, (k, v) in enumerate(cols)), torch.zeros(len(ps)))
-                final = _last_row(fn, c, L, ps, s0, cols)
+            heads = fn.H if node == "z" else 1
+            n_rows = T * heads
+            flat = torch.zeros(n_rows)
+            for c0 in range(0, n_rows, chunk):
+                idx = torch.arange(c0, min(n_rows, c0 + chunk), device=fn.device)
+                ps, hs = idx // heads, idx % heads
+                start, s0 = _start_rows(fn, c, node, L, base, ps, hs)
+                cols = _patched_streams(fn, c, start, ps, s0)
+                lin = torch.zeros(len(ps), device=fn.device)
+                for i, (k, v) in enumerate(cols):
+                    lin = lin + _column_terms(fn, c, start + i, ps, k, v)
+                final = _last_row(fn, c, start, ps, s0, cols)
                 exact = metric_rows(fn.logits(final)[:, None]) - c.metric
-                scores[ps.cpu()] = (lin.to(exact.device) + exact).cpu().float()
-            out.append(scores)
+                flat[idx.cpu()] = (lin + exact.to(lin.device)).cpu().float()
+            out.append(flat.reshape(T, heads) if node == "z" else flat)
     return out

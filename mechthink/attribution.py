@@ -22,14 +22,13 @@ over α. All (layer, α) pairs of one node type run as the rows of one batched f
 one forward per node. This is "layer-wise" IG (Marks et al. 2024, sparse feature circuits), not
 IG of the input embedding.
 
-AtP* QK-fix (``qk_fix=True``, residual-stream nodes): plain AtP misses effects that go through
-attention *patterns*; ablating a position's residual vector changes its keys and can make it
-attended. With ``qk_fix`` the ``resid_pre``/``resid_post`` scores keep the patched position's own
-stream, the key/value column it changes in every later layer, and the metric position's stream
-exact, and stay linear only in the effect on the intermediate positions (module
-``mechthink._qkfix``; Kramár et al. 2024). Still no forward pass per node. On tiny-thinker it
-raises the Spearman ρ against exact patching of ``resid_pre`` from 0.30 to about 0.85
-(``benchmarks/bench_attribution.py``). Other node types stay plain AtP.
+AtP* QK-fix (``qk_fix=True``): plain AtP misses effects that go through attention *patterns*;
+ablating a position's residual vector changes its keys and can make it attended. With
+``qk_fix`` every node's score keeps the patched position's own stream, the key/value column it
+changes in every later layer, and the metric position's stream exact, and stays linear only in
+the effect on the intermediate positions (module ``mechthink._qkfix``; Kramár et al. 2024).
+Still no forward pass per node. On tiny-thinker it raises the Spearman ρ against exact patching
+of ``resid_pre`` from 0.26 to 0.87 (``analyses/05_attribution.py``).
 """
 
 from __future__ import annotations
@@ -530,9 +529,10 @@ def attribution_patching(
         ig_steps: 0 for plain AtP; ``n > 0`` for layer-wise integrated gradients with ``n``
             midpoint steps (module docstring).
         ig_batch_size: Rows per batched IG forward.
-        qk_fix: Score ``resid_pre``/``resid_post`` with the AtP* QK-fix (module docstring); needs
-            a metric of the last position's logits only (e.g. ``logit_metric(-1, ...)``) and a
-            Llama / Qwen2 / Qwen3 / GLM-4 layout. Costs O(layers² · pos² · d) arithmetic.
+        qk_fix: Score every node type with the AtP* QK-fix (module docstring); needs a metric
+            of the last position's logits only (e.g. ``logit_metric(-1, ...)``) and a Llama /
+            Qwen2 / Qwen3 / GLM-4 layout. Costs O(layers² · rows · pos · d) arithmetic, with
+            ``pos`` rows per layer for resid/attn_out/mlp_out and ``pos · heads`` for ``z``.
 
     Returns:
         An :class:`AttributionResult` with ``method="atp"``, ``"atp+qkfix"`` or ``"ig"``.
@@ -570,19 +570,14 @@ def attribution_patching(
             scores = {
                 n: torch.stack([_dot(base[h] - act_of[h], grad_of[h], n) for h in names[n]]).detach() for n in node_types
             }
-            resid = [n for n in node_types if n in ("resid_pre", "resid_post")]
-            if qk_fix and resid:
-                from mechthink._qkfix import qkfix_resid_scores
+            if qk_fix:
+                from mechthink._qkfix import qkfix_scores
 
-                jobs = [(n, L) for n in resid for L in range(n_layers)]
-                fixed = qkfix_resid_scores(
-                    model,
-                    row,
-                    lambda lg: _per_row(metric, lg),
-                    [base[hook_name(n, L)] for n, L in jobs],
-                    [L + (n == "resid_post") for n, L in jobs],
+                jobs = [(n, L) for n in node_types for L in range(n_layers)]
+                fixed = qkfix_scores(
+                    model, row, lambda lg: _per_row(metric, lg), [(n, L, base[hook_name(n, L)]) for n, L in jobs]
                 )
-                for n in resid:
+                for n in node_types:
                     scores[n] = torch.stack([f for (nn, _), f in zip(jobs, fixed) if nn == n]).to(scores[n].device)
         else:
             base = _baselines(model, row, all_names, baseline, means, clean)

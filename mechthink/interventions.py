@@ -46,6 +46,7 @@ __all__ = [
     "budget_forcing",
     "continue_after_edit",
     "continue_greedy",
+    "continue_prefixes",
     "edit_table",
     "edit_trace",
     "logits_at_last",
@@ -373,23 +374,41 @@ def recycle(
 
 
 # ============================================================================ greedy continuation
-def continue_greedy(
-    model: "ThinkingModel", rows: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 32
+def continue_prefixes(
+    model: "ThinkingModel",
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float | int = 0.0,
+    top_p: float | int = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
 ) -> list[list[int]]:
-    """Greedy continuations of token prefixes (batched, left-padded, KV cache), new ids only.
+    """Continuations of token prefixes (batched, left-padded, KV cache), new ids only.
 
     Any interventions active around the call apply (this is :func:`mechthink.traces.generate`'s
-    decoding loop on raw token prefixes).
+    decoding loop on raw token prefixes). ``temperature=0`` is greedy; otherwise row ``i`` samples
+    with its own generator seeded from ``(seed, i)``, so a row's draw does not depend on the batch
+    and two calls with the same seed differ only where an intervention changes the logits.
     """
-    from mechthink.traces import GenerationConfig, _generate_batch
+    from mechthink.traces import GenerationConfig, _generate_batch, _seed_for
 
-    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens))
+    cfg = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
     out: list[list[int]] = []
     rows = [[int(t) for t in r] for r in rows]
     for k in range(0, len(rows), batch_size):
         chunk = rows[k : k + batch_size]
-        out += [ids for ids, _ in _generate_batch(model, chunk, cfg, [None] * len(chunk))]
+        gens: list[torch.Generator | None] = [
+            None if cfg.temperature == 0 else torch.Generator().manual_seed(_seed_for(seed, k + i)) for i in range(len(chunk))
+        ]
+        out += [ids for ids, _ in _generate_batch(model, chunk, cfg, gens)]
     return out
+
+
+def continue_greedy(
+    model: "ThinkingModel", rows: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 32
+) -> list[list[int]]:
+    """Greedy continuations of token prefixes: :func:`continue_prefixes` with ``temperature=0``."""
+    return continue_prefixes(model, rows, max_new_tokens, batch_size=batch_size)
 
 
 # ============================================================================ trace editing

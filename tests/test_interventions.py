@@ -50,6 +50,26 @@ def test_suppress_and_random_control(thinker):
         iv.random_control(model, 5, exclude=so, pool=pool)
 
 
+def test_continue_prefixes_sampling_is_per_row_and_reproducible(thinker):
+    model = thinker
+    rows = [model.to_tokens(model.prompt(q))[0].tolist() for q in QS]
+    greedy = iv.continue_prefixes(model, rows, 30)
+    assert greedy == iv.continue_greedy(model, rows, 30)
+    a = iv.continue_prefixes(model, rows, 30, temperature=1.0, seed=3)
+    b = iv.continue_prefixes(model, rows, 30, temperature=1.0, seed=3, batch_size=1)
+    assert a == b  # each row has its own generator: batching does not change its draw
+    assert [iv.continue_prefixes(model, [r], 30, temperature=1.0, seed=3)[0] for r in rows[:1]] == a[:1]
+    runs = [iv.continue_prefixes(model, rows, 30, temperature=1.5, seed=s) for s in range(4)]
+    assert len({str(r) for r in runs}) > 1  # different seeds sample differently
+    # suppression applies to sampling: the suppressed token never appears
+    so = model.token_ids(["So"])
+    with iv.suppress_tokens(model, so):
+        sup = iv.continue_prefixes(model, rows, 30, temperature=1.0, seed=3)
+    assert all(not set(g) & set(so) for g in sup)
+    with pytest.raises(ValueError, match="temperature"):
+        iv.continue_prefixes(model, rows, 5, temperature=-1.0)
+
+
 def test_budget_cap_forces_answer(thinker):
     model = thinker
     suffix = model.tokenizer(model.spec.answer_suffix, add_special_tokens=False)["input_ids"]
