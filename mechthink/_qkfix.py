@@ -1,4 +1,4 @@
-"""AtP* QK-fix for residual-stream nodes, run through the model's own HF modules.
+"""AtP* QK-fix for attribution patching, run through the model's own HF modules.
 
 Used by :func:`mechthink.attribution.attribution_patching` with ``qk_fix=True``.
 
@@ -6,7 +6,7 @@ Why: plain attribution patching of ``resid_pre`` under mean ablation misranks no
 goes through attention *patterns*. Replacing position ``p``'s residual vector by the mean changes
 ``p``'s keys, a position the later queries barely attended can become attended, and the softmax
 gradient at the clean point does not see it (the AtP failure mode of Kramár et al. 2024). On
-tiny-thinker this puts the Spearman ρ of AtP against exact patching at 0.30.
+tiny-thinker this puts the Spearman ρ of AtP against exact patching at 0.26.
 
 What is computed, for every node (``L``, ``p``) = "``resid_pre`` of layer ``L`` at position ``p``
 replaced by its baseline ``b``", with no forward pass per node:
@@ -24,6 +24,10 @@ replaced by its baseline ``b``", with no forward pass per node:
 3. **The metric's own stream, exactly.** The last position is rerun through layers ``L..n-1`` with
    column ``p`` replaced in every layer (and its own key/value recomputed), and the metric is read
    from its logits: the largest terms are exact.
+
+Other node types enter mid-layer: ``resid_post`` of L is ``resid_pre`` of L+1; for ``attn_out``,
+``mlp_out`` and one head's ``z`` at (L, p), p's stream is finished through layer L with the patch
+(keys and values of layer L itself are unchanged) and the same three steps run from layer L+1.
 
 For ``p = T−1``, and for every ``p`` at the last layer, the estimate equals exact patching. The
 metric must read only the last position's logits (``logit_metric(-1, ...)`` and the like).
