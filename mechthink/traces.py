@@ -399,7 +399,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
         keep[0] = True
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     cdf = sorted_p.cumsum(-1)
-    u = torch.rand((), generator=gen, dtype=torch.float64) * cdf[-1]
+    u = torch.rand((), generator=gen, dtype=torch.float64).to(cdf.device) * cdf[-1]  # CPU generator, any device
     k = int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=len(cdf) - 1))
     return int(order[k])
 
