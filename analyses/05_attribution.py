@@ -6,9 +6,11 @@ the seed's "max over all layers" of the score, signed so that patching the token
 lowering the metric counts as important. Three estimators side by side: plain AtP (the seed's),
 the AtP* QK-fix, and exact activation patching (the reference; on the first ``n_exact``
 examples). On tiny-thinker the ground truth is known: the wrong step's operand and result tokens
-should carry the decision. Also: Spearman ρ of each estimator against exact patching,
-importance binned into question vs five 20% bins of the thinking, and a self-contained
-circuitsvis HTML view of one example.
+should carry the decision. Also: Spearman ρ of each estimator against exact patching (per node
+type on the first examples), importance binned into question vs five 20% bins of the thinking,
+the overlap of the top-10 important words with the next 100 words the model writes, the
+attention of the heads that support " Wait" most (by AtP on ``hook_z``) from the query position
+onto the same bins, and a self-contained circuitsvis HTML view of one example.
 
     python analyses/05_attribution.py [--model tiny-thinker] [--n-samples 40]
 """
@@ -31,6 +33,8 @@ class Config:
     n_samples: int = 200
     n_exact: int = 100
     n_node_types: int = 10
+    n_top_heads: int = 3
+    horizon_tokens: int = 120
     target: str = " Wait"
 
 
@@ -55,7 +59,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     examples = step_examples(model, cfg.n_samples)
     target_id = model.token_variants(cfg.target.strip())[cfg.target]
-    means = atp.mean_activations(model, [e["input_ids"] for e in examples], hooks=("resid_pre",))
+    means = atp.mean_activations(model, [e["input_ids"] for e in examples], hooks=atp.NODE_TYPES)
     errors = [e for e in examples if e["is_error"]]
     metric = atp.logit_metric(-1, target_id)
 
@@ -69,7 +73,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     for i, ex in enumerate(errors):
         ids = torch.tensor(ex["input_ids"])
         res = {
-            "atp": atp.attribution_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",)),
+            "atp": atp.attribution_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre", "z")),
             "qkfix": atp.attribution_patching(
                 model, ids, metric, baseline="mean", means=means, nodes=("resid_pre",), qk_fix=True
             ),
@@ -106,7 +110,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
 
     # Spearman ρ against exact patching per node type, AtP and QK-fix
     all_nodes = atp.NODE_TYPES
-    node_means = atp.mean_activations(model, [e["input_ids"] for e in examples], hooks=all_nodes)
+    node_means = means
     per_type: dict[str, list[float]] = {}
     for ex in errors[: cfg.n_node_types]:
         ids = torch.tensor(ex["input_ids"])
@@ -116,6 +120,29 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         for n in all_nodes:
             per_type.setdefault(f"atp/{n}", []).append(_spearman(a.scores[n], x.scores[n]))
             per_type.setdefault(f"qkfix/{n}", []).append(_spearman(q.scores[n], x.scores[n]))
+
+    # Top-10 important words (AtP importance summed into words, stopwords removed) vs the next
+    # 100 words the model writes after the query position (ARBOR #22: ≈ 41%)
+    from mechthink import interventions as iv
+
+    futures = iv.continue_greedy(model, [e["input_ids"] for e in errors], cfg.horizon_tokens)
+    overlaps = []
+    for e, imp, fut in zip(errors, importances["atp"], futures):
+        ws = context.word_scores(model.tokenizer, e["input_ids"], imp)
+        overlaps.append(context.top_word_overlap(ws, None, model.to_string(fut), k=10, horizon=100).overlap)
+
+    # Heads that support the " Wait" logit most (AtP on hook_z, summed over positions; negative =
+    # ablating the head lowers the logit) and where they attend from the query position
+    head_support = -torch.stack([r["atp"].scores["z"].sum(1) for r in results]).mean(0)  # [layer, head]
+    order = head_support.flatten().argsort(descending=True)[: cfg.n_top_heads].tolist()
+    n_heads = head_support.shape[1]
+    top_heads = [(i // n_heads, i % n_heads) for i in order]
+    att = torch.stack(
+        [
+            context.binned_attention(model, e["input_ids"], top_heads, q_spans[i], t_spans[i], n_bins=5).values
+            for i, e in enumerate(errors)
+        ]
+    ).mean(0)  # [head, bin]
 
     bins = context.binned_importance(importances["atp"], q_spans, t_spans, n_bins=5)
     bins_qk = context.binned_importance(importances["qkfix"], q_spans, t_spans, n_bins=5)
@@ -131,6 +158,10 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         "binned_importance_labels": bins.labels,
         "binned_importance_mean": bins.mean.tolist(),
         "binned_importance_mean_qkfix": bins_qk.mean.tolist(),
+        "top10_word_overlap_next100_mean": sum(overlaps) / max(1, len(overlaps)),
+        "top_heads_by_atp": [f"L{L}H{h}" for L, h in top_heads],
+        "top_heads_support": [float(head_support[L, h]) for L, h in top_heads],
+        "top_heads_binned_attention": {f"L{L}H{h}": att[i].tolist() for i, (L, h) in enumerate(top_heads)},
     }
     if organism:
         for what in ("any", "result", "result_and_operand", "top1_in_step"):
@@ -155,17 +186,26 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     numbers["html_view"] = html.name
 
     panels = [k for k in methods if k in res0]
-    fig = new_figure(13, 3.2 * len(panels) + 3.5)
-    axes = fig.subplots(len(panels) + 1, 1, height_ratios=[1.0] * len(panels) + [1.1])
+    fig = new_figure(13, 3.2 * len(panels) + 4.0)
+    grid = fig.add_gridspec(len(panels) + 1, 2, height_ratios=[1.0] * len(panels) + [1.2])
     names = {"atp": "AtP", "qkfix": "AtP* QK-fix", "exact": "exact patching"}
-    for ax, k in zip(axes, panels):
+    for i, k in enumerate(panels):
+        ax = fig.add_subplot(grid[i, :])
         plot_attribution_heatmap(res0[k], node="resid_pre", ax=ax)
         ax.set_title(f"{names[k]}: patched − clean {cfg.target!r} logit per layer × position, example 0")
     plot_binned(
         bins.labels,
         bins.values,
-        ax=axes[-1],
+        ax=fig.add_subplot(grid[-1, 0]),
         title=f"AtP importance by region (min-max per sample, mean over {len(errors)})",
+    )
+    plot_binned(
+        bins.labels,
+        att,
+        ylabel="attention",
+        row_labels=[f"L{L}H{h}" for L, h in top_heads],
+        ax=fig.add_subplot(grid[-1, 1]),
+        title=f"attention of the top-{len(top_heads)} heads (by AtP) from the query position",
     )
     fig.suptitle(f"{model.spec.name}: attribution patching with mean ablation at planted errors")
     write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
