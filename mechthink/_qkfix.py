@@ -356,12 +356,13 @@ def qkfix_scores(
     row: Tensor,
     metric_rows: Callable[[Tensor], Tensor],
     jobs: Sequence[tuple[str, int, Tensor]],
-) -> list[Tensor]:
+) -> tuple[list[Tensor], float]:
     """QK-fixed scores per job ``(node_type, layer, baseline)``: ``[T]`` for resid_pre, resid_post,
     attn_out and mlp_out, ``[T, H]`` for z. The baseline has the hook's per-position shape
     (``[T, d]`` or ``[T, H, dh]``).
 
-    ``metric_rows`` maps logits ``[batch, pos, vocab]`` to ``[batch]``."""
+    ``metric_rows`` maps logits ``[batch, pos, vocab]`` to ``[batch]``. Also returns the metric
+    of the model's own clean forward."""
     fn = _Functional(model)
     T = row.shape[1]
 
@@ -369,7 +370,9 @@ def qkfix_scores(
         return metric_rows(lg).sum()
 
     with torch.no_grad():
-        ref = model.bridge(row)[0, -1].float()
+        ref_logits = model.bridge(row).float()
+        metric_clean = float(metric_rows(ref_logits).sum())
+        ref = ref_logits[0, -1]
     c, logits = _clean_run(fn, row, metric_last)
     scale = max(1.0, float(ref.abs().max()))
     tol = (1e-3 if fn.dtype == torch.float32 else 5e-2) * scale
@@ -400,4 +403,4 @@ def qkfix_scores(
                 exact = metric_rows(fn.logits(final)[:, None]) - c.metric
                 flat[idx.cpu()] = (lin + exact.to(lin.device)).cpu().float()
             out.append(flat.reshape(T, heads) if node == "z" else flat)
-    return out
+    return out, metric_clean

@@ -546,8 +546,17 @@ def attribution_patching(
     all_names = [h for n in node_types for h in names[n]]
 
     with torch.inference_mode(False), torch.enable_grad():
-        clean = _run_cache(model, row, all_names) if ig_steps > 0 else {}
-        if ig_steps <= 0:
+        clean = _run_cache(model, row, all_names) if (ig_steps > 0 or qk_fix) else {}
+        if qk_fix:  # its own functional forward + backward replaces the AtP gradients
+            from mechthink._qkfix import qkfix_scores
+
+            base = _baselines(model, row, all_names, baseline, means, clean)
+            jobs = [(n, L) for n in node_types for L in range(n_layers)]
+            fixed, metric_clean = qkfix_scores(
+                model, row, lambda lg: _per_row(metric, lg), [(n, L, base[hook_name(n, L)]) for n, L in jobs]
+            )
+            scores = {n: torch.stack([f for (nn, _), f in zip(jobs, fixed) if nn == n]) for n in node_types}
+        elif ig_steps <= 0:
             acts: dict[str, Tensor] = {}
 
             def make(name: str) -> Callable[..., Tensor]:
@@ -570,15 +579,6 @@ def attribution_patching(
             scores = {
                 n: torch.stack([_dot(base[h] - act_of[h], grad_of[h], n) for h in names[n]]).detach() for n in node_types
             }
-            if qk_fix:
-                from mechthink._qkfix import qkfix_scores
-
-                jobs = [(n, L) for n in node_types for L in range(n_layers)]
-                fixed = qkfix_scores(
-                    model, row, lambda lg: _per_row(metric, lg), [(n, L, base[hook_name(n, L)]) for n, L in jobs]
-                )
-                for n in node_types:
-                    scores[n] = torch.stack([f for (nn, _), f in zip(jobs, fixed) if nn == n]).to(scores[n].device)
         else:
             base = _baselines(model, row, all_names, baseline, means, clean)
             with torch.no_grad():
