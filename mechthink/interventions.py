@@ -31,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechthink.data.answers import answers_match, extract_boxed
+from mechthink.models.kvcache import cache_from_kwargs
 from mechthink.steering import StreamTracker
 
 if TYPE_CHECKING:
@@ -315,7 +316,7 @@ def recycle(
         if not state.rerunning or not state.rows:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        kv = kwargs.get("past_key_values")
+        kv = cache_from_kwargs(kwargs)
         kw = {k: _slice_last(v) for k, v in kwargs.items() if k not in ("hidden_states",)}
         h_last = h[:, -1:]
         saved = None
@@ -349,7 +350,7 @@ def recycle(
             return None
         x = args[0] if args else kwargs.get("input")
         width = int(x.shape[1]) if isinstance(x, Tensor) else 0
-        kv = kwargs.get("past_key_values")
+        kv = cache_from_kwargs(kwargs)
         before = 0
         if kv is not None:
             before = int(kv.get_seq_length()) - width

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechthink.models.kvcache import cache_from_kwargs
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -335,7 +337,7 @@ class StreamTracker:
         self._pending = ids.detach().cpu()
 
     def _on_block0(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kv = kwargs.get("past_key_values")
+        kv = cache_from_kwargs(kwargs)
         past = int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
         hidden = args[0] if args else kwargs.get("hidden_states")
         width = int(hidden.shape[1]) if isinstance(hidden, Tensor) else 0

@@ -7,6 +7,7 @@ import torch
 
 from mechthink import interventions as iv
 from mechthink import traces
+from mechthink.models.kvcache import CACHE_KWARGS
 
 ARCH = "LlamaForCausalLM"
 
@@ -142,8 +143,8 @@ def test_recycling_matches_uncached_reference(thinker):
         def ref_hook(module, args, kwargs, output):
             x = args[0].clone()
             x[:, -1] = output[:, -1]
-            kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-            again = blk.original_component(x, past_key_values=None, use_cache=False, **kw)
+            kw = {k: v for k, v in kwargs.items() if k not in (*CACHE_KWARGS, "use_cache")}
+            again = blk.original_component(x, use_cache=False, **kw)
             out = output.clone()
             out[:, -1] = again[:, -1]
             return out

@@ -30,6 +30,7 @@ from mechthink.models.registry import (
     get_spec,
     resolve_name,
 )
+from mechthink.models.kvcache import check_kv_cache, install_cache_adapter
 from mechthink.models.thinking_model import ThinkingModel
 
 __all__ = ["load_model", "cache_dir", "parse_dtype", "smollm2_hf_dir", "supported_architectures"]
@@ -257,6 +258,7 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     compatibility_mode: bool = True,
+    check_cache: bool = True,
 ) -> ThinkingModel:
     """Load a thinking model as a hooked TransformerLens bridge.
 
@@ -276,6 +278,9 @@ def load_model(
         revision: Hub revision (branch, tag or commit).
         compatibility_mode: Apply TransformerLens compatibility mode (default True; every
             mechthink technique assumes it).
+        check_cache: Run the KV-cache self-check after loading (default True): a cached step
+            must equal a full forward, else :class:`~mechthink.models.kvcache.KVCacheError`
+            names the installed and supported versions.
 
     Returns:
         A :class:`ThinkingModel`.
@@ -356,9 +361,13 @@ def load_model(
     if compatibility_mode:
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
+    install_cache_adapter(bridge)
     prepend_bos = _tokenizer_prepends_bos(tokenizer)
+    loaded = ThinkingModel(bridge=bridge, tokenizer=tokenizer, spec=spec, prepend_bos=prepend_bos)
+    if check_cache:
+        check_kv_cache(loaded)
     log.info("loaded %s (%s, %d layers) on %s in %s", spec.name, spec.architecture, bridge.cfg.n_layers, dev, torch_dtype)
-    return ThinkingModel(bridge=bridge, tokenizer=tokenizer, spec=spec, prepend_bos=prepend_bos)
+    return loaded
 
 
 def _tokenizer_prepends_bos(tokenizer: Any) -> bool:

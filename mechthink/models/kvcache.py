@@ -1,0 +1,157 @@
+"""The KV cache between transformers and the TransformerLens bridge: one adapter, one check.
+
+transformers 5.24 hands the cache to decoder layers and attention modules as ``cache=`` (the
+old ``past_key_values=`` is deprecated, removal announced for 5.40); TransformerLens 4.3's
+bridge attention reads only ``past_key_values`` / ``layer_past``. Without an adapter the bridge
+never writes keys/values, ``return_type="logits_and_cache"`` returns an empty cache, and every
+cached step sees no context — silently. :func:`install_cache_adapter` makes each attention
+component of a bridge find the cache under either name; :func:`cache_from_kwargs` is the one
+way mechthink's own hooks read it; :func:`check_kv_cache` proves, on the loaded model, that a
+cached step equals a full forward, and raises one clear error naming the installed versions if
+it does not.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from mechthink.models.thinking_model import ThinkingModel
+
+__all__ = [
+    "CACHE_KWARGS",
+    "KVCacheError",
+    "SUPPORTED_VERSIONS",
+    "cache_from_kwargs",
+    "check_kv_cache",
+    "install_cache_adapter",
+    "installed_versions",
+]
+
+#: Keyword names under which transformers / TransformerLens pass a KV cache, newest first.
+CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values", "layer_past")
+
+#: The ranges the test suite passed on (keep in sync with pyproject.toml and constraints.txt).
+SUPPORTED_VERSIONS: dict[str, str] = {
+    "transformers": ">=5.23,<5.25",
+    "transformer-lens": ">=4.3,<4.4",
+    "torch": ">=2.13,<2.15",
+}
+
+#: Largest |Δ log p| allowed between a cached step and a full forward, per dtype.
+_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.05}
+
+
+class KVCacheError(RuntimeError):
+    """The bridge's KV cache does not reproduce a full forward (wrong versions or a bug)."""
+
+
+def installed_versions() -> dict[str, str]:
+    """Installed versions of the packages whose internals mechthink relies on."""
+    out = {}
+    for pkg in ("torch", "transformers", "transformer-lens"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _versions_line() -> str:
+    have = installed_versions()
+    return "; ".join(f"{p} {have.get(p, '?')} (supported {r})" for p, r in SUPPORTED_VERSIONS.items())
+
+
+def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any | None:
+    """The KV cache a module call received, whatever keyword carried it (None if none)."""
+    for key in CACHE_KWARGS:
+        kv = kwargs.get(key)
+        if kv is not None:
+            return kv
+    return None
+
+
+def _update_kv_cache_any_name(self: Any, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+    if kwargs.get("past_key_values") is None:
+        kv = cache_from_kwargs(kwargs)
+        if kv is not None:
+            kwargs["past_key_values"] = kv
+    return type(self)._update_kv_cache(self, k, v, **kwargs)
+
+
+def install_cache_adapter(bridge: Any) -> int:
+    """Let every attention component of ``bridge`` read the cache from ``cache=`` too.
+
+    The bridge's attention components extend the cache in ``_update_kv_cache``, reading
+    ``past_key_values``; this binds, on each instance (not the class, so other bridges are
+    untouched), a method that first copies a cache passed as ``cache=`` into
+    ``past_key_values``. Idempotent; harmless where the cache already arrives as
+    ``past_key_values`` (transformers <= 5.23).
+
+    Returns:
+        The number of attention components adapted.
+    """
+    n = 0
+    for module in bridge.modules():
+        if not callable(getattr(type(module), "_update_kv_cache", None)):
+            continue
+        current = module.__dict__.get("_update_kv_cache")
+        if getattr(current, "__func__", None) is not _update_kv_cache_any_name:
+            module._update_kv_cache = types.MethodType(_update_kv_cache_any_name, module)
+        n += 1
+    return n
+
+
+@torch.inference_mode()
+def check_kv_cache(model: "ThinkingModel", n_tokens: int = 6) -> float:
+    """Prove on ``model`` that the bridge's KV cache reproduces a full forward.
+
+    Prefills ``n_tokens - 1`` tokens with ``return_type="logits_and_cache"``, checks the cache
+    holds exactly that many positions, runs the last token on the cache and compares its
+    log-probabilities with the last position of one uncached forward over all ``n_tokens``
+    (tolerance 1e-4 in float32, 0.05 / 0.1 nats in float16 / bfloat16).
+
+    Returns:
+        The largest absolute log-probability difference found.
+
+    Raises:
+        KVCacheError: one line naming what failed and the installed vs supported versions of
+            torch, transformers and transformer-lens.
+    """
+    bridge = model.bridge
+    vocab = int(bridge.cfg.d_vocab)
+    bos = model.bos_token_id
+    ids = [int(bos)] if (model.prepend_bos and bos is not None and bos < vocab) else []
+    step = max(1, vocab // (n_tokens + 1))
+    ids += [(7 + i * step) % vocab for i in range(n_tokens - len(ids))]
+    tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
+    full = bridge(tokens).float().log_softmax(-1)[0, -1]
+    try:
+        _, kv = bridge(tokens[:, :-1], return_type="logits_and_cache")
+    except Exception as exc:  # any failure here is a version mismatch, reported as one line
+        raise KVCacheError(
+            f"KV-cache self-check on {model.spec.name}: a cached prefill failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {_versions_line()}"
+        ) from None
+    length = int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
+    if length != tokens.shape[1] - 1:
+        raise KVCacheError(
+            f"KV-cache self-check on {model.spec.name}: the bridge's cache holds {length} positions "
+            f"after a {tokens.shape[1] - 1}-token prefill, so cached generation and forks would be "
+            f"silently wrong; {_versions_line()}. Install the versions in constraints.txt"
+        )
+    step_lp = bridge(tokens[:, -1:], past_key_values=kv).float().log_softmax(-1)[0, -1]
+    diff = float((step_lp - full).abs().max())
+    tol = _TOLERANCE.get(model.dtype, 0.1)
+    if not diff <= tol:  # also catches NaN
+        raise KVCacheError(
+            f"KV-cache self-check on {model.spec.name}: a cached step differs from a full forward by "
+            f"{diff:.3g} nats (tolerance {tol:g} for {model.dtype}); {_versions_line()}. "
+            "Install the versions in constraints.txt"
+        )
+    return diff
