@@ -84,6 +84,9 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     base_gens = iv.continue_greedy(model, prefixes, cfg.max_new_tokens)
     produced = {int(t) for g in base_gens for t in g}
     # Singles, then cumulative sets in the spec's order (1, 2, ... kinds suppressed).
+    # Suppression needs one id per kind: words that are never one token ("But wait" on R1 and
+    # Qwen3) are still detected in the text (pat) but cannot be suppressed as a kind.
+    words = [w for w in words if model.token_variants(w)]
     sets: dict[str, list[int]] = {w: model.token_ids([w]) for w in words}
     cumulative = [" + ".join(words[: k + 1]) for k in range(len(words))]
     for k, name in enumerate(cumulative):

@@ -56,7 +56,9 @@ def models() -> None:
     for col in ("name", "architecture", "layers", "d_model", "steer", "thinking", "offline"):
         table.add_column(col, no_wrap=col in ("name", "architecture"))
     for spec in list_models():
-        mode = "hybrid" if spec.hybrid_thinking else ("template opens" if spec.template_opens_think else "prefix")
+        mode = "hybrid" if spec.hybrid_thinking else {
+            True: "template opens", False: "prefix", None: "prefix or template (per revision; read at load)"
+        }[spec.template_opens_think]
         steer = f"{spec.steering_layers.start}-{spec.steering_layers.stop - 1}"
         table.add_row(spec.name, spec.architecture, str(spec.n_layers), str(spec.d_model), steer, mode, _offline_status(spec))
     console.print(table)

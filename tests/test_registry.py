@@ -11,12 +11,12 @@ from mechthink.models.registry import R1_ANSWER_SUFFIX, ThinkingModelSpec
 
 # name: (architecture, n_layers, d_model, template_opens_think, steering layers, source)
 EXPECTED = {
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ("Qwen2ForCausalLM", 28, 1536, True, (9, 18), "hub"),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("Qwen2ForCausalLM", 28, 3584, True, (9, 18), "hub"),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": ("Qwen2ForCausalLM", 48, 5120, True, (16, 32), "hub"),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": ("Qwen2ForCausalLM", 64, 5120, True, (21, 42), "hub"),
-    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("LlamaForCausalLM", 32, 4096, True, (10, 21), "hub"),
-    "deepseek-ai/DeepSeek-R1-Distill-Llama-70B": ("LlamaForCausalLM", 80, 8192, True, (26, 53), "hub"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ("Qwen2ForCausalLM", 28, 1536, None, (9, 18), "hub"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": ("Qwen2ForCausalLM", 28, 3584, None, (9, 18), "hub"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": ("Qwen2ForCausalLM", 48, 5120, None, (16, 32), "hub"),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": ("Qwen2ForCausalLM", 64, 5120, None, (21, 42), "hub"),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": ("LlamaForCausalLM", 32, 4096, None, (10, 21), "hub"),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-70B": ("LlamaForCausalLM", 80, 8192, None, (26, 53), "hub"),
     "Qwen/Qwen3-4B-Thinking-2507": ("Qwen3ForCausalLM", 36, 2560, True, (12, 24), "hub"),
     "Qwen/Qwen3-0.6B": ("Qwen3ForCausalLM", 28, 1024, False, (9, 18), "hub"),
     "Qwen/Qwen3-1.7B": ("Qwen3ForCausalLM", 28, 2048, False, (9, 18), "hub"),

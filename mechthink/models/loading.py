@@ -10,6 +10,7 @@ later loads take seconds (DESIGN.md §4).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import importlib.util
@@ -17,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from mechthink.models.registry import (
     get_spec,
     resolve_name,
 )
+from mechthink.models.gguf_tokenizer import load_gguf_tokenizer
 from mechthink.models.kvcache import check_kv_cache, install_cache_adapter
 from mechthink.models.thinking_model import ThinkingModel
 
@@ -107,6 +109,17 @@ def _check_architecture(arch: str, where: str) -> None:
         )
 
 
+def _clean_stale_tmp(root: Path, max_age_s: float = 3600.0) -> None:
+    """Remove ``.tmp-*`` folders a killed save left in ``root`` (older than ``max_age_s``)."""
+    now = time.time()
+    for p in root.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------------- tokenizers
 def _tokenizer_dir(tokenizer: Any) -> Any:
     """A tokenizer re-loaded from a directory (TransformerLens re-loads it by ``name_or_path``).
@@ -119,31 +132,47 @@ def _tokenizer_dir(tokenizer: Any) -> Any:
     name = getattr(tokenizer, "name_or_path", "") or ""
     if name and os.path.isdir(name):
         return tokenizer
-    target = cache_dir() / "tokenizers" / uuid.uuid4().hex
-    tokenizer.save_pretrained(target)
+    root = cache_dir() / "tokenizers"
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        tokenizer.save_pretrained(tmp)
+        digest = hashlib.sha1()
+        for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        target = root / digest.hexdigest()[:16]  # keyed by content: the same tokenizer reuses its folder
+        if not (target / "tokenizer_config.json").exists():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(target)
 
 
 # ---------------------------------------------------------------------------- GGUF
+#: Bumped whenever the conversion changes (2: special tokens restored from the GGUF metadata).
+_GGUF_CONVERSION = 2
+
+
 def _gguf_to_hf_dir(gguf_path: Path, tokenizer: Any | None = None) -> Path:
     """Dequantise a GGUF file into a cached HF directory (float32 safetensors + tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    # _GGUF_CONVERSION is part of the key: a cache written by an older conversion is not reused
+    key = hashlib.sha1(
+        f"{_GGUF_CONVERSION}:{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()
+    ).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     log.info("converting %s to an HF directory in %s (once)", gguf_path, target)
     folder, fname = str(gguf_path.parent), gguf_path.name
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        except Exception as exc:  # transformers raises many types for missing tokenizer metadata
-            raise ValueError(
-                f"GGUF file {gguf_path} carries no usable tokenizer ({type(exc).__name__}); "
-                "pass tokenizer= (a tokenizer or its directory)"
-            ) from None
+        tokenizer = load_gguf_tokenizer(gguf_path)
     elif isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     try:
@@ -153,8 +182,9 @@ def _gguf_to_hf_dir(gguf_path: Path, tokenizer: Any | None = None) -> Path:
             f"cannot read GGUF model {gguf_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
             "transformers reads GGUF for llama, mistral, qwen2, qwen3, gemma2/3, phi3 and a few more"
         ) from None
-    tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None, prefix=".tmp-"))
     target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))  # same filesystem: os.replace is atomic
     # transformers marks GGUF-loaded models as "quantized with gguf" and refuses to save them,
     # but the weights are already dequantised to float32: drop the marker and save normally.
     model.hf_quantizer = None
@@ -355,8 +385,10 @@ def load_model(
     spec = spec or _spec_for(label, model, source_kind)
     tokenizer = _tokenizer_dir(tokenizer)
     model = model.to(dev).eval()
+    # TransformerLens configures the tokenizer it is given in place (on Qwen3, which has no BOS,
+    # it sets bos_token = eos_token = <|im_end|>); it gets its own copy so ours stays the model's.
     bridge = TransformerBridge.boot_transformers(
-        tokenizer.name_or_path, hf_model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype
+        tokenizer.name_or_path, hf_model=model, tokenizer=copy.deepcopy(tokenizer), device=dev, dtype=torch_dtype
     )
     if compatibility_mode:
         bridge.enable_compatibility_mode(disable_warnings=True)

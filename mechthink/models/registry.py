@@ -53,7 +53,11 @@ class ThinkingModelSpec:
         think_open: The string that opens the thinking block.
         think_close: The string that closes it.
         template_opens_think: True when the chat template's generation prompt already ends with
-            ``think_open`` (R1-Distill's updated template, QwQ, Qwen3-Thinking-2507).
+            ``think_open`` (QwQ, Qwen3-Thinking-2507), False when it does not, None when it
+            depends on the template revision (R1-Distill: the original template ends at
+            ``<｜Assistant｜>``, a later hub revision appends ``<think>\n``). What a loaded
+            model's template does is :meth:`ThinkingModel.template_opens_think`; prompts never
+            depend on this flag (the think prefix is completed, not repeated).
         thinking_on_prefix: Assistant prefix that forces thinking on (prefilled after the
             generation prompt; the part the template already wrote is not repeated).
         thinking_off_prefix: Assistant prefix that skips thinking (an empty think block), or
@@ -79,7 +83,7 @@ class ThinkingModelSpec:
     aliases: tuple[str, ...] = ()
     think_open: str = "<think>"
     think_close: str = "</think>"
-    template_opens_think: bool = False
+    template_opens_think: bool | None = False
     thinking_on_prefix: str = "<think>\n"
     thinking_off_prefix: str | None = "<think>\n\n</think>\n\n"
     thinking_off_template_kwargs: dict[str, object] = field(default_factory=dict)
@@ -152,7 +156,8 @@ class ThinkingModelSpec:
 
 
 def _r1_distill(name: str, arch: str, n_layers: int, d_model: int, alias: str) -> ThinkingModelSpec:
-    # The updated (2025-01) R1-Distill chat template ends the generation prompt with "<think>\n".
+    # The original R1-Distill chat template ends the generation prompt at "<｜Assistant｜>"; a
+    # later hub revision appends "<think>\n". Which one a download has is read from its template.
     return ThinkingModelSpec(
         name=name,
         source="hub",
@@ -161,7 +166,7 @@ def _r1_distill(name: str, arch: str, n_layers: int, d_model: int, alias: str) -
         d_model=d_model,
         family="r1-distill-qwen" if arch.startswith("Qwen2") else "r1-distill-llama",
         aliases=(alias,),
-        template_opens_think=True,
+        template_opens_think=None,
         notes="BOS <｜begin▁of▁sentence｜> is part of the prompt; thinking cannot really be skipped, "
         "the empty think block is the usual trick.",
     )

@@ -234,25 +234,71 @@ class ThinkingModel:
     def token_ids(self, words: str | Sequence[str]) -> list[int]:
         """Ids of all single-token variants of each word (e.g. " Wait", "Wait", " wait").
 
+        A word with no single-token spelling (R1's and Qwen3's "But wait" is two tokens) is
+        dropped with a logged warning when other words of the list are single tokens — the ids
+        serve next-token probabilities and suppression, where a multi-token word has no one id;
+        use :meth:`token_sequences` to match such words as sequences.
+
         Raises:
-            ValueError: if some word has no single-token variant (one line naming the word and
-                how it tokenizes).
+            ValueError: if no word of the list has a single-token variant (one line naming the
+                words and how they tokenize).
         """
         if isinstance(words, str):
             words = [words]
         out: dict[int, None] = {}
+        missing: list[str] = []
         for w in words:
             variants = self.token_variants(w)
             if not variants:
-                pieces = self.tokenizer.convert_ids_to_tokens(
-                    self.tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"]
-                )
-                raise ValueError(
-                    f"{w!r} is never a single token for {self.spec.name} (' {w.strip()}' -> {pieces}); "
-                    "pass words that are single tokens, or score multi-token sequences instead"
-                )
+                missing.append(w)
             out.update(dict.fromkeys(variants.values()))
+        if missing:
+            pieces = {
+                w: self.tokenizer.convert_ids_to_tokens(self.tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"])
+                for w in missing
+            }
+            if not out:
+                shown = "; ".join(f"' {w.strip()}' -> {p}" for w, p in pieces.items())
+                raise ValueError(
+                    f"{', '.join(map(repr, missing))} is never a single token for {self.spec.name} ({shown}); "
+                    "pass words that are single tokens, or match multi-token words with token_sequences()"
+                )
+            log.warning(
+                "%s: %s never a single token; dropped from token_ids (match it with token_sequences())",
+                self.spec.name, ", ".join(repr(w) for w in missing),
+            )
         return list(out)
+
+    def token_sequences(self, words: str | Sequence[str]) -> dict[str, list[list[int]]]:
+        """For each word, the token-id sequences of its spellings (with/without a leading space,
+        lower/capitalised), single- or multi-token, deduplicated; for matching words such as
+        "But wait" that are never one token."""
+        if isinstance(words, str):
+            words = [words]
+        out: dict[str, list[list[int]]] = {}
+        for w in words:
+            core = w.strip()
+            if not core:
+                raise ValueError(f"token_sequences: word {w!r} is empty; pass a non-empty word such as 'But wait'")
+            seqs: dict[tuple[int, ...], None] = {}
+            for base in dict.fromkeys([core, core.lower(), core[0].upper() + core[1:], core.upper()]):
+                for form in (base, " " + base):
+                    ids = tuple(int(i) for i in self.tokenizer(form, add_special_tokens=False)["input_ids"])
+                    if ids and self.tokenizer.decode(list(ids)) == form:
+                        seqs[ids] = None
+            out[w] = [list(s) for s in seqs]
+        return out
+
+    def template_opens_think(self) -> bool:
+        """Whether this tokenizer's chat template already ends its generation prompt with the
+        think-open tag (R1-Distill's later hub revision, QwQ, Qwen3-Thinking-2507) — read from
+        the template itself, since revisions of one model differ."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return False
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+        )
+        return text.rstrip().endswith(self.spec.think_open)
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
