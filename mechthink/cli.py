@@ -64,6 +64,32 @@ def models() -> None:
     console.print(table)
 
 
+@app.command()
+def doctor(
+    device: Optional[str] = typer.Option(None, help="Device for the model checks (default: cuda if available, else cpu)."),
+) -> None:
+    """Check this machine: versions, devices, the KV cache, the hooked forward, steering, SmolLM2, chromium."""
+    import torch
+
+    from transformers.utils import logging as hf_logging
+
+    from mechthink.doctor import run_checks
+
+    hf_logging.disable_progress_bar()
+    checks = run_checks(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for c in checks:
+        mark = "[green]✔[/green]" if c.ok else ("[yellow]○[/yellow]" if c.optional else "[red]✘[/red]")
+        line = f"{mark} {c.name}: {c.detail}"
+        if not c.ok and c.fix:
+            line += f"  [dim]→ fix: {c.fix}[/dim]"
+        console.print(line, highlight=False)
+    failed = [c for c in checks if not c.ok and not c.optional]
+    missing = [c for c in checks if not c.ok and c.optional]
+    console.print(f"{sum(c.ok for c in checks)}/{len(checks)} checks passed"
+                  + (f"; {len(failed)} failed" if failed else "") + (f"; {len(missing)} optional missing" if missing else ""))
+    raise typer.Exit(1 if failed else 0)
+
+
 def discover_analyses(directory: Path = ANALYSES_DIR) -> dict[str, ModuleType]:
     """Import every ``analyses/NN_<name>.py`` and return them by ``NAME``, in file order."""
     import sys
