@@ -12,24 +12,64 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["model_slug", "output_paths", "write_outputs", "git_commit"]
+__all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "write_outputs", "git_commit"]
+
+
+def canonical_model(model: str) -> str:
+    """The registry's canonical name for a name or alias (``smollm2`` → ``smollm2-135m``), else
+    the name as given: outputs are named after it, so an alias finds the same files."""
+    from mechthink.models.registry import resolve_name
+
+    return resolve_name(str(model)) or str(model)
 
 
 def model_slug(model: str) -> str:
-    """A file-name-safe model label (``org/name`` → ``org__name``)."""
-    return str(model).replace("/", "__").replace(" ", "_")
+    """A file-name-safe label of the canonical model name (``org/name`` → ``org__name``; every
+    character outside letters, digits, ``. _ -`` becomes ``_``)."""
+    name = canonical_model(model).replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "model"
 
 
 def output_paths(out: str | Path, name: str, model: str) -> tuple[Path, Path]:
-    """The PNG and JSON paths of one analysis on one model."""
+    """The PNG and JSON paths of one analysis on one model: the one place that names them,
+    used by :func:`write_outputs` and by :func:`is_complete` (resume)."""
     folder = Path(out) / name
     slug = model_slug(model)
     return folder / f"{slug}.png", folder / f"{slug}.json"
+
+
+def _requested(config: Any) -> dict[str, Any]:
+    """What a result depends on: the config without where it is written."""
+    cfg = _jsonable(config)
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k != "out"}
+        if "model" in cfg:
+            cfg["model"] = canonical_model(cfg["model"])
+    return cfg
+
+
+def is_complete(out: str | Path, name: str, config: Any, fingerprint: str | None = None) -> bool:
+    """Whether ``<out>/<name>/<model>.json`` holds a finished result for exactly this request:
+    complete, the same config (apart from ``out``; aliases of a model count as the model), the
+    same mechthink version, and — when ``fingerprint`` is given — the same model weights."""
+    from mechthink import __version__
+
+    _, js = output_paths(out, name, getattr(config, "model", ""))
+    try:
+        meta = json.loads(js.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not (meta.get("complete") and meta.get("mechthink_version") == __version__):
+        return False
+    if _requested(meta.get("config")) != _requested(config):
+        return False
+    return fingerprint is None or meta.get("model_fingerprint") == fingerprint
 
 
 def git_commit() -> str | None:
@@ -69,9 +109,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_outputs(
-    out: str | Path, name: str, model: str, figure: Any | None, numbers: dict[str, Any], config: Any, dpi: int = 130
+    out: str | Path,
+    name: str,
+    model: str,
+    figure: Any | None,
+    numbers: dict[str, Any],
+    config: Any,
+    dpi: int = 130,
+    fingerprint: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write the figure (PNG) and the JSON (numbers, config, version, commit, complete=True)."""
+    """Write the figure (PNG) and the JSON (numbers, config, version, commit, the model's
+    canonical name and weights fingerprint, complete=True)."""
     from mechthink import __version__
 
     png, js = output_paths(out, name, model)
@@ -83,7 +131,8 @@ def write_outputs(
         _atomic_write(png, buf.getvalue())
     payload = {
         "analysis": name,
-        "model": model,
+        "model": canonical_model(model),
+        "model_fingerprint": fingerprint,
         "numbers": _jsonable(numbers),
         "config": _jsonable(config),
         "mechthink_version": __version__,

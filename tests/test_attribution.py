@@ -391,11 +391,11 @@ def test_qkfix_organism_rho_goal():
 
     model = mt.load_model("tiny-thinker")
     ex = held_out_examples(60, seed=HELD_OUT_SEED)
-    means = A.mean_activations(model, [e["input_ids"] for e in ex], hooks=ALL)
+    means = A.mean_activations(model, [e.input_ids for e in ex], hooks=ALL)
     metric = A.logit_metric(-1, model.token_variants("Wait")[" Wait"])
     rhos = {n: [] for n in ALL}
-    for e in [e for e in ex if e["is_error"]][:4]:
-        ids = torch.tensor(e["input_ids"])
+    for e in [e for e in ex if e.is_error][:4]:
+        ids = torch.tensor(e.input_ids)
         q = A.attribution_patching(model, ids, metric, "mean", nodes=ALL, means=means, qk_fix=True)
         x = A.activation_patching(model, ids, metric, "mean", nodes=ALL, means=means, batch_size=128)
         for n in ALL:

@@ -146,20 +146,20 @@ def test_chat_template(tok, tmp_path):
 
 def test_held_out_examples(tok):
     ex = held_out_examples(40, seed=11)
-    assert len(ex) == 40 and sum(e["is_error"] for e in ex) == 20
+    assert len(ex) == 40 and sum(e.is_error for e in ex) == 20
     for e in ex:
-        ids = e["input_ids"]
+        ids = e.input_ids
         toks = tok.convert_ids_to_tokens(ids)
         assert toks[0] == "<|bos|>" and toks[-1] == "." and "<think>" in toks
-        assert e["period_position"] == len(ids) - 1
-        written = _num(tok, [ids[i] for i in e["step_result_positions"]])
-        assert written == e["written_result"]
-        assert (written != e["correct_result"]) == e["is_error"]
-        q0, q1 = e["question_span"]
+        assert e.period_position == len(ids) - 1
+        written = _num(tok, [ids[i] for i in e.step_result_positions])
+        assert written == e.written_result
+        assert (written != e.correct_result) == e.is_error
+        q0, q1 = e.question_span
         assert tok.decode(ids[q0:q1]).startswith("Compute ")
-        nxt = tok.convert_ids_to_tokens([e["next_token_in_data"]])[0]
-        assert (nxt in BACKTRACK_WORDS) == e["is_error"]
-        assert e["text"] == tok.decode(ids)
+        nxt = tok.convert_ids_to_tokens([e.next_token_in_data])[0]
+        assert (nxt in BACKTRACK_WORDS) == e.is_error
+        assert e.text == tok.decode(ids)
 
 
 # ---------------------------------------------------------------- training smoke test

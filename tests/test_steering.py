@@ -157,12 +157,12 @@ def test_backtracking_vector_moves_p_wait(thinker):
     ex = held_out_examples(16)
     v = steering.from_positions(
         model,
-        [(e["input_ids"], [len(e["input_ids"]) - 1]) for e in ex if e["is_error"]],
-        [(e["input_ids"], [len(e["input_ids"]) - 1]) for e in ex if not e["is_error"]],
+        [(e.input_ids, [len(e.input_ids) - 1]) for e in ex if e.is_error],
+        [(e.input_ids, [len(e.input_ids) - 1]) for e in ex if not e.is_error],
         layers=[3],  # late block: at block 1 the diff-of-means effect is U-shaped (docs/steering.md)
     )
     wait = model.token_ids(["Wait"])
-    correct = [e["input_ids"] for e in ex if not e["is_error"]][:4]
+    correct = [e.input_ids for e in ex if not e.is_error][:4]
 
     def p_wait(coeff: float) -> float:
         tot = 0.0

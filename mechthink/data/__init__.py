@@ -14,16 +14,19 @@ from mechthink.data.answers import (
 )
 from mechthink.data.loaders import (
     Problem,
+    default_data_dir,
     load_aime24,
     load_gsm8k,
     load_jsonl_problems,
     load_math500,
     read_jsonl,
+    resolve_gsm8k_path,
 )
 
 __all__ = [
     "Problem",
     "answers_match",
+    "default_data_dir",
     "extract_boxed",
     "last_number",
     "load_aime24",
@@ -34,4 +37,5 @@ __all__ = [
     "parse_answer",
     "parse_gsm8k_answer",
     "read_jsonl",
+    "resolve_gsm8k_path",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,3 +372,24 @@ def load_jsonl_problems(
         )
         for i, (where, r) in enumerate(rows)
     ]
+
+
+def default_data_dir() -> Path | None:
+    """Where local benchmark files live: ``$MECHTHINK_DATA``, else ``shared/data`` beside a
+    mechthink checkout (``<checkout>/../shared/data``), else None (load from the hub)."""
+    env = os.environ.get("MECHTHINK_DATA")
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return beside if beside.is_dir() else None
+
+
+def resolve_gsm8k_path(path: str | Path | None) -> Path | None:
+    """``path`` if given (non-empty), else the GSM8K test file under :func:`default_data_dir`
+    if it exists, else None (``load_gsm8k`` then uses the hub)."""
+    if path:
+        return Path(path)
+    root = default_data_dir()
+    if root is not None and (root / "gsm8k" / "test.jsonl").exists():
+        return root / "gsm8k" / "test.jsonl"
+    return None

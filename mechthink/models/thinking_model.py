@@ -91,6 +91,25 @@ class ThinkingModel:
                 ids.append(int(i))
         return ids
 
+    def fingerprint(self) -> str:
+        """A short hash of the weights (name, shape, dtype and a strided sample of values of
+        every parameter of the wrapped HF model): results record it, so a changed model is
+        never mistaken for the one a stored result came from. Cheap even for large models."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
+        import hashlib
+
+        h = hashlib.sha1(f"{self.spec.name}|{self.spec.architecture}".encode())
+        with torch.no_grad():
+            for name, p in sorted(self.bridge.original_model.named_parameters()):
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                sample = flat[::step][:4096].float().cpu().numpy().tobytes()
+                h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode() + sample)
+        self.__dict__["_fingerprint"] = fp = h.hexdigest()[:16]
+        return fp
+
     def last_logits_kwargs(self) -> dict[str, Any]:
         """Forward kwargs that make the HF model unembed only the last position.
 

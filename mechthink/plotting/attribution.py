@@ -18,7 +18,7 @@ from jaxtyping import Float
 from matplotlib.axes import Axes
 
 from mechthink.plotting.base import new_axes as _new_axes
-from matplotlib.figure import Figure
+from matplotlib.figure import FigureBase
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ __all__ = ["colored_tokens_html", "plot_attribution_heatmap", "plot_binned", "sa
 
 def colored_tokens_html(
     str_tokens: Sequence[str],
-    values: Float[Tensor, "pos"] | Sequence[float],
+    values: Float[Tensor, "pos"] | Sequence[float | int],
     title: str | None = None,
     **kwargs: Any,
 ) -> str:
@@ -64,7 +64,7 @@ def save_colored_tokens(path: str | Path, str_tokens: Sequence[str], values: Any
 
 def plot_attribution_heatmap(
     result: "AttributionResult", node: str = "resid_pre", ax: Axes | None = None, max_xticks: int = 60
-) -> Figure:
+) -> FigureBase:
     """Layer × position heatmap of one node type's scores (heads summed for ``z``), centred at 0."""
     if ax is None:
         fig, ax = _new_axes((max(6.0, 0.18 * len(result.str_tokens)), 4.0))
@@ -95,7 +95,7 @@ def plot_binned(
     row_labels: Sequence[str] | None = None,
     ax: Axes | None = None,
     title: str | None = None,
-) -> Figure:
+) -> FigureBase:
     """Bars per bin: with ``row_labels`` one group per row (e.g. heads), else mean ± s.e.m. over rows (samples)."""
     import numpy as np
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from matplotlib.axes import Axes
 
 from mechthink.plotting.base import new_axes as _new_axes
-from matplotlib.figure import Figure
+from matplotlib.figure import FigureBase
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,7 +24,7 @@ __all__ = ["plot_early_exit_table", "plot_probe"]
 
 
 
-def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> Figure:
+def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> FigureBase:
     """Confidence against token position: log-ratio (two choices) or each choice's log-prob.
 
     The probability mass on all choices is drawn on a second axis (dashed) and the ``marks``
@@ -76,7 +76,7 @@ def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None 
     return fig
 
 
-def plot_early_exit_table(table: "pd.DataFrame", ax: Axes | None = None, title: str | None = None) -> Figure:
+def plot_early_exit_table(table: "pd.DataFrame", ax: Axes | None = None, title: str | None = None) -> FigureBase:
     """Accuracy and mean gold logit by answer-reaching instance (the ARBOR #22 early-exit plot)."""
     if ax is None:
         fig, ax = _new_axes((6.0, 3.5))
@@ -102,7 +102,7 @@ def plot_confidence_curves(
     choice: Sequence[str],
     ax: Axes | None = None,
     title: str | None = None,
-) -> Figure:
+) -> FigureBase:
     """One line per trace: log p(choice) against the fraction of the thinking, ``</think>`` marked.
 
     Args:

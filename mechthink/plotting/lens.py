@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
+from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_figure
 
@@ -26,7 +26,7 @@ def _layer_of(comp: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2)) if m.group(2) else -1
 
 
-def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int = 8, ax: Any = None) -> Figure:
+def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int = 8, ax: Any = None) -> FigureBase:
     """Layers × {resid, attn, mlp} heatmap of the target's logit, cells annotated with top-1 tokens.
 
     For an ``accumulated`` result the single row is ``resid_pre_L``; for ``decomposed`` the rows
@@ -73,7 +73,7 @@ def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int
     return fig
 
 
-def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> Figure:
+def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> FigureBase:
     """Direct logit attribution to each target per component, averaged over rows (± s.e.m.)."""
     targets = targets if targets is not None else list(range(len(result.targets)))
     x = np.arange(len(result.components))
@@ -97,7 +97,7 @@ def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> F
     return fig
 
 
-def plot_probe_accuracy(result: Any, ax: Any = None) -> Figure:
+def plot_probe_accuracy(result: Any, ax: Any = None) -> FigureBase:
     """Per-layer probe accuracy (cross-validated) for a value-vector probe result."""
     if ax is None:
         fig = new_figure(6.0, 3.0)

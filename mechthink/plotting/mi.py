@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from matplotlib.axes import Axes
 
 from mechthink.plotting.base import new_axes as _new_axes
-from matplotlib.figure import Figure
+from matplotlib.figure import FigureBase
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,7 +31,7 @@ def plot_mi_trajectory(
     title: str | None = None,
     color: str = "#4c72b0",
     peak_color: str = "#c44e52",
-) -> Figure:
+) -> FigureBase:
     """Line plot of MI per reasoning step with the peaks marked and labelled by token.
 
     Args:
@@ -86,7 +86,7 @@ def plot_peak_token_counts(
     ax: Axes | None = None,
     title: str = "Tokens at MI peaks",
     **bar_kwargs: Any,
-) -> Figure:
+) -> FigureBase:
     """Bar chart of token frequency at MI peaks (output of :func:`mechthink.mi.peak_token_counts`).
 
     Args:

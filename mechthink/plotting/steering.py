@@ -23,8 +23,8 @@ def new_figure(width: float | int, height: float | int) -> Figure:
 
 def plot_curves(
     ax: Axes,
-    x: Sequence[float],
-    series: Mapping[str, Sequence[float]],
+    x: Sequence[float | int],
+    series: Mapping[str, Sequence[float | int]],
     xlabel: str,
     ylabel: str,
     title: str = "",
@@ -48,10 +48,10 @@ def plot_curves(
 def plot_bars(
     ax: Axes,
     labels: Sequence[str],
-    values: Sequence[float],
+    values: Sequence[float | int],
     ylabel: str,
     title: str = "",
-    errors: Sequence[float] | None = None,
+    errors: Sequence[float | int] | None = None,
     colors: Sequence[str] | None = None,
 ) -> Axes:
     """A bar per label (optional error bars), values written above the bars."""

@@ -15,6 +15,7 @@ from .tasks import (
     HELD_OUT_SEED,
     MAX_TOTAL,
     Problem,
+    StepExample,
     StepInfo,
     Transcript,
     TranscriptConfig,
@@ -49,6 +50,7 @@ __all__ = [
     "PAD_TOKEN",
     "Problem",
     "SPECIAL_TOKENS",
+    "StepExample",
     "StepInfo",
     "THINK_CLOSE",
     "THINK_OPEN",
@@ -58,6 +60,10 @@ __all__ = [
     "WEIGHTS_DIR",
     "build_hf_tokenizer",
     "held_out_examples",
+    "is_organism",
+    "organism_problems",
+    "problems_for",
+    "step_examples",
     "load_hf",
     "make_transcript",
     "prompt_text",
@@ -65,6 +71,8 @@ __all__ = [
     "sample_problem",
     "sample_transcripts",
 ]
+
+from .examples import is_organism, organism_problems, problems_for, step_examples  # noqa: E402
 
 #: Directory of the shipped model (safetensors) and tokenizer files.
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"

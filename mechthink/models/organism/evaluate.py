@@ -166,8 +166,8 @@ def evaluate(
     """
     model.eval()
     examples = held_out_examples(n_steps, seed=seed)
-    probs = backtrack_probabilities(model, tokenizer, [e["input_ids"] for e in examples])
-    is_err = torch.tensor([e["is_error"] for e in examples])
+    probs = backtrack_probabilities(model, tokenizer, [e.input_ids for e in examples])
+    is_err = torch.tensor([e.is_error for e in examples])
     err_rate = (probs[is_err] > 0.5).float().mean().item()
     ok_rate = (probs[~is_err] < 0.5).float().mean().item()
 
@@ -178,11 +178,11 @@ def evaluate(
     texts = [tokenizer.decode(o) for o in outs]
     acc = sum(parse_boxed(t) == p.answer for t, p in zip(texts, problems)) / max(1, n_problems)
 
-    wrong = [e for e in held_out_examples(2 * n_prefill, seed=seed + 1) if e["is_error"]]
-    outs = greedy_generate(model, tokenizer, [e["input_ids"] for e in wrong])
+    wrong = [e for e in held_out_examples(2 * n_prefill, seed=seed + 1) if e.is_error]
+    outs = greedy_generate(model, tokenizer, [e.input_ids for e in wrong])
     bt = set(backtrack_token_ids(tokenizer))
     ok = [
-        bool(o) and o[0] in bt and parse_boxed(tokenizer.decode(o)) == e["answer"]
+        bool(o) and o[0] in bt and parse_boxed(tokenizer.decode(o)) == e.answer
         for o, e in zip(outs, wrong)
     ]
     rec = sum(ok) / max(1, len(ok))

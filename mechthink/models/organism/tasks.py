@@ -27,6 +27,7 @@ __all__ = [
     "BACKTRACK_WORDS",
     "MAX_TOTAL",
     "Problem",
+    "StepExample",
     "StepInfo",
     "Transcript",
     "TranscriptConfig",
@@ -437,7 +438,62 @@ def sample_transcripts(
     return [make_transcript(rng, config) for _ in range(n)]
 
 
-def held_out_examples(n: int, seed: int = HELD_OUT_SEED) -> list[dict]:
+@dataclass(frozen=True)
+class StepExample:
+    """A prefix ending right after a just-written step's ``"."``, with its ground truth.
+
+    Positions index ``input_ids``. For a prefix re-rendered in another model's chat format
+    (:func:`mechthink.models.organism.step_examples`) ``input_ids``/``text`` are that model's
+    and the position fields (tiny-thinker's) are ``None``.
+
+    Attributes:
+        input_ids: Token ids from the BOS through the step's ".".
+        is_error: The step was written wrong (the organism backtracks next).
+        text: The decoded prefix.
+        step_index: Which step of the transcript.
+        question: The user message.
+        answer: The correct final answer.
+        correct_result: The step's correct result.
+        written_result: The result as written (differs when ``is_error``).
+        next_token_in_data: The token that followed in the generated transcript.
+        step_operand_positions: Positions of the step's operands.
+        step_lhs_positions: Positions of its left operand.
+        step_rhs_positions: Positions of its right operand.
+        step_result_positions: Positions of its written result.
+        period_position: Position of the step's ".".
+        question_span: ``(start, end)`` positions of the question.
+    """
+
+    input_ids: list[int]
+    is_error: bool
+    text: str
+    step_index: int
+    question: str
+    answer: int
+    correct_result: int
+    written_result: int
+    next_token_in_data: int | None
+    step_operand_positions: list[int] | None = None
+    step_lhs_positions: list[int] | None = None
+    step_rhs_positions: list[int] | None = None
+    step_result_positions: list[int] | None = None
+    period_position: int | None = None
+    question_span: tuple[int, int] | None = None
+
+    @property
+    def query_position(self) -> int:
+        """The last position (the step's "."), where the next-token decision is read."""
+        return len(self.input_ids) - 1
+
+    def step_span(self) -> set[int]:
+        """Positions of the whole written step: operands, operator, "=", the result."""
+        if self.step_operand_positions is None or self.step_result_positions is None:
+            raise ValueError("step_span: this example carries no tiny-thinker positions (re-rendered for another model)")
+        ops, res = set(self.step_operand_positions), set(self.step_result_positions)
+        return set(range(min(ops | res), max(res) + 1))
+
+
+def held_out_examples(n: int, seed: int = HELD_OUT_SEED) -> list[StepExample]:
     """Prefixes ending right after a just-written step's ``"."``, half of them wrong steps.
 
     Even-indexed examples are errors, odd-indexed ones correct first attempts. The next token
@@ -449,16 +505,12 @@ def held_out_examples(n: int, seed: int = HELD_OUT_SEED) -> list[dict]:
         seed: Seed of the ``random.Random`` stream (default differs from training).
 
     Returns:
-        Dicts with ``input_ids`` (list[int], from bos through the step's "."), ``is_error``,
-        ``text``, ``step_index``, ``step_operand_positions``, ``step_lhs_positions``,
-        ``step_rhs_positions``, ``step_result_positions``, ``period_position``,
-        ``question_span``, ``question``, ``answer``, ``correct_result``, ``written_result`` and
-        ``next_token_in_data`` (the token that followed in the generated transcript).
+        :class:`StepExample` records with tiny-thinker's token positions.
     """
     rng = random.Random(f"held-out-{seed}")
     config = TranscriptConfig()
     tok = build_raw_tokenizer()
-    out: list[dict] = []
+    out: list[StepExample] = []
     while len(out) < n:
         want_error = len(out) % 2 == 0
         tr = make_transcript(rng, config)
@@ -469,22 +521,22 @@ def held_out_examples(n: int, seed: int = HELD_OUT_SEED) -> list[dict]:
         end = step.period_position + 1
         ids = tr.input_ids[:end]
         out.append(
-            {
-                "input_ids": ids,
-                "is_error": step.is_error,
-                "text": tok.decode(ids, skip_special_tokens=False),
-                "step_index": step.index,
-                "step_operand_positions": step.operand_positions,
-                "step_lhs_positions": step.lhs_positions,
-                "step_rhs_positions": step.rhs_positions,
-                "step_result_positions": step.result_positions,
-                "period_position": step.period_position,
-                "question_span": tr.question_span,
-                "question": tr.problem.question,
-                "answer": tr.answer,
-                "correct_result": step.correct_result,
-                "written_result": step.written_result,
-                "next_token_in_data": tr.input_ids[end],
-            }
+            StepExample(
+                input_ids=ids,
+                is_error=step.is_error,
+                text=tok.decode(ids, skip_special_tokens=False),
+                step_index=step.index,
+                question=tr.problem.question,
+                answer=tr.answer,
+                correct_result=step.correct_result,
+                written_result=step.written_result,
+                next_token_in_data=tr.input_ids[end],
+                step_operand_positions=step.operand_positions,
+                step_lhs_positions=step.lhs_positions,
+                step_rhs_positions=step.rhs_positions,
+                step_result_positions=step.result_positions,
+                period_position=step.period_position,
+                question_span=tuple(tr.question_span),
+            )
         )
     return out

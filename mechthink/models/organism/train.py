@@ -3,14 +3,14 @@
 Trains next-token prediction on freshly generated thinking transcripts (loss only on the assistant
 turn), deterministically given a seed, on CPU. Usage::
 
-    python -m mechthink.models.organism.train --seed 0 --out DIR
+    mechthink train-organism --seed 0 --out DIR   # or: python -m mechthink.models.organism.train ...
 
 The shipped weights were made in two stages (see ``weights/TRAINING.md``); ``--recipe shipped``
 runs both in one command::
 
-    python -m mechthink.models.organism.train --recipe shipped --out DIR
-    # = python -m mechthink.models.organism.train --seed 0 --steps 4000 --out /tmp/stage1
-    #   python -m mechthink.models.organism.train --seed 1 --steps 1500 --lr 1.5e-3 --warmup 50 \
+    mechthink train-organism --recipe shipped --out DIR
+    # = mechthink train-organism --seed 0 --steps 4000 --out /tmp/stage1
+    #   mechthink train-organism --seed 1 --steps 1500 --lr 1.5e-3 --warmup 50 \
     #       --init-from /tmp/stage1 --out DIR
 
 Source: this repository (mechthink tiny-thinker organism; AdamW, arXiv:1711.05101).
@@ -18,7 +18,6 @@ Source: this repository (mechthink tiny-thinker organism; AdamW, arXiv:1711.0510
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -35,7 +34,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from .tasks import TranscriptConfig, make_transcript
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_hf_tokenizer
 
-__all__ = ["TrainConfig", "build_model", "main", "make_batches", "train"]
+__all__ = ["TrainCommand", "TrainConfig", "build_model", "main", "make_batches", "run_command", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,27 +255,30 @@ def _train(config: TrainConfig, out: Path | None, progress: bool) -> LlamaForCau
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (see module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--recipe",
-        choices=["single", "shipped"],
-        default="single",
-        help="'shipped': the two-stage recipe of the shipped weights (other options ignored but --out)",
-    )
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    progress = not args.pop("no_progress")
-    recipe = args.pop("recipe")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if recipe == "single":
-        train(TrainConfig(**args), out=out, progress=progress)
+@dataclass
+class TrainCommand(TrainConfig):
+    """A training run from the command line: the hyper-parameters plus where and how."""
+
+    out: Path = DEFAULT_OUT
+    """Directory the model and tokenizer are saved to (default: the shipped weights' folder)."""
+    progress: bool = True
+    """Show a progress bar."""
+    recipe: str = "single"
+    """'single': one run with these options; 'shipped': the two-stage recipe of the shipped
+    weights (the other options are ignored, --out is kept)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recipe not in ("single", "shipped"):
+            raise ValueError(f"recipe={self.recipe!r} is not accepted; use 'single' or 'shipped'")
+
+
+def run_command(cmd: TrainCommand) -> None:
+    """Run a :class:`TrainCommand` (``mechthink train-organism``)."""
+    out, progress = cmd.out, cmd.progress
+    if cmd.recipe == "single":
+        fields = {k: v for k, v in asdict(cmd).items() if k not in ("out", "progress", "recipe")}
+        train(TrainConfig(**fields), out=out, progress=progress)
         return
     import tempfile
 
@@ -285,6 +287,15 @@ def main(argv: list[str] | None = None) -> None:
         train(TrainConfig(seed=0, steps=4000), out=stage1, progress=progress)
         train(TrainConfig(seed=1, steps=1500, lr=1.5e-3, warmup=50, init_from=stage1), out=out, progress=progress)
     logger.info("shipped recipe finished in %.1f s", time.time() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: the ``mechthink train-organism`` command (see module docstring)."""
+    import sys
+
+    from mechthink.cli import app
+
+    app(["train-organism", *(sys.argv[1:] if argv is None else argv)], prog_name="mechthink.models.organism.train")
 
 
 if __name__ == "__main__":

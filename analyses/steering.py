@@ -8,36 +8,47 @@ after a wrong step (base rate of backtracking ≈ 1) and after a correct step (�
 even mix — we measure P(backtracking word) as the next token, the rate of backtracking words in
 greedy continuations, final accuracy and whether thinking closes.
 
-    python analyses/06_steering.py [--model tiny-thinker] [--n-samples 40]
+    mechthink steering [--model tiny-thinker] [--n-samples 40]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import AnalysisConfig
 
 NAME = "steering"
 
 
 @dataclass
-class Config:
+class Config(AnalysisConfig):
     """Backtracking-vector coefficient sweep."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
-    n_vector: int = 64
     n_samples: int = 40
-    max_new_tokens: int = 64
-    coeffs: str = "-1,-0.5,-0.25,0,0.25,0.5,1"
-    window: int = 64
+    """Decision points per group (prefixes after a wrong step, and after a correct step)."""
     seed: int = 7
-    late_layers: bool = True  # also sweep the last third of the blocks (2n/3 .. n-1)
+    """Seed of the held-out decision points."""
+    n_vector: int = 64
+    """Step examples the vector is extracted from (wrong-step minus correct-step residuals)."""
+    max_new_tokens: int = 64
+    """Greedy continuation length at each decision point."""
+    coeffs: str = "-1,-0.5,-0.25,0,0.25,0.5,1"
+    """Steering coefficients swept (comma-separated)."""
+    window: int = 64
+    """Tokens of each continuation in which backtracking words are counted."""
+    late_layers: bool = True
+    """Also sweep the last third of the blocks (2n/3 .. n-1)."""
 
     def __post_init__(self) -> None:
-        if self.n_vector < 2 or self.n_samples < 2:
-            raise ValueError("n_vector and n_samples must be >= 2")
-        [float(c) for c in self.coeffs.split(",")]
+        super().__post_init__()
+        from mechthink.config import require
+
+        require(self.n_vector >= 2, "n_vector", self.n_vector, "use at least 2 examples")
+        try:
+            [float(c) for c in self.coeffs.split(",")]
+        except ValueError:
+            require(False, "coeffs", self.coeffs, "use comma-separated numbers such as '-1,0,1'")
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -51,23 +62,23 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.steering import new_figure, plot_curves
     from mechthink.report import write_outputs
 
-    from _common import step_examples
+    from mechthink.models.organism import step_examples
 
     torch.set_num_threads(1)
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     train = step_examples(model, cfg.n_vector)
     vec = steering.from_positions(
         model,
-        [(e["input_ids"], [len(e["input_ids"]) - 1]) for e in train if e["is_error"]],
-        [(e["input_ids"], [len(e["input_ids"]) - 1]) for e in train if not e["is_error"]],
+        [(e.input_ids, [e.query_position]) for e in train if e.is_error],
+        [(e.input_ids, [e.query_position]) for e in train if not e.is_error],
         layers=list(range(model.n_layers)),
     )
     held = step_examples(model, 4 * cfg.n_samples, seed=cfg.seed)
     # Decision points: prefixes ending right after a wrongly written step (the organism
     # backtracks there) and after a correct step (it goes on); the mix has a base rate near 0.5.
     groups = {
-        "wrong": [e for e in held if e["is_error"]][: cfg.n_samples],
-        "correct": [e for e in held if not e["is_error"]][: cfg.n_samples],
+        "wrong": [e for e in held if e.is_error][: cfg.n_samples],
+        "correct": [e for e in held if not e.is_error][: cfg.n_samples],
     }
     words = list(model.spec.backtracking_words)
     pat = re.compile(r"(?<![A-Za-z])(?:" + "|".join(re.escape(w) for w in words) + r")(?![A-Za-z])")
@@ -76,8 +87,8 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     close = model.spec.think_close
     coeffs = [float(c) for c in cfg.coeffs.split(",")]
 
-    def measure(exs: list[dict], layers: list[int], c: float) -> dict:
-        prefixes = [e["input_ids"] for e in exs]
+    def measure(exs: list, layers: list[int], c: float) -> dict:
+        prefixes = [e.input_ids for e in exs]
         with steering.steer(model, vec, layers=layers, coeff=c, mode="continuous"):
             with torch.inference_mode():
                 nxt = [iv.logits_at_last(model, p).exp() for p in prefixes]
@@ -91,7 +102,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             "backtrack_rate": sum(bool(pat.search(t)) for t in firsts) / len(firsts),
             "wait_rate": sum(" Wait" in t or t.startswith("Wait") for t in firsts) / len(firsts),
             "backtrack_words_per_100_tokens": 100.0 * sum(len(pat.findall(t)) for t in firsts) / max(n_tok, 1),
-            "accuracy": iv.accuracy(texts, [str(e["answer"]) for e in exs]),
+            "accuracy": iv.accuracy(texts, [str(e.answer) for e in exs]),
             "closed_rate": sum(close in t for t in texts) / len(texts),
         }
 
@@ -146,12 +157,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             "steering coefficient", "rate", "greedy continuation: final accuracy and </think> produced",
         )
     fig.subplots_adjust(hspace=0.45, wspace=0.25)
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

@@ -12,30 +12,37 @@ the overlap of the top-10 important words with the next 100 words the model writ
 attention of the heads that support " Wait" most (by AtP on ``hook_z``) from the query position
 onto the same bins, and a self-contained circuitsvis HTML view of one example.
 
-    python analyses/05_attribution.py [--model tiny-thinker] [--n-samples 40]
+    mechthink attribution [--model tiny-thinker] [--n-samples 40]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import AnalysisConfig
 
 NAME = "attribution"
 
 
 @dataclass
-class Config:
+class Config(AnalysisConfig):
     """Attribution patching at planted backtracking points."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 200
+    """Held-out step examples (the mean baseline is taken over all; the wrong steps are scored)."""
     n_exact: int = 100
+    """Wrong-step examples also scored by exact activation patching (the reference)."""
     n_node_types: int = 10
+    """Examples on which every node type is compared with exact patching (Spearman rho)."""
     n_top_heads: int = 3
+    """Heads (ranked by AtP on hook_z) whose attention from the query position is binned."""
     horizon_tokens: int = 120
+    """Tokens generated after the query position for the top-word overlap."""
     target: str = " Wait"
+    """The metric: this token's logit at the query position."""
+
+    ALLOW_ZERO = ("n_exact", "n_node_types")
 
 
 def _spearman(a: Any, b: Any) -> float:
@@ -54,16 +61,16 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.lens import new_figure
     from mechthink.report import output_paths, write_outputs
 
-    from _common import step_examples
+    from mechthink.models.organism import is_organism, step_examples
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     examples = step_examples(model, cfg.n_samples)
     target_id = model.token_variants(cfg.target.strip())[cfg.target]
-    means = atp.mean_activations(model, [e["input_ids"] for e in examples], hooks=atp.NODE_TYPES)
-    errors = [e for e in examples if e["is_error"]]
+    means = atp.mean_activations(model, [e.input_ids for e in examples], hooks=atp.NODE_TYPES)
+    errors = [e for e in examples if e.is_error]
     metric = atp.logit_metric(-1, target_id)
 
-    organism = model.spec.name == "tiny-thinker"
+    organism = is_organism(model)
     methods = ("atp", "qkfix", "exact")
     hits = {k: {"any": 0, "result": 0, "result_and_operand": 0, "top1_in_step": 0, "n": 0} for k in methods}
     importances: dict[str, list] = {k: [] for k in methods}
@@ -71,7 +78,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     rhos: dict[str, list[float]] = {"atp": [], "qkfix": []}
     results = []
     for i, ex in enumerate(errors):
-        ids = torch.tensor(ex["input_ids"])
+        ids = torch.tensor(ex.input_ids)
         res = {
             "atp": atp.attribution_patching(model, ids, metric, baseline="mean", means=means, nodes=("resid_pre", "z")),
             "qkfix": atp.attribution_patching(
@@ -86,7 +93,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
                 rhos[k].append(_spearman(res[k].scores["resid_pre"], res["exact"].scores["resid_pre"]))
         results.append(res)
         n = len(ids)
-        q_spans.append(tuple(ex["question_span"]) if organism else (0, 1))
+        q_spans.append(tuple(ex.question_span) if organism else (0, 1))
         t_spans.append((q_spans[-1][1], n - 1))
         for k, r in res.items():
             # the seed's definition: max over layers of the score, signed so that a token whose
@@ -98,7 +105,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             cand = imp.clone()
             cand[0] = cand[-1] = -float("inf")  # BOS and the query position itself
             top3 = set(cand.topk(3).indices.tolist())
-            operands, result = set(ex["step_operand_positions"]), set(ex["step_result_positions"])
+            operands, result = set(ex.step_operand_positions), set(ex.step_result_positions)
             h = hits[k]
             h["n"] += 1
             h["any"] += bool(top3 & (operands | result))
@@ -113,7 +120,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     node_means = means
     per_type: dict[str, list[float]] = {}
     for ex in errors[: cfg.n_node_types]:
-        ids = torch.tensor(ex["input_ids"])
+        ids = torch.tensor(ex.input_ids)
         a = atp.attribution_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes)
         q = atp.attribution_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes, qk_fix=True)
         x = atp.activation_patching(model, ids, metric, baseline="mean", means=node_means, nodes=all_nodes, batch_size=128)
@@ -125,10 +132,10 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     # 100 words the model writes after the query position (ARBOR #22: ≈ 41%)
     from mechthink import interventions as iv
 
-    futures = iv.continue_greedy(model, [e["input_ids"] for e in errors], cfg.horizon_tokens)
+    futures = iv.continue_greedy(model, [e.input_ids for e in errors], cfg.horizon_tokens)
     overlaps = []
     for e, imp, fut in zip(errors, importances["atp"], futures):
-        ws = context.word_scores(model.tokenizer, e["input_ids"], imp)
+        ws = context.word_scores(model.tokenizer, e.input_ids, imp)
         overlaps.append(context.top_word_overlap(ws, None, model.to_string(fut), k=10, horizon=100).overlap)
 
     # Heads that support the " Wait" logit most (AtP on hook_z, summed over positions; negative =
@@ -139,7 +146,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     top_heads = [(i // n_heads, i % n_heads) for i in order]
     att = torch.stack(
         [
-            context.binned_attention(model, e["input_ids"], top_heads, q_spans[i], t_spans[i], n_bins=5).values
+            context.binned_attention(model, e.input_ids, top_heads, q_spans[i], t_spans[i], n_bins=5).values
             for i, e in enumerate(errors)
         ]
     ).mean(0)  # [head, bin]
@@ -208,12 +215,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         title=f"attention of the top-{len(top_heads)} heads (by AtP) from the query position",
     )
     fig.suptitle(f"{model.spec.name}: attribution patching with mean ablation at planted errors")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

@@ -7,30 +7,30 @@ traces are held-out transcripts with planted errors (teacher-forced, ground trut
 backtracking words, wrong results and answer occurrences are. On any other model: greedy traces
 on GSM8K, with the GSM8K solution text as h_y (the paper's setup).
 
-    python analyses/10_mi_peaks.py [--model tiny-thinker] [--n-samples 24]
+    mechthink mi-peaks [--model tiny-thinker] [--n-samples 24]
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import ProblemConfig
 
 NAME = "mi_peaks"
 
 
 @dataclass
-class Config:
+class Config(ProblemConfig):
     """MI trajectories and peaks."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 60
+    """Number of traces."""
     seed: int = 12345
+    """Seed of the problem sample."""
     peak_method: str = "iqr"
-    max_new_tokens: int = 256
-    gsm8k_path: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl")
+    """Peak rule: 'iqr' (Q3 + 1.5 IQR, the paper's) or 'zscore'."""
 
 
 def _organism_traces(model: Any, cfg: Config) -> list[dict]:
@@ -62,9 +62,9 @@ def _organism_traces(model: Any, cfg: Config) -> list[dict]:
 
 def _generated_traces(model: Any, cfg: Config) -> list[dict]:
     from mechthink import traces
-    from mechthink.data import load_gsm8k
+    from mechthink.data import load_gsm8k, resolve_gsm8k_path
 
-    problems = load_gsm8k("test", path=cfg.gsm8k_path, n=cfg.n_samples)
+    problems = load_gsm8k("test", path=resolve_gsm8k_path(cfg.gsm8k_path), n=cfg.n_samples)
     gen = traces.generate(model, problems, max_new_tokens=cfg.max_new_tokens, batch_size=4)
     return [
         {"ids": t.ids, "start": t.n_prompt, "solution": p.solution or p.answer, "events": {}}
@@ -79,10 +79,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink import mi
     from mechthink.plotting.lens import new_figure
     from mechthink.plotting.mi import plot_mi_trajectory
+    from mechthink.models.organism import is_organism
     from mechthink.report import write_outputs
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    items = _organism_traces(model, cfg) if model.spec.name == "tiny-thinker" else _generated_traces(model, cfg)
+    items = _organism_traces(model, cfg) if is_organism(model) else _generated_traces(model, cfg)
     trajs = []
     peak_events: Counter[str] = Counter()
     base_events: Counter[str] = Counter()
@@ -130,12 +131,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     a2.tick_params(axis="x", rotation=60, labelsize=8)
     a2.set_title(f"tokens at MI peaks over {len(trajs)} traces ({cfg.peak_method} rule); peak ratio {numbers['peak_ratio']:.3f}")
     fig.suptitle(f"{model.spec.name}: MI(h_t, h_solution) along the thinking (paper's HSIC estimator, sigma=50)")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

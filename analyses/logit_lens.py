@@ -4,28 +4,33 @@ At positions right after a wrongly written step (the next token is a backtrackin
 tiny-thinker's data), follow the " Wait" logit through the accumulated residual stream and
 decompose the final logit into embed + attention + MLP direct contributions.
 
-    python analyses/03_logit_lens.py [--model tiny-thinker] [--n-samples 64]
+    mechthink logit-lens [--model tiny-thinker] [--n-samples 64]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import AnalysisConfig
 
 NAME = "logit_lens"
 
 
 @dataclass
-class Config:
+class Config(AnalysisConfig):
     """Logit lens at backtracking points."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 200
+    """Held-out step examples drawn (half of them wrong steps, which are analysed)."""
     target: str = " Wait"
+    """The token followed through the layers (one token, spelled as the model writes it)."""
     top_k: int = 5
-    tuned_steps: int = 100  # train a tuned lens on half of the examples (0: skip)
+    """Top tokens kept per layer."""
+    tuned_steps: int = 100
+    """Training steps of a tuned lens on half of the examples (0: skip the tuned lens)."""
+
+    ALLOW_ZERO = ("tuned_steps",)
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -34,15 +39,15 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.lens import new_figure, plot_dla, plot_lens_heatmap
     from mechthink.report import write_outputs
 
-    from _common import step_examples
+    from mechthink.models.organism import step_examples
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    examples = [e for e in step_examples(model, cfg.n_samples) if e["is_error"]]
+    examples = [e for e in step_examples(model, cfg.n_samples) if e.is_error]
     variants = model.token_variants(cfg.target)
     if cfg.target not in variants:
         raise ValueError(f"{cfg.target!r} is not a single token for {model.spec.name}")
     target_id = variants[cfg.target]
-    seqs = [e["input_ids"] for e in examples]
+    seqs = [e.input_ids for e in examples]
     acc = lens.logit_lens(model, seqs, [target_id], mode="accumulated", top_k=cfg.top_k)
     dec = lens.logit_lens(model, seqs, [target_id], mode="decomposed", top_k=cfg.top_k)
 
@@ -79,12 +84,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     plot_lens_heatmap(dec, row=0, ax=axes[1])
     plot_dla(dec, ax=axes[2])
     fig.suptitle(f"{model.spec.name}: logit lens and DLA to {cfg.target!r} after a wrong step (n={len(examples)})")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

@@ -6,28 +6,29 @@ backtracks next) from positions right after a correct step (it goes on); the val
 tokens and their cosine with the probe direction; ablating the top ones (zeroing
 ``mlp.hook_post``) is compared with ablating as many random neurons.
 
-    python analyses/04_value_vectors.py [--model tiny-thinker] [--n-samples 64]
+    mechthink value-vectors [--model tiny-thinker] [--n-samples 64]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import AnalysisConfig
 
 NAME = "value_vectors"
 
 
 @dataclass
-class Config:
+class Config(AnalysisConfig):
     """Value vectors, probes and ablation for the backtracking word."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 200
+    """Held-out step examples (half wrong steps); probes are trained on all of them."""
     target: str = "Wait"
+    """The word whose value vectors are searched (all its single-token spellings)."""
     n_ablate: int = 10
-    seed: int = 0
+    """Neurons ablated per set (top by z-score, top by DLA, random)."""
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -38,12 +39,12 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.lens import new_figure, plot_probe_accuracy
     from mechthink.report import write_outputs
 
-    from _common import step_examples
+    from mechthink.models.organism import step_examples
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     examples = step_examples(model, cfg.n_samples)
-    pairs = [(e["input_ids"], len(e["input_ids"]) - 1) for e in examples]
-    labels = [int(e["is_error"]) for e in examples]
+    pairs = [(e.input_ids, e.query_position) for e in examples]
+    labels = [int(e.is_error) for e in examples]
     acts = vv.collect_activations(model, pairs, hook="hook_resid_post")
     probe = vv.layer_probes(acts, labels, label_names=("continue", "backtrack"), seed=cfg.seed)
     best_layer = int(probe.layers[int(probe.accuracy.argmax())])
@@ -102,12 +103,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     table.set_fontsize(8)
     tab_ax.set_title(f"value vectors promoting {cfg.target!r} (all variants), by z-score over the vocabulary")
     fig.suptitle(f"{model.spec.name}: MLP value vectors and the backtracking decision")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

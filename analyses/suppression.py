@@ -17,36 +17,39 @@ next backtracking word. So " Wait" alone is also measured under sampling (temper
 paired), against both random controls (``n_random_sampled`` draws on the first
 ``n_seeds_control`` seeds), with 95% bootstrap intervals over problems for the accuracy change.
 
-    python analyses/07_suppression.py [--model tiny-thinker] [--n-samples 100]
+    mechthink suppression [--model tiny-thinker] [--n-samples 100]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import AnalysisConfig
 
 NAME = "suppression"
 
 
 @dataclass
-class Config:
+class Config(AnalysisConfig):
     """Accuracy under thinking-token suppression vs random suppression."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 100
-    max_new_tokens: int = 80
-    n_random: int = 6
+    """Problems prefilled up to a wrongly written step."""
     seed: int = 7
+    """Seed of the held-out prefixes and of the random control sets."""
+    max_new_tokens: int = 80
+    """Continuation length after the prefilled wrong step."""
+    n_random: int = 6
+    """Random control sets drawn per size (greedy)."""
     n_seeds: int = 30
+    """Sampling seeds per problem for " Wait" alone (paired across conditions)."""
     temperature: float = 1.0
+    """Sampling temperature of the paired comparison."""
     n_random_sampled: int = 2
+    """Random control sets under sampling."""
     n_seeds_control: int = 4
-
-    def __post_init__(self) -> None:
-        if self.n_samples < 1 or self.n_random < 1:
-            raise ValueError("n_samples and n_random must be >= 1")
+    """Seeds per problem for the sampled random controls (the first of n_seeds)."""
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -60,13 +63,13 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.steering import new_figure, plot_bars, plot_curves
     from mechthink.report import write_outputs
 
-    from _common import step_examples
+    from mechthink.models.organism import step_examples
 
     torch.set_num_threads(1)
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    evals = [e for e in step_examples(model, 4 * cfg.n_samples, seed=cfg.seed) if e["is_error"]][: cfg.n_samples]
-    prefixes = [e["input_ids"] for e in evals]
-    golds = [str(e["answer"]) for e in evals]
+    evals = [e for e in step_examples(model, 4 * cfg.n_samples, seed=cfg.seed) if e.is_error][: cfg.n_samples]
+    prefixes = [e.input_ids for e in evals]
+    golds = [str(e.answer) for e in evals]
     words = list(model.spec.backtracking_words)
     pat = re.compile(r"(?<![A-Za-z])(?:" + "|".join(re.escape(w) for w in words) + r")(?![A-Za-z])")
 
@@ -221,12 +224,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
             ax3.plot([x, x], [svals[0] + ci[0], svals[0] + ci[1]], color="black", lw=1.5)
     ax3.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.subplots_adjust(bottom=0.3, wspace=0.25)
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

@@ -5,29 +5,29 @@ answer-forcing suffix (``\\n</think>\\n\\nThe final answer is \\boxed{``) and re
 candidate answer (scored as whole token sequences closed by ``}``); the probability mass on all candidates is the
 sanity monitor. One line per trace: log p(gold), with ``</think>`` marked.
 
-    python analyses/01_confidence_curve.py [--model tiny-thinker] [--n-samples 12]
+    mechthink confidence-curve [--model tiny-thinker] [--n-samples 12]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import ProblemConfig
 
 NAME = "confidence_curve"
 
 
 @dataclass
-class Config:
+class Config(ProblemConfig):
     """Confidence in the gold answer through the thinking."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 16
-    n_points: int = 16
-    max_new_tokens: int = 256
+    """Number of problems (one greedy trace each)."""
     seed: int = 7
-    gsm8k_path: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl")
+    """Seed of the problem sample."""
+    n_points: int = 16
+    """Probe points, evenly spaced through each trace's thinking."""
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -37,16 +37,16 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.lens import new_figure
     from mechthink.report import write_outputs
 
-    from _common import questions_for
+    from mechthink.models.organism import problems_for
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    qs = questions_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
+    qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
     gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8)
     results, golds, rows = [], [], []
     for tr, q in zip(gen, qs):
         if tr.think_start is None:
             continue
-        gold = q["answer"]
+        gold = q.answer
         # candidates: the gold and numbers near it (whole sequences), so the mass is meaningful
         g = int(float(gold)) if gold.lstrip("-").replace(".", "", 1).isdigit() else None
         cands = sorted({gold} | ({str(v) for v in range(max(0, g - 10), g + 11)} if g is not None else set()))
@@ -77,12 +77,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     fig = new_figure(10, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     plot_confidence_curves(results, golds, ax=ax, title=f"{model.spec.name}: log p(gold) after forcing an answer, {len(rows)} traces (mean mass on candidates {numbers['mean_mass_on_candidates']:.2f})")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

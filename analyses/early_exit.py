@@ -5,29 +5,29 @@ Wherever the thinking has reached the gold answer (each occurrence, ending at th
 mean logit and the greedy-decoded answer. Aggregated by instance index (1st, 2nd, …): the seed
 found the logit rising 14.75 → 27.61 while accuracy was ≈ 0.9 already at the first instance.
 
-    python analyses/02_early_exit.py [--model tiny-thinker] [--n-samples 40]
+    mechthink early-exit [--model tiny-thinker] [--n-samples 40]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import ProblemConfig
 
 NAME = "early_exit"
 
 
 @dataclass
-class Config:
+class Config(ProblemConfig):
     """Early-exit confidence and accuracy by answer instance."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 100
-    max_new_tokens: int = 256
-    max_instances: int = 6
+    """Number of problems (one greedy trace each)."""
     seed: int = 11
-    gsm8k_path: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl")
+    """Seed of the problem sample."""
+    max_instances: int = 6
+    """Answer instances reported (1st .. k-th)."""
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -37,12 +37,12 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.lens import new_figure
     from mechthink.report import write_outputs
 
-    from _common import questions_for
+    from mechthink.models.organism import problems_for
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    qs = questions_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
+    qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
     gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8)
-    results = [confidence.early_exit(model, tr, gold=q["answer"]) for tr, q in zip(gen, qs) if tr.think_start is not None]
+    results = [confidence.early_exit(model, tr, gold=q.answer) for tr, q in zip(gen, qs) if tr.think_start is not None]
     table = confidence.early_exit_table(results, max_instances=cfg.max_instances)
     with_instances = sum(1 for r in results if len(r.to_frame()))
     numbers = {
@@ -53,12 +53,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     fig = new_figure(7, 4)
     ax = fig.add_subplot(1, 1, 1)
     plot_early_exit_table(table, ax=ax, title=f"{model.spec.name}: early exit at the k-th answer instance ({with_instances} traces)")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)

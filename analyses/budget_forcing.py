@@ -4,37 +4,47 @@ s1 (Muennighoff et al. 2025) and Qian et al. 2025's TTTS (seed 002): cap the thi
 budget of tokens and force the answer (think_close + answer suffix), or, when the model tries to
 close its thinking, append " Wait" instead, up to N times. Held-out problems, greedy decoding.
 
-    python analyses/08_budget_forcing.py [--model tiny-thinker] [--n-samples 40]
+    mechthink budget-forcing [--model tiny-thinker] [--n-samples 40]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from mechthink.config import ProblemConfig
 
 NAME = "budget_forcing"
 
 
 @dataclass
-class Config:
+class Config(ProblemConfig):
     """Accuracy vs thinking budget and vs number of forced extensions."""
 
-    model: str = "tiny-thinker"
-    out: Path = Path(__file__).resolve().parents[1] / "figures"
     n_samples: int = 40
-    budgets: str = "2,4,8,12,16,24,32,48"
-    extensions: str = "0,1,2,4"
-    max_new_tokens: int = 160
-    extend_with: str = " Wait"
+    """Number of problems."""
     seed: int = 21
-    gsm8k_path: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl")
+    """Seed of the problem sample."""
+    max_new_tokens: int = 160
+    """Generation budget per trace (tokens)."""
+    budgets: str = "2,4,8,12,16,24,32,48"
+    """Thinking budgets (tokens) after which the answer is forced (comma-separated)."""
+    extensions: str = "0,1,2,4"
+    """Numbers of forced extensions when the model tries to close its thinking."""
+    extend_with: str = " Wait"
+    """Text written instead of the think-close tag on each extension."""
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1:
-            raise ValueError("n_samples must be >= 1")
-        [int(b) for b in self.budgets.split(",")]
-        [int(e) for e in self.extensions.split(",")]
+        super().__post_init__()
+        from mechthink.config import require
+
+        for name in ("budgets", "extensions"):
+            value = getattr(self, name)
+            try:
+                ok = all(int(b) >= 0 for b in value.split(","))
+            except ValueError:
+                ok = False
+            require(ok, name, value, "use comma-separated non-negative integers such as '2,4,8'")
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -46,12 +56,12 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.plotting.steering import new_figure, plot_curves
     from mechthink.report import write_outputs
 
-    from _common import questions_for
+    from mechthink.models.organism import problems_for
 
     torch.set_num_threads(1)
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    qs = questions_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
-    golds = [str(q["answer"]) for q in qs]
+    qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
+    golds = [str(q.answer) for q in qs]
 
     def score(gen: list) -> dict:
         deg = [steering.degeneration(t) for t in gen]
@@ -88,12 +98,11 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
                          "repetition": [r["mean_repetition"] for r in by_ext]},
                 f"forced '{cfg.extend_with.strip()}' extensions", "rate",
                 f"{model.spec.name}: extend thinking when it tries to close")
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg)
+    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 
 
 if __name__ == "__main__":
-    from _common import arg_parser
+    from mechthink.cli import run_analysis
 
-    args = arg_parser(Config).parse_args()
-    print(main(Config(**vars(args))))
+    run_analysis(NAME)
