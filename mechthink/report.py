@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 __all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "write_outputs", "git_commit"]
 
@@ -60,7 +61,8 @@ def is_complete(out: str | Path, name: str, config: Any, fingerprint: str | None
     same mechthink version, and — when ``fingerprint`` is given — the same model weights."""
     from mechthink import __version__
 
-    _, js = output_paths(out, name, getattr(config, "model", ""))
+    model = config.get("model", "") if isinstance(config, dict) else getattr(config, "model", "")
+    _, js = output_paths(out, name, model)
     try:
         meta = json.loads(js.read_text())
     except (OSError, json.JSONDecodeError):
@@ -156,32 +158,41 @@ def build_index(out: str | Path, descriptions: dict[str, str] | None = None) -> 
     out = Path(out)
     descriptions = descriptions or {}
     sections = []
+    def href(*parts: str) -> str:  # a relative URL, percent-encoded, safe inside an attribute
+        return _html.escape("/".join(quote(p) for p in parts), quote=True)
+
+    def text(value: object) -> str:
+        return _html.escape(str(value), quote=True)
+
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         items = []
         for js in sorted(folder.glob("*.json")):
             try:
                 meta = json.loads(js.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if not isinstance(meta, dict):
                 continue
             png = js.with_suffix(".png")
             view = js.with_suffix(".html")
-            model = _html.escape(str(meta.get("model", js.stem)))
-            links = [f'<a href="{folder.name}/{js.name}">numbers (JSON)</a>']
+            model = text(meta.get("model", js.stem))
+            links = [f'<a href="{href(folder.name, js.name)}">numbers (JSON)</a>']
             if view.exists():
-                links.append(f'<a href="{folder.name}/{view.name}">interactive token view</a>')
+                links.append(f'<a href="{href(folder.name, view.name)}">interactive token view</a>')
             img = (
-                f'<img src="{folder.name}/{png.name}" alt="{folder.name} on {model}" loading="eager">'
+                f'<img src="{href(folder.name, png.name)}" alt="{text(folder.name)} on {model}" loading="eager">'
                 if png.exists()
                 else ""
             )
             items.append(
                 f"<div class='fig'><h3>{model}</h3>{img}<p>{' · '.join(links)} · commit "
-                f"{_html.escape(str(meta.get('git_commit') or '?'))[:10]}</p></div>"
+                f"{text(str(meta.get('git_commit') or '?')[:10])}</p></div>"
             )
         if items:
-            desc = _html.escape(descriptions.get(folder.name, ""))
-            sections.append(f"<section id='{folder.name}'><h2>{folder.name}</h2><p>{desc}</p>{''.join(items)}</section>")
-    toc = "".join(f"<li><a href='#{p.name}'>{p.name}</a>: {_html.escape(descriptions.get(p.name, ''))}</li>" for p in sorted(out.iterdir()) if p.is_dir())
+            desc = text(descriptions.get(folder.name, ""))
+            sections.append(f"<section id=\"{href(folder.name)}\"><h2>{text(folder.name)}</h2><p>{desc}</p>{''.join(items)}</section>")
+    toc = "".join(f"<li><a href=\"#{href(p.name)}\">{text(p.name)}</a>: {text(descriptions.get(p.name, ''))}</li>"
+                  for p in sorted(out.iterdir()) if p.is_dir())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mechthink figures</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}} img{{max-width:100%;border:1px solid #ddd}}

@@ -151,7 +151,7 @@ def test_unknown_name_lists_close_matches():
 
 
 def test_path_that_is_not_a_model(tmp_path):
-    with pytest.raises(ValueError, match="not a model directory"):
+    with pytest.raises(ValueError, match="without config.json"):
         mt.load_model(tmp_path)
     f = tmp_path / "weights.bin"
     f.write_bytes(b"\0")

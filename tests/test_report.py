@@ -57,3 +57,33 @@ def test_committed_report_renders_every_image_offline():
         assert (index.parent / src).exists(), src
     dom = _render(index)
     assert dom.count('data-loaded="1"') == n_img
+
+
+HOSTILE = [
+    'm"><img src=x onerror="document.title=\'PWNED\'">',
+    "m'><script>document.title='PWNED'</script>",
+    "</script><script>document.title='PWNED'</script>",
+    "m\tsrc=x\tonerror=\"document.title='PWNED'\"",
+]
+
+
+def test_index_escapes_hostile_names(tmp_path):
+    """Names from the command line and from folders end up as text, never as markup or script."""
+    from mechthink.report import is_complete, model_slug
+
+    fig = new_figure(2, 2)
+    fig.add_subplot(1, 1, 1).plot([0, 1], [0, 1])
+    for i, name in enumerate(HOSTILE):
+        png, js = write_outputs(tmp_path, "demo", name, fig, {"i": i}, {"model": name, "n": i})
+        assert png.parent == tmp_path / "demo" and set(png.stem) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        assert is_complete(tmp_path, "demo", {"model": name, "n": i}) and not is_complete(tmp_path, "demo", {"model": name, "n": i + 1})
+        assert model_slug(name) == png.stem
+    hostile_dir = tmp_path / HOSTILE[0].replace("/", "_")
+    hostile_dir.mkdir()
+    (hostile_dir / "x.json").write_text(json.dumps({"model": HOSTILE[2], "git_commit": HOSTILE[1]}))
+    index = build_index(tmp_path, {"demo": HOSTILE[1], hostile_dir.name: HOSTILE[2]})
+    page = index.read_text()
+    assert "<script>document" not in page and "onerror=" not in page.replace("onerror=&quot;", "")
+    dom = _render(index)
+    assert "PWNED" not in dom.split("<title>")[1].split("</title>")[0]
+    assert dom.count("<img") == len(HOSTILE)  # the figures, and no injected image

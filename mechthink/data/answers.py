@@ -322,7 +322,11 @@ def parse_gsm8k_answer(text: str) -> str:
     tail = text[idx + len(_GSM8K_MARK) :].strip()
     if not tail:
         raise ValueError("parse_gsm8k_answer: nothing after '####' (expected '#### <answer>')")
-    return normalize_number(tail.splitlines()[0])
+    first = tail.splitlines()[0]
+    if _numeric_value(first) is None:
+        raise ValueError(f"parse_gsm8k_answer: the answer after '####' is {first!r}, not a number "
+                         "(GSM8K answers are numbers, e.g. '#### 18')")
+    return normalize_number(first)
 
 
 def _after_marker(text: str) -> str | None:

@@ -80,8 +80,15 @@ def _read_numbered(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not p.is_file():
         raise FileNotFoundError(f"JSONL file not found: {p} (expected a path to a .jsonl file)")
     rows: list[tuple[str, dict[str, Any]]] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{p}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

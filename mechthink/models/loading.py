@@ -19,6 +19,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from mechthink.models.registry import (
     resolve_name,
 )
 from mechthink.models.gguf_tokenizer import load_gguf_tokenizer
+from mechthink.models.guards import context_length, install_context_guard
 from mechthink.models.kvcache import check_kv_cache, install_cache_adapter
 from mechthink.models.thinking_model import ThinkingModel
 
@@ -245,23 +248,40 @@ def _load_hf_dir(
         ) from None
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     _check_architecture(arch, source)
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, local_files_only=local_files_only, trust_remote_code=trust_remote_code, revision=revision
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=local_files_only, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
+        raise ValueError(f"could not load the tokenizer of {source!r} ({_first_line(exc)}); "
+                         "pass tokenizer= (a tokenizer or its directory)") from None
     auto_cls: Any = AutoModelForCausalLM
     if not arch.endswith("ForCausalLM"):
         import transformers
 
         auto_cls = getattr(transformers, arch, None) or AutoModelForCausalLM
-    model = auto_cls.from_pretrained(
-        source,
-        dtype=dtype,
-        attn_implementation="eager",
-        local_files_only=local_files_only,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-    )
+    try:
+        model = auto_cls.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation="eager",
+            local_files_only=local_files_only,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            weights_only=True,
+        )
+    except Exception as exc:  # safetensors / torch / transformers raise many types for bad weights
+        raise ValueError(
+            f"could not read the weights of {source!r} ({_first_line(exc)}); a model directory needs "
+            "complete model*.safetensors files (or a pytorch_model.bin loadable with weights_only=True)"
+        ) from None
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for one-line errors."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def _spec_for(name: str, model: Any, source: str = "local") -> ThinkingModelSpec:
@@ -274,6 +294,183 @@ def _spec_for(name: str, model: Any, source: str = "local") -> ThinkingModelSpec
     return generic_spec(
         name, arch, int(text_cfg.num_hidden_layers), int(text_cfg.hidden_size), source="hub" if source == "hub" else "local"
     )
+
+
+# ---------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class _Request:
+    """What ``load_model`` was asked for, resolved to one kind of source."""
+
+    kind: str
+    target: str
+    label: str
+    dtype: torch.dtype
+    tokenizer: Any
+    local_files_only: bool
+    trust_remote_code: bool
+    revision: str | None
+    hf_model: Any = None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub's host (no retries); False when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub(repo: str, local_files_only: bool) -> bool:
+    """Whether a hub id must be read from the local HF cache only; raises at once (one line)
+    when it is not cached and the hub cannot be reached, instead of transformers' retries."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # an unreadable cache counts as not cached
+        cached = False
+    if cached or local_files_only:
+        return True
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached from here"
+        raise OSError(
+            f"{repo!r} is not in the local Hugging Face cache and {why}; download it on a machine with "
+            "network access (huggingface-cli download), or pass a local directory, a .gguf file or hf_model="
+        )
+    return False
+
+
+def _classify(name_or_path: Any, hf_model: Any) -> tuple[str, str, str]:
+    """``(kind, target, label)`` for what was asked, with a one-line error for anything else."""
+    if hf_model is not None:
+        label = "in-memory" if name_or_path is None else str(name_or_path)
+        return "in-memory", label, label
+    if name_or_path is None:
+        name_or_path = "tiny-thinker"
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"load_model: name_or_path must be a registry name, hub id or path (str or os.PathLike), "
+            f"got {type(name_or_path).__name__} {name_or_path!r}"
+        )
+    text = os.fspath(name_or_path)
+    if not str(text).strip():
+        raise ValueError("load_model: name_or_path is empty; pass a registry name (see `mechthink models`), a hub id, "
+                         "an HF model directory or a .gguf file")
+    path = Path(text).expanduser()
+    canonical = resolve_name(str(text))
+    if canonical is not None and not path.exists():
+        reg = REGISTRY[canonical]
+        return {"organism": "organism", "gguf-package": "gguf-package"}.get(reg.source, "hub-registered"), reg.name, reg.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is a directory without config.json, so not an HF model directory; pass an HF "
+                             "model directory, a .gguf file, or a registered name")
+        return "hf-dir", str(path), str(text)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf-file", str(path), str(text)
+        raise ValueError(f"{path} is neither an HF model directory nor a .gguf file")
+    looks_like_path = str(text).startswith((".", "/", "~")) or str(text).lower().endswith(".gguf") or str(text).count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"{path}: no such file or directory (load_model takes a registry name, a hub id "
+                                "org/name, an HF model directory or a .gguf file)")
+    if str(text).count("/") == 1:
+        return "hub-id", str(text), str(text)
+    get_spec(str(text))  # raises UnknownModelError listing close matches
+    raise AssertionError("unreachable")
+
+
+def _from_organism(req: _Request) -> tuple[Any, Any, str]:
+    from mechthink.models.organism import WEIGHTS_DIR
+
+    if not (Path(WEIGHTS_DIR) / "config.json").exists():
+        raise FileNotFoundError(
+            f"tiny-thinker weights are missing from {WEIGHTS_DIR}; train them with: mechthink train-organism --recipe shipped"
+        )
+    return (*_load_hf_dir(str(WEIGHTS_DIR), req.dtype, True, False, None), "organism")
+
+
+def _from_gguf_package(req: _Request) -> tuple[Any, Any, str]:
+    return (*_load_hf_dir(str(smollm2_hf_dir(REGISTRY[req.target])), req.dtype, True, False, None), "local")
+
+
+def _from_hub(req: _Request) -> tuple[Any, Any, str]:
+    reg = REGISTRY.get(req.target)
+    for extra in reg.requires if reg is not None else ():
+        if importlib.util.find_spec(extra) is None:
+            raise ModuleNotFoundError(f"{reg.name} ({reg.architecture}) needs the package {extra!r}; pip install {extra}")
+    local = _check_hub(req.target, req.local_files_only)
+    return (*_load_hf_dir(req.target, req.dtype, local, req.trust_remote_code, req.revision), "hub")
+
+
+def _from_gguf_file(req: _Request) -> tuple[Any, Any, str]:
+    hf_dir = _gguf_to_hf_dir(Path(req.target), req.tokenizer)
+    return (*_load_hf_dir(str(hf_dir), req.dtype, True, False, None), "local")
+
+
+def _from_hf_dir(req: _Request) -> tuple[Any, Any, str]:
+    model, tok = _load_hf_dir(req.target, req.dtype, True, req.trust_remote_code, None)
+    return model, req.tokenizer or tok, "local"
+
+
+def _from_memory(req: _Request) -> tuple[Any, Any, str]:
+    tokenizer = req.tokenizer
+    if tokenizer is None:
+        raise ValueError("load_model(hf_model=...) needs tokenizer= as well (a tokenizer or its directory)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    model = req.hf_model
+    if not hasattr(model, "config") or not hasattr(model, "parameters"):
+        raise TypeError(f"load_model: hf_model must be a Hugging Face causal LM, got {type(model).__name__}")
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    _check_architecture(arch, req.label)
+    return model.to(dtype=req.dtype), tokenizer, "local"
+
+
+#: One loader per kind of source; each returns ``(hf_model, tokenizer, source_kind)``.
+_LOADERS: dict[str, Callable[[_Request], tuple[Any, Any, str]]] = {
+    "in-memory": _from_memory,
+    "organism": _from_organism,
+    "gguf-package": _from_gguf_package,
+    "hub-registered": _from_hub,
+    "hub-id": _from_hub,
+    "gguf-file": _from_gguf_file,
+    "hf-dir": _from_hf_dir,
+}
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_finite(model: Any, where: str) -> None:
+    """Refuse weights holding NaN or inf (they give NaN logits everywhere, silently)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                n_bad = int((~torch.isfinite(p)).sum())
+                raise ValueError(f"{where}: parameter {name} holds {n_bad} NaN/inf values; the weights are damaged")
+
+
+def _check_vocab(model: Any, tokenizer: Any, where: str) -> None:
+    """The tokenizer must belong to the model: no id beyond the embeddings, not far fewer tokens."""
+    n_embed = int(model.get_input_embeddings().weight.shape[0])
+    n_tok = len(tokenizer)
+    if n_tok > n_embed or n_tok < n_embed // 2:
+        raise ValueError(
+            f"{where}: the tokenizer has {n_tok} tokens but the model has {n_embed} embeddings, so it is not this "
+            "model's tokenizer; pass the model's own tokenizer (tokenizer=)"
+        )
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None and not 0 <= int(tid) < n_embed:
+            raise ValueError(f"{where}: tokenizer {name}={tid} is outside the model's {n_embed} embeddings; "
+                             "pass the model's own tokenizer (tokenizer=)")
 
 
 def load_model(
@@ -292,6 +489,12 @@ def load_model(
 ) -> ThinkingModel:
     """Load a thinking model as a hooked TransformerLens bridge.
 
+    The source is resolved to one kind (registered organism / GGUF package / hub entry, hub id,
+    local HF directory, .gguf file, in-memory model) and loaded by that kind's loader; then the
+    weights are checked for NaN/inf, the tokenizer against the embeddings, and (by default) the
+    KV cache against a full forward. Inputs longer than the model's context window are refused
+    at every forward (:mod:`mechthink.models.guards`).
+
     Args:
         name_or_path: A registry name or alias (``"tiny-thinker"``, ``"smollm2-135m"``,
             ``"deepseek-ai/DeepSeek-R1-Distill-Llama-8B"``), any hub id, a local HF directory,
@@ -303,7 +506,8 @@ def load_model(
         spec: Thinking conventions to use; default: the registry entry, else R1-style defaults.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``; default CUDA when available.
         dtype: float32 (default), bfloat16 or float16 (as dtype or string).
-        local_files_only: Never touch the network for hub names (use the HF cache only).
+        local_files_only: Never touch the network for hub names (use the HF cache only). Hub
+            ids that are not cached fail at once, in one line, when the hub cannot be reached.
         trust_remote_code: Allow custom modelling code from the hub (off by default).
         revision: Hub revision (branch, tag or commit).
         compatibility_mode: Apply TransformerLens compatibility mode (default True; every
@@ -321,67 +525,11 @@ def load_model(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = _check_device_dtype(device, torch_dtype)
-
-    if name_or_path is None and hf_model is None:
-        name_or_path = "tiny-thinker"
-    label = str(name_or_path) if name_or_path is not None else "in-memory"
-    source_kind = "local"
-    if hf_model is not None:
-        if tokenizer is None:
-            raise ValueError("load_model(hf_model=...) needs tokenizer= as well (a tokenizer or its directory)")
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        model = hf_model
-        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        _check_architecture(arch, label)
-        model = model.to(dtype=torch_dtype)
-    else:
-        assert name_or_path is not None
-        path = Path(os.fspath(name_or_path)).expanduser()
-        canonical = resolve_name(str(name_or_path))
-        if canonical is not None and not path.exists():
-            reg = REGISTRY[canonical]
-            label = reg.name
-            if reg.source == "organism":
-                from mechthink.models.organism import WEIGHTS_DIR
-
-                if not (Path(WEIGHTS_DIR) / "config.json").exists():
-                    raise FileNotFoundError(
-                        f"tiny-thinker weights are missing from {WEIGHTS_DIR}; "
-                        "train them with: python -m mechthink.models.organism.train"
-                    )
-                model, tokenizer = _load_hf_dir(str(WEIGHTS_DIR), torch_dtype, True, False, None)
-            elif reg.source == "gguf-package":
-                model, tokenizer = _load_hf_dir(str(smollm2_hf_dir(reg)), torch_dtype, True, False, None)
-            else:
-                for extra in reg.requires:
-                    if importlib.util.find_spec(extra) is None:
-                        raise ModuleNotFoundError(
-                            f"{reg.name} ({reg.architecture}) needs the package {extra!r}; pip install {extra}"
-                        )
-                source_kind = "hub"
-                model, tokenizer = _load_hf_dir(reg.name, torch_dtype, local_files_only, trust_remote_code, revision)
-        elif path.is_file() and path.suffix.lower() == ".gguf":
-            model, tokenizer = _load_hf_dir(str(_gguf_to_hf_dir(path, tokenizer)), torch_dtype, True, False, None)
-        elif path.is_dir():
-            if not (path / "config.json").exists():
-                raise ValueError(
-                    f"{path} is not a model directory (no config.json); pass an HF model directory, "
-                    "a .gguf file, or a registered name"
-                )
-            model, hf_tok = _load_hf_dir(str(path), torch_dtype, True, trust_remote_code, None)
-            tokenizer = tokenizer or hf_tok
-        elif path.exists():
-            raise ValueError(f"{path} is neither an HF model directory nor a .gguf file")
-        elif str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/", "~")):
-            source_kind = "hub"
-            model, tokenizer = _load_hf_dir(str(name_or_path), torch_dtype, local_files_only, trust_remote_code, revision)
-        else:
-            get_spec(str(name_or_path))  # raises UnknownModelError listing close matches
-            raise AssertionError("unreachable")
-
+    kind, target, label = _classify(name_or_path, hf_model)
+    req = _Request(kind, target, label, torch_dtype, tokenizer, local_files_only, trust_remote_code, revision, hf_model)
+    model, tokenizer, source_kind = _LOADERS[kind](req)
+    _check_finite(model, label)
+    _check_vocab(model, tokenizer, label)
     spec = spec or _spec_for(label, model, source_kind)
     tokenizer = _tokenizer_dir(tokenizer)
     model = model.to(dev).eval()
@@ -394,6 +542,7 @@ def load_model(
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     install_cache_adapter(bridge)
+    install_context_guard(bridge, context_length(model), spec.name)
     prepend_bos = _tokenizer_prepends_bos(tokenizer)
     loaded = ThinkingModel(bridge=bridge, tokenizer=tokenizer, spec=spec, prepend_bos=prepend_bos)
     if check_cache:
