@@ -54,7 +54,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 def _fail(exc: BaseException) -> typer.Exit:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    err_console.print(f"[red]error:[/red] {msg}  [dim](--debug shows the traceback)[/dim]", highlight=False)
+    err_console.print(f"[red]error:[/red] {msg}  [dim](--debug shows the traceback)[/dim]", highlight=False,
+                      soft_wrap=True, markup=True)
     return typer.Exit(2)
 
 
@@ -238,7 +239,7 @@ def reproduce(
     it was computed for exactly these options, this mechthink version and these weights."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from mechthink import progress
-    from mechthink.models.loading import parse_dtype
+    from mechthink.models.loading import check_source, parse_dtype
     from mechthink.report import build_index, canonical_model, is_complete
 
     progress.set_enabled(True)
@@ -252,6 +253,7 @@ def reproduce(
         out = FIGURES_DIR
     out = _check_out(out)
     parse_dtype(dtype)
+    check_source(model)
     todo = [n for n in analyses if not only or n in only]
     configs = {}
     for name in todo:  # every config is built (and validated) before the model is loaded
@@ -291,6 +293,7 @@ def _register_analysis(name: str, module: ModuleType) -> None:
     def run(cfg: Any, extras: dict[str, Any]) -> None:
         _check_out(cfg.out)
         parse_dtype(extras["dtype"])
+        check_source(cfg.model)
         loaded = _load(cfg.model, extras["device"], extras["dtype"])
         t0 = time.perf_counter()
         module.main(cfg, loaded_model=loaded)
@@ -299,7 +302,7 @@ def _register_analysis(name: str, module: ModuleType) -> None:
         png, js = output_paths(cfg.out, name, cfg.model)
         console.print(f"{name} on {cfg.model} done in {time.perf_counter() - t0:.1f} s: {png} and {js.name}")
 
-    from mechthink.models.loading import parse_dtype
+    from mechthink.models.loading import check_source, parse_dtype
 
     command_from_config(
         name.replace("_", "-"), module.Config, run, (module.__doc__ or name).strip().splitlines()[0],

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mechthink.cli import discover_analyses
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -19,6 +21,7 @@ def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mechthink.cli", "reproduce", "--n-samples", "8", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_reproduce_all_then_resume_after_kill(tmp_path):
     names = list(discover_analyses())
     assert {"confidence_curve", "early_exit", "logit_lens", "value_vectors", "attribution", "mi_peaks"} <= set(names)

@@ -38,7 +38,7 @@ from mechthink.models.guards import context_length, install_context_guard
 from mechthink.models.kvcache import check_kv_cache, install_cache_adapter
 from mechthink.models.thinking_model import ThinkingModel
 
-__all__ = ["load_model", "cache_dir", "parse_dtype", "smollm2_hf_dir", "supported_architectures"]
+__all__ = ["load_model", "check_source", "cache_dir", "parse_dtype", "smollm2_hf_dir", "supported_architectures"]
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +384,16 @@ def _classify(name_or_path: Any, hf_model: Any) -> tuple[str, str, str]:
         return "hub-id", str(text), str(text)
     get_spec(str(text))  # raises UnknownModelError listing close matches
     raise AssertionError("unreachable")
+
+
+def check_source(name_or_path: str | os.PathLike[str]) -> str:
+    """Check that ``name_or_path`` names something :func:`load_model` can load, without loading
+    it (registry names, existing paths, hub ids of the form ``org/name``); returns its kind.
+
+    Raises the same one-line errors as :func:`load_model` (unknown name with close matches,
+    missing path, a directory without config.json, ...).
+    """
+    return _classify(name_or_path, None)[0]
 
 
 def _from_organism(req: _Request) -> tuple[Any, Any, str]:
