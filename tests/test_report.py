@@ -87,3 +87,16 @@ def test_index_escapes_hostile_names(tmp_path):
     dom = _render(index)
     assert "PWNED" not in dom.split("<title>")[1].split("</title>")[0]
     assert dom.count("<img") == len(HOSTILE)  # the figures, and no injected image
+
+
+def test_aliases_name_the_same_files_and_resume_finds_them(tmp_path):
+    from mechthink.report import is_complete, output_paths
+
+    assert output_paths(tmp_path, "x", "smollm2") == output_paths(tmp_path, "x", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert output_paths(tmp_path, "x", "smollm2")[1].name == "smollm2-135m.json"
+    write_outputs(tmp_path, "x", "smollm2", None, {"a": 1}, {"model": "smollm2", "n_samples": 3, "out": "elsewhere"},
+                  fingerprint="abc")
+    assert is_complete(tmp_path, "x", {"model": "smollm2-135m", "n_samples": 3, "out": str(tmp_path)}, "abc")
+    assert not is_complete(tmp_path, "x", {"model": "smollm2-135m", "n_samples": 4}, "abc")  # options changed
+    assert not is_complete(tmp_path, "x", {"model": "smollm2-135m", "n_samples": 3}, "other-weights")
+    assert not is_complete(tmp_path, "x", {"model": "tiny-thinker", "n_samples": 3})
