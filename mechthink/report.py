@@ -120,8 +120,8 @@ def write_outputs(
     dpi: int = 130,
     fingerprint: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write the figure (PNG) and the JSON (numbers, config, version, commit, the model's
-    canonical name and weights fingerprint, complete=True)."""
+    """Write the figure (PNG, and SVG beside it) and the JSON (numbers, config, version, commit,
+    the model's canonical name and weights fingerprint, complete=True)."""
     from mechthink import __version__
 
     png, js = output_paths(out, name, model)
@@ -131,6 +131,9 @@ def write_outputs(
         buf = io.BytesIO()
         figure.savefig(buf, format="png", dpi=dpi)
         _atomic_write(png, buf.getvalue())
+        vec = io.BytesIO()  # the same figure as SVG, for papers
+        figure.savefig(vec, format="svg")
+        _atomic_write(png.with_suffix(".svg"), vec.getvalue())
     payload = {
         "analysis": name,
         "model": canonical_model(model),

@@ -36,6 +36,7 @@ def test_write_outputs_and_index(tmp_path):
     fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
     png, js = write_outputs(tmp_path, "demo", "org/model", fig, {"x": 1.5}, {"n": 3})
     assert png.name == "org__model.png" and png.stat().st_size > 1000
+    assert png.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
     meta = json.loads(js.read_text())
     assert meta["complete"] is True and meta["numbers"] == {"x": 1.5} and meta["model"] == "org/model"
     assert "git_commit" in meta and "mechthink_version" in meta

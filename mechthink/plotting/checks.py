@@ -1,0 +1,63 @@
+"""Layout checks of a drawn figure: overlapping tick labels and text outside the canvas.
+
+Matplotlib reports every text's bounding box once the figure is drawn
+(``Artist.get_window_extent``); a figure passes when no two visible tick labels of one axis
+overlap and no visible text leaves the canvas. Used by the tests on every plot function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["layout_problems"]
+
+
+def _visible_texts(artists: Any) -> list[Any]:
+    return [t for t in artists if t.get_visible() and t.get_text().strip()]
+
+
+def layout_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
+    """Every layout problem of ``fig`` as one line each (an empty list when it is clean).
+
+    Checks, after drawing with the figure's own canvas: (1) tick labels of the same axis that
+    overlap one another; (2) any visible text (titles, labels, tick labels, legends, annotations)
+    whose box leaves the figure canvas.
+    """
+    canvas = fig.canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width, height = canvas.get_width_height()
+    problems: list[str] = []
+    tick_texts: set[int] = set()
+    in_view: list[Any] = []
+    for i, ax in enumerate(fig.get_axes()):
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            lo, hi = sorted(axis.get_view_interval())
+            labels = []
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                for lab in (tick.label1, tick.label2):
+                    tick_texts.add(id(lab))
+                    if lab.get_visible() and lab.get_text().strip() and lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
+                        labels.append(lab)
+            in_view += labels
+            boxes = sorted(((t, t.get_window_extent(renderer)) for t in labels),
+                           key=lambda tb: tb[1].x0 if name == "x" else tb[1].y0)
+            for (t1, b1), (t2, b2) in zip(boxes, boxes[1:]):
+                ox = min(b1.x1, b2.x1) - max(b1.x0, b2.x0)
+                oy = min(b1.y1, b2.y1) - max(b1.y0, b2.y0)
+                if ox > tolerance_px and oy > tolerance_px:
+                    problems.append(f"axes {i} ({ax.get_title()[:40]!r}): {name} tick labels {t1.get_text()!r} and "
+                                    f"{t2.get_text()!r} overlap")
+    others = [t for t in _visible_texts(fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent")))
+              if id(t) not in tick_texts]
+    for t in in_view + others:
+        try:
+            b = t.get_window_extent(renderer)
+        except (RuntimeError, ValueError):
+            continue
+        if b.width == 0 and b.height == 0:
+            continue
+        if b.x0 < -tolerance_px or b.y0 < -tolerance_px or b.x1 > width + tolerance_px or b.y1 > height + tolerance_px:
+            problems.append(f"text {t.get_text()[:40]!r} leaves the canvas ({b.x0:.0f},{b.y0:.0f})-({b.x1:.0f},{b.y1:.0f}) "
+                            f"of {width}x{height}")
+    return problems
