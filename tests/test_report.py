@@ -37,6 +37,11 @@ def test_write_outputs_and_index(tmp_path):
     png, js = write_outputs(tmp_path, "demo", "org/model", fig, {"x": 1.5}, {"n": 3})
     assert png.name == "org__model.png" and png.stat().st_size > 1000
     assert png.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == (0o666 & ~mask) for p in (png, js))  # not mkstemp's 0600
     meta = json.loads(js.read_text())
     assert meta["complete"] is True and meta["numbers"] == {"x": 1.5} and meta["model"] == "org/model"
     assert "git_commit" in meta and "mechthink_version" in meta
