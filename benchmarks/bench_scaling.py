@@ -1,0 +1,261 @@
+"""How time and memory grow with the trace length T, per technique, against raw HF in one run.
+
+For each technique and T, a fresh worker process loads the model, warms up on 64 tokens and
+then runs the technique once on T random tokens; it reports the wall time and the extra peak
+resident memory over the warmed-up process (``ru_maxrss``, so every transient tensor counts).
+A worker that needs more than ``--mem-limit-gb`` of address space fails and is reported as
+over the limit. The summary prints each figure, the growth exponent (log-log slope of time and
+of extra memory over T) and each technique's time relative to the HF model's own default
+attention (sdpa) forward at the same T, measured in the same run.
+
+    python benchmarks/bench_scaling.py [--model smollm2-135m] [--Ts 512,1024,2048,4096]
+        [--only hooked_forward,atp,...] [--threads 1] [--mem-limit-gb 16] [--json out.json]
+
+Generation is measured separately at one prompt length (``--gen-prompt``): tokens per second of
+greedy (and sampled, and steered) generation of ``--gen-tokens`` tokens at batch 1 and 8,
+against HF ``generate`` on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.abspath(__file__)
+
+
+# ============================================================================ techniques
+def _tokens(T: int, vocab: int, seed: int = 0) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 40000), (T,), generator=g)
+
+
+def _names(model: Any, kinds: tuple[str, ...]) -> set[str]:
+    return {f"blocks.{L}.hook_{k}" for L in range(model.n_layers) for k in kinds}
+
+
+def t_hooked_forward(model: Any, ids: Any, ctx: dict) -> None:
+    names = _names(model, ("resid_pre", "attn_out", "mlp_out"))
+    model.bridge.run_with_cache(ids[None], names_filter=lambda n: n in names)
+
+
+def t_hf_sdpa(model: Any, ids: Any, ctx: dict) -> None:
+    ctx["hf"]("sdpa")(ids[None])
+
+
+def t_hf_eager(model: Any, ids: Any, ctx: dict) -> None:
+    ctx["hf"]("eager")(ids[None])
+
+
+def t_lens_dla(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink import lens
+
+    lens.logit_lens(model, [ids.tolist()], [ctx["target"]], mode="accumulated")
+    lens.logit_lens(model, [ids.tolist()], [ctx["target"]], mode="decomposed")
+
+
+def _atp(model: Any, ids: Any, ctx: dict, **kw: Any) -> None:
+    import torch
+
+    from mechthink import attribution as atp
+
+    with torch.enable_grad():
+        atp.attribution_patching(model, ids, atp.logit_metric(-1, ctx["target"]), baseline="zero", **kw)
+
+
+def t_atp(model: Any, ids: Any, ctx: dict) -> None:
+    _atp(model, ids, ctx, nodes=("resid_pre", "attn_out", "mlp_out", "z"))
+
+
+def t_qkfix(model: Any, ids: Any, ctx: dict) -> None:
+    _atp(model, ids, ctx, nodes=("resid_pre",), estimator="qkfix")
+
+
+def t_exact_per_node(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink import attribution as atp
+
+    L = model.n_layers // 2
+    atp.activation_patching(model, ids, atp.logit_metric(-1, ctx["target"]), baseline="zero", nodes=("resid_pre",),
+                            positions=[len(ids) // 2], layers=[L], batch_size=1)
+
+
+def t_fork_probes16(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink import confidence
+
+    T = len(ids)
+    positions = [int((k + 1) * (T - 1) / 16) for k in range(16)]
+    confidence.answer_probe(model, ids, positions, {str(v): [f"{v}}}"] for v in range(10)}, suffix="\nThe answer is \\boxed{")
+
+
+def t_binned_attention(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink import context
+
+    T = len(ids)
+    heads = [(L, 0) for L in range(0, model.n_layers, max(1, model.n_layers // 4))]
+    context.binned_attention(model, ids, heads, (1, T // 10), (T // 10, T - 1), n_bins=5)
+
+
+def t_mi_trajectory(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink import mi
+
+    mi.mi_trajectory(model, ids, ids[-8:], start=len(ids) // 10)
+
+
+TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
+    "hf_sdpa": t_hf_sdpa,
+    "hf_eager": t_hf_eager,
+    "hooked_forward": t_hooked_forward,
+    "lens_dla": t_lens_dla,
+    "atp": t_atp,
+    "qkfix": t_qkfix,
+    "exact_per_node": t_exact_per_node,
+    "fork_probes16": t_fork_probes16,
+    "binned_attention": t_binned_attention,
+    "mi_trajectory": t_mi_trajectory,
+}
+
+
+# ============================================================================ worker
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _context(model: Any, device: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, Any] = {}
+
+    def hf(impl: str) -> Any:
+        if impl not in cache:
+            src = model.spec.name
+            from mechthink.models.loading import smollm2_hf_dir
+
+            path = smollm2_hf_dir() if src == "smollm2-135m" else None
+            if path is None:
+                from mechthink.models.organism import WEIGHTS_DIR
+
+                path = WEIGHTS_DIR
+            cache[impl] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).to(device).eval()
+        return cache[impl]
+
+    ids = model.token_ids(["Wait"])
+    return {"hf": hf, "target": ids[0]}
+
+
+def worker(tech: str, T: int, model_name: str, threads: int, device: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import mechthink as mt
+
+    model = mt.load_model(model_name, device=device)
+    ctx = _context(model, device)
+    fn = TECHNIQUES[tech]
+    vocab = int(model.bridge.cfg.d_vocab)
+    grad = tech in ("atp", "qkfix")
+    with torch.inference_mode(mode=not grad):
+        fn(model, _tokens(64, vocab, 1), ctx)  # warm-up (and lazy loads, e.g. the HF copy)
+        base = _peak_mb()
+        t0 = time.perf_counter()
+        fn(model, _tokens(T, vocab), ctx)
+        dt = time.perf_counter() - t0
+    return {"technique": tech, "T": T, "seconds": dt, "extra_peak_mb": _peak_mb() - base}
+
+
+def _run_worker(tech: str, T: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, HERE, "--worker", tech, "--T", str(T), "--model", args.model, "--threads", str(args.threads),
+           "--device", args.device]
+    limit = int(args.mem_limit_gb * 2**30)
+
+    def cap() -> None:  # the worker's address space, so an O(T^2) technique fails instead of swapping
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MECHTHINK_PROGRESS": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=cap, timeout=args.timeout)
+    for line in done.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
+    over = "memory" in done.stderr.lower() or "alloc" in done.stderr.lower() or done.returncode < 0
+    return {"technique": tech, "T": T, "seconds": None, "extra_peak_mb": None,
+            "error": f"over {args.mem_limit_gb:g} GB" if over else tail}
+
+
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y is not None and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--Ts", default="512,1024,2048,4096")
+    ap.add_argument("--only", default="", help="comma-separated techniques (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mem-limit-gb", type=float, default=16.0)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--worker", default="")
+    ap.add_argument("--T", type=int, default=0)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.T, args.model, args.threads, args.device)), flush=True)
+        return
+    Ts = [int(t) for t in args.Ts.split(",")]
+    techs = [t for t in (args.only.split(",") if args.only else TECHNIQUES) if t]
+    unknown = set(techs) - set(TECHNIQUES)
+    if unknown:
+        raise SystemExit(f"unknown techniques {sorted(unknown)}; available: {', '.join(TECHNIQUES)}")
+    if "hf_sdpa" not in techs:
+        techs = ["hf_sdpa", *techs]
+    rows = []
+    for T in Ts:
+        for tech in techs:
+            r = _run_worker(tech, T, args)
+            rows.append(r)
+            sec = "—" if r["seconds"] is None else f"{r['seconds']:8.2f} s"
+            mem = "—" if r["extra_peak_mb"] is None else f"{r['extra_peak_mb'] / 1024:7.2f} GB"
+            print(f"T={T:5d} {tech:18s} {sec:>11s} {mem:>10s} {r.get('error', '')}", flush=True)
+    sdpa = {r["T"]: r["seconds"] for r in rows if r["technique"] == "hf_sdpa"}
+    print(f"\n{args.model}, {args.threads} thread(s), {args.device}; extra peak memory over the warmed-up process")
+    print(f"{'technique':18s} " + " ".join(f"{'T=' + str(T):>22s}" for T in Ts) + "   slope(time) slope(mem)")
+    summary = {}
+    for tech in techs:
+        mine = {r["T"]: r for r in rows if r["technique"] == tech}
+        cells = []
+        for T in Ts:
+            r = mine[T]
+            if r["seconds"] is None:
+                cells.append(f"{r.get('error', 'failed')[:22]:>22s}")
+            else:
+                rel = f"{r['seconds'] / sdpa[T]:.2f}x" if sdpa.get(T) else "?"
+                cells.append(f"{r['seconds']:6.1f}s {r['extra_peak_mb'] / 1024:5.2f}GB {rel:>7s}")
+        st = _slope([T for T in Ts if mine[T]["seconds"]], [mine[T]["seconds"] for T in Ts if mine[T]["seconds"]])
+        sm = _slope([T for T in Ts if mine[T]["extra_peak_mb"]], [mine[T]["extra_peak_mb"] for T in Ts if mine[T]["extra_peak_mb"]])
+        summary[tech] = {"slope_time": st, "slope_mem": sm}
+        fmt = lambda v: "   —  " if v is None else f"{v:6.2f}"  # noqa: E731
+        print(f"{tech:18s} " + " ".join(cells) + f"   {fmt(st)}      {fmt(sm)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "threads": args.threads, "rows": rows, "summary": summary}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
