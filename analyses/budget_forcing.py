@@ -61,9 +61,10 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
     golds = [str(q.answer) for q in qs]
-    budgets = iv.budget_sweep(model, qs, golds, [int(x) for x in cfg.budgets.split(",")], cfg.max_new_tokens)
-    extensions = iv.extension_sweep(model, qs, golds, [int(x) for x in cfg.extensions.split(",")], cfg.extend_with,
-                                    cfg.max_new_tokens, baseline=budgets.baseline)
+    budgets = iv.forcing_sweep(model, qs, golds, "budget", [int(x) for x in cfg.budgets.split(",")],
+                               max_new_tokens=cfg.max_new_tokens)
+    extensions = iv.forcing_sweep(model, qs, golds, "max_extensions", [int(x) for x in cfg.extensions.split(",")],
+                                  cfg.extend_with, cfg.max_new_tokens, baseline=budgets.baseline)
     numbers = {"n_samples": len(qs), "unconstrained": jsonable(budgets.baseline),
                "by_budget": budgets.rows(), "by_extensions": extensions.rows()}
     write_outputs(cfg.out, NAME, cfg.model, forcing_figure(budgets, extensions), numbers, cfg,

@@ -30,7 +30,7 @@ import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -52,6 +52,7 @@ __all__ = [
     "BudgetState",
     "ControlOutcome",
     "EditOutcome",
+    "FlatResult",
     "ForcingSweep",
     "GenerationScore",
     "RecycleState",
@@ -62,13 +63,12 @@ __all__ = [
     "accuracy",
     "backtrack_pattern",
     "budget_forcing",
-    "budget_sweep",
     "continue_after_edit",
     "continue_greedy",
     "continue_prefixes",
     "edit_table",
     "edit_trace",
-    "extension_sweep",
+    "forcing_sweep",
     "logits_at_last",
     "load_thinking_words",
     "organism_mistakes",
@@ -84,6 +84,27 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOGITS_HOOK = "unembed.hook_out"
+
+
+class FlatResult(Result):
+    """A result with no figure of its own: one condition's numbers, or a state object.
+
+    ``to_frame`` is one row of its fields (subclasses with per-row fields override it);
+    ``plot`` raises ``NotImplementedError`` naming what shows it instead (``plotted_by``).
+    """
+
+    plotted_by: ClassVar[str] = "the sweep that holds it"
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row of the fields."""
+        import pandas as pd
+
+        return pd.DataFrame([jsonable(self)])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Not meaningful here (raises ``NotImplementedError``)."""
+        raise NotImplementedError(f"{type(self).__name__}.plot: this result has no figure of its own; "
+                                  f"see {self.plotted_by}")
 
 
 # ============================================================================ token sets
@@ -163,7 +184,7 @@ def suppress_tokens(model: "ThinkingModel", token_ids: Sequence[int]) -> Iterato
 
 # ============================================================================ budget forcing
 @dataclass
-class BudgetState(Result):
+class BudgetState(FlatResult):
     """What :func:`budget_forcing` did, per batch row of the current stream.
 
     A state object: ``to_frame`` / ``to_json`` report it, ``plot`` raises (no figure of its own;
@@ -175,6 +196,7 @@ class BudgetState(Result):
         plan: Per row, ``{column: token}`` of forced tokens.
     """
 
+    plotted_by: ClassVar[str] = "ForcingSweep.plot"
     extensions: list[int] = field(default_factory=list)
     forced_answer: list[bool] = field(default_factory=list)
     plan: list[dict[int, int]] = field(default_factory=list)
@@ -185,14 +207,6 @@ class BudgetState(Result):
 
         return pd.DataFrame({"row": range(len(self.plan)), "extensions": self.extensions,
                              "forced_answer": self.forced_answer, "n_forced_tokens": [len(p) for p in self.plan]})
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for a state object (raises ``NotImplementedError``)."""
-        _no_figure(self, "plot a ForcingSweep")
-
-
-def _no_figure(result: Any, instead: str) -> None:
-    raise NotImplementedError(f"{type(result).__name__}.plot: this result has no figure of its own; {instead}")
 
 
 def _encode(model: "ThinkingModel", text: str) -> list[int]:
@@ -279,7 +293,7 @@ def _planned_after(plan: dict[int, int], target: int) -> bool:
 
 # ============================================================================ recycling
 @dataclass
-class RecycleState(Result):
+class RecycleState(FlatResult):
     """Bookkeeping of :func:`recycle`.
 
     A state object: ``to_frame`` / ``to_json`` report it, ``plot`` raises (no figure of its own).
@@ -291,6 +305,7 @@ class RecycleState(Result):
         rows: The rows being recycled in that step (internal).
     """
 
+    plotted_by: ClassVar[str] = "RecycleState.to_frame"
     n_recycled: int = 0
     events: list[tuple[int, list[int]]] = field(default_factory=list)
     rerunning: bool = False
@@ -302,10 +317,6 @@ class RecycleState(Result):
 
         return pd.DataFrame({"event": range(len(self.events)), "cache_length": [c for c, _ in self.events],
                              "n_rows": [len(r) for _, r in self.events], "rows": [list(r) for _, r in self.events]})
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for a state object (raises ``NotImplementedError``)."""
-        _no_figure(self, "use to_frame()")
 
 
 def _slice_last(v: Any) -> Any:
@@ -431,7 +442,7 @@ def recycle(
 
 # ============================================================================ trace editing
 @dataclass
-class EditOutcome(Result):
+class EditOutcome(FlatResult):
     """What happened after a mistake was inserted into the thinking (Lanham et al. 2023).
 
     ``plot`` raises (one outcome has no figure); :func:`edit_table` tabulates many.
@@ -445,20 +456,13 @@ class EditOutcome(Result):
         continuation: The generated text.
     """
 
+    plotted_by: ClassVar[str] = "edit_table"
     backtracked: bool
     backtrack_offset: int | None
     answer: str | None
     follows_mistake: bool
     follows_correct: bool
     continuation: str
-
-    def to_frame(self) -> "pd.DataFrame":
-        """One row with the six fields."""
-        return edit_table([self])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one outcome (raises ``NotImplementedError``)."""
-        _no_figure(self, "tabulate many with edit_table()")
 
 
 def backtrack_pattern(words: Sequence[str]) -> re.Pattern[str]:
@@ -616,7 +620,7 @@ def logits_at_last(model: "ThinkingModel", ids: Sequence[int]) -> Float[Tensor, 
 
 # ============================================================================ suppression experiments
 @dataclass
-class SuppressionOutcome(Result):
+class SuppressionOutcome(FlatResult):
     """Greedy continuations under one suppressed set.
 
     ``plot`` raises (one condition's scalars); :class:`SuppressionSweep` plots many.
@@ -628,23 +632,14 @@ class SuppressionOutcome(Result):
         n_tokens: Size of the suppressed set.
     """
 
+    plotted_by: ClassVar[str] = "SuppressionSweep.plot"
     accuracy: float
     backtrack_rate: float
     n_tokens: int
 
-    def to_frame(self) -> "pd.DataFrame":
-        """One row with the three fields."""
-        import pandas as pd
-
-        return pd.DataFrame([jsonable(self)])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one condition (raises ``NotImplementedError``)."""
-        _no_figure(self, "plot a SuppressionSweep")
-
 
 @dataclass
-class ControlOutcome(Result):
+class ControlOutcome(FlatResult):
     """Greedy continuations under random control sets of one size (one run per draw).
 
     ``plot`` raises (one condition's scalars); :class:`SuppressionSweep` plots many.
@@ -658,6 +653,7 @@ class ControlOutcome(Result):
         n_tokens: Size of each control set.
     """
 
+    plotted_by: ClassVar[str] = "SuppressionSweep.plot"
     accuracy: float
     accuracy_sd: float
     accuracy_median: float
@@ -671,10 +667,6 @@ class ControlOutcome(Result):
 
         return pd.DataFrame({"draw": range(len(self.accuracy_each)), "accuracy": self.accuracy_each,
                              "n_tokens": self.n_tokens})
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one condition (raises ``NotImplementedError``)."""
-        _no_figure(self, "plot a SuppressionSweep")
 
 
 @dataclass
@@ -839,7 +831,7 @@ def suppression_sweep(
 
 
 @dataclass
-class SampledCondition(Result):
+class SampledCondition(FlatResult):
     """One suppressed condition under sampling, paired with the unsuppressed run on the same seeds.
 
     ``plot`` raises (one condition); :class:`SampledSuppression` plots them all.
@@ -851,6 +843,7 @@ class SampledCondition(Result):
             pairs lost and gained, seeds).
     """
 
+    plotted_by: ClassVar[str] = "SampledSuppression.plot"
     accuracy: float
     accuracy_none_same_seeds: float
     change: PairedChange
@@ -867,10 +860,6 @@ class SampledCondition(Result):
         import pandas as pd
 
         return pd.DataFrame([self.summary()])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one condition (raises ``NotImplementedError``)."""
-        _no_figure(self, "plot a SampledSuppression")
 
 
 @dataclass
@@ -926,15 +915,8 @@ class SampledSuppression(Result):
 
 
 def _sampled_correct(
-    model: "ThinkingModel",
-    prefixes: Sequence[Sequence[int]],
-    golds: Sequence[str],
-    ids: Sequence[int],
-    n_seeds: int,
-    temperature: float,
-    max_new_tokens: int,
-    batch_size: int,
-    pat: re.Pattern[str],
+    model: "ThinkingModel", prefixes: Sequence[Sequence[int]], golds: Sequence[str], ids: Sequence[int], n_seeds: int,
+    temperature: float, max_new_tokens: int, batch_size: int, pat: re.Pattern[str],
 ) -> tuple[Float[Tensor, "seed problem"], float]:
     """``[seed, problem]`` 1.0 where the sampled continuation is right, and the backtracking rate."""
     rows, bt = [], []
@@ -1013,7 +995,7 @@ def sampled_suppression(
 
 # ============================================================================ forcing sweeps
 @dataclass
-class GenerationScore(Result):
+class GenerationScore(FlatResult):
     """Accuracy and thinking statistics of a set of generated traces.
 
     ``plot`` raises (one condition's scalars); :class:`ForcingSweep` plots sweeps of it.
@@ -1025,20 +1007,11 @@ class GenerationScore(Result):
         mean_repetition: Mean 4-gram repetition of the completions.
     """
 
+    plotted_by: ClassVar[str] = "ForcingSweep.plot"
     accuracy: float
     mean_thinking_tokens: float
     closed_rate: float
     mean_repetition: float
-
-    def to_frame(self) -> "pd.DataFrame":
-        """One row with the four fields."""
-        import pandas as pd
-
-        return pd.DataFrame([jsonable(self)])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one condition (raises ``NotImplementedError``)."""
-        _no_figure(self, "plot a ForcingSweep")
 
 
 def score_traces(traces: Sequence["Trace"], golds: Sequence[str]) -> GenerationScore:
@@ -1104,25 +1077,51 @@ class ForcingSweep(Result):
         return plot_forcing_sweep(self, ax)
 
 
-def _forcing_sweep(
+def forcing_sweep(
     model: "ThinkingModel",
     questions: Sequence[Any],
     golds: Sequence[str],
     parameter: str,
     values: Sequence[int],
-    forcing: Callable[[int], Any],
-    max_new_tokens: int,
-    batch_size: int | None,
-    baseline: GenerationScore | None,
-    extend_with: str = "",
+    extend_with: str = " Wait",
+    max_new_tokens: int = 160,
+    batch_size: int | None = None,
+    baseline: GenerationScore | None = None,
 ) -> ForcingSweep:
+    """Greedy traces under :func:`budget_forcing` at each value of one parameter.
+
+    * ``parameter="budget"``: the thinking is capped at each budget (s1: the answer is forced
+      after it); ``forced`` is the fraction of traces whose answer was forced.
+    * ``parameter="max_extensions"``: each attempt to close the thinking becomes
+      ``extend_with``, up to N times (TTTS); ``forced`` is the mean number of extensions used.
+
+    Args:
+        model: The loaded model.
+        questions: Anything :func:`mechthink.traces.generate` takes.
+        golds: The gold answer per question.
+        parameter: ``"budget"`` or ``"max_extensions"``.
+        values: The parameter's values (non-negative ints).
+        extend_with: Text forced instead of think_close (``"max_extensions"``).
+        max_new_tokens: Generation budget per trace.
+        batch_size: Questions generated together (default all; one forcing state per batch).
+        baseline: The unforced score, if already computed (else generated here).
+    """
     from mechthink.traces import generate  # traces builds on generation, not on this module
 
+    if parameter not in ("budget", "max_extensions"):
+        raise ValueError(f"parameter must be 'budget' or 'max_extensions', got {parameter!r}")
+    if not questions or len(questions) != len(golds):
+        raise ValueError(f"forcing_sweep: need one gold per question, got {len(questions)} and {len(golds)}")
     bs = len(questions) if batch_size is None else int(batch_size)
+
+    def forcing(value: int) -> Any:
+        if parameter == "budget":
+            return budget_forcing(model, budget=value)
+        return budget_forcing(model, max_extensions=value, extend_with=extend_with)
 
     def run(value: int | None) -> tuple[GenerationScore, float]:
         gen, forced = [], 0.0
-        for k in range(0, len(questions), bs):  # one forcing state per batch (it tracks one stream)
+        for k in range(0, len(questions), bs):
             with contextlib.ExitStack() as stack:
                 st = None if value is None else stack.enter_context(forcing(value))
                 gen += generate(model, questions[k : k + bs], max_new_tokens=max_new_tokens, batch_size=bs)
@@ -1133,55 +1132,4 @@ def _forcing_sweep(
     base = run(None)[0] if baseline is None else baseline
     runs = [run(int(v)) for v in values]
     return ForcingSweep(parameter, [int(v) for v in values], [r[0] for r in runs], [r[1] for r in runs], base,
-                        extend_with, len(questions), model.spec.name)
-
-
-def budget_sweep(
-    model: "ThinkingModel",
-    questions: Sequence[Any],
-    golds: Sequence[str],
-    budgets: Sequence[int],
-    max_new_tokens: int = 160,
-    batch_size: int | None = None,
-    baseline: GenerationScore | None = None,
-) -> ForcingSweep:
-    """Greedy traces with the thinking capped at each budget (s1: the answer is forced after it).
-
-    Args:
-        model: The loaded model.
-        questions: Anything :func:`mechthink.traces.generate` takes.
-        golds: The gold answer per question.
-        budgets: Thinking budgets in tokens.
-        max_new_tokens: Generation budget per trace.
-        batch_size: Questions generated together (default all).
-        baseline: The unforced score, if already computed (else generated here).
-    """
-    return _forcing_sweep(model, questions, golds, "budget", budgets, lambda b: budget_forcing(model, budget=b),
-                          max_new_tokens, batch_size, baseline)
-
-
-def extension_sweep(
-    model: "ThinkingModel",
-    questions: Sequence[Any],
-    golds: Sequence[str],
-    extensions: Sequence[int],
-    extend_with: str = " Wait",
-    max_new_tokens: int = 160,
-    batch_size: int | None = None,
-    baseline: GenerationScore | None = None,
-) -> ForcingSweep:
-    """Greedy traces where each attempt to close the thinking becomes ``extend_with``, up to N times (TTTS).
-
-    Args:
-        model: The loaded model.
-        questions: Anything :func:`mechthink.traces.generate` takes.
-        golds: The gold answer per question.
-        extensions: Maximum numbers of extensions.
-        extend_with: Text forced instead of think_close.
-        max_new_tokens: Generation budget per trace.
-        batch_size: Questions generated together (default all).
-        baseline: The unforced score, if already computed (else generated here).
-    """
-    return _forcing_sweep(model, questions, golds, "max_extensions", extensions,
-                          lambda n: budget_forcing(model, max_extensions=n, extend_with=extend_with),
-                          max_new_tokens, batch_size, baseline, extend_with)
+                        extend_with if parameter == "max_extensions" else "", len(questions), model.spec.name)

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import einops
 import torch
@@ -28,8 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechthink.generation import StreamTracker, continue_greedy
-from mechthink.interventions import accuracy, backtrack_pattern, logits_at_last
-from mechthink.results import Result, jsonable
+from mechthink.interventions import FlatResult, accuracy, backtrack_pattern, logits_at_last
+from mechthink.results import Result
 from mechthink.stats import is_monotonic, mean
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ def steer(
 
 # ============================================================================ degeneration
 @dataclass
-class DegenerationMetrics(Result):
+class DegenerationMetrics(FlatResult):
     """Signs of degenerate generations (e.g. under strong steering).
 
     One trace's scalars have no figure of their own (``plot`` raises); plot a sweep of them.
@@ -458,16 +458,7 @@ class DegenerationMetrics(Result):
     thinking_tokens: int
     n: int = 4
 
-    def to_frame(self) -> "pd.DataFrame":
-        """One row with the five fields."""
-        import pandas as pd
-
-        return pd.DataFrame([jsonable(self)])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one trace's scalars (raises ``NotImplementedError``)."""
-        raise NotImplementedError("DegenerationMetrics.plot: one trace's scalars have no figure; "
-                                  "plot a table or sweep of them instead")
+    plotted_by: ClassVar[str] = "degeneration_table"
 
 
 def ngram_repetition(ids: Sequence[Any], n: int = 4) -> float:
@@ -505,7 +496,7 @@ def degeneration_table(traces: Sequence["Trace"], n: int = 4) -> "pd.DataFrame":
 
 # ============================================================================ coefficient sweeps
 @dataclass
-class DecisionMetrics(Result):
+class DecisionMetrics(FlatResult):
     """What a model does at a group of decision points (prefixes), under the active hooks.
 
     One group's scalars have no figure of their own (``plot`` raises); see :class:`CoefficientSweep`.
@@ -529,15 +520,7 @@ class DecisionMetrics(Result):
     accuracy: float
     closed_rate: float
 
-    def to_frame(self) -> "pd.DataFrame":
-        """One row with the seven metrics."""
-        import pandas as pd
-
-        return pd.DataFrame([jsonable(self)])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful for one group's scalars (raises ``NotImplementedError``)."""
-        raise NotImplementedError("DecisionMetrics.plot: one group's scalars have no figure; plot a CoefficientSweep")
+    plotted_by: ClassVar[str] = "CoefficientSweep.plot"
 
 
 #: The metric names of :class:`DecisionMetrics`, in order.
