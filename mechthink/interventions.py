@@ -232,7 +232,7 @@ def budget_forcing(
 
     Forcing sets every logit but the forced token's to −inf at the last position (hook on
     ``unembed.hook_out``); the generated stream is followed by a
-    :class:`~mechthink.steering.StreamTracker`. Forced tokens are planned per absolute column, so
+    :class:`~mechthink.generation.StreamTracker`. Forced tokens are planned per absolute column, so
     a recomputed step (e.g. under :func:`recycle`) forces the same token again.
 
     Yields:
