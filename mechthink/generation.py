@@ -106,7 +106,9 @@ def row_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed_for(seed, index))
 
 
-def sample_token(logits: Float[Tensor, " d_vocab"], temperature: float, top_p: float, generator: torch.Generator) -> int:
+def sample_token(
+    logits: Float[Tensor, " d_vocab"], temperature: float, top_p: float, generator: torch.Generator
+) -> int:
     """One token from ``logits`` by temperature + top-p sampling, drawing from ``generator``.
 
     The nucleus keeps the most likely tokens (ties in index order) until their mass reaches
@@ -202,7 +204,9 @@ class Decoder:
 
 # ============================================================================ the loop
 @torch.inference_mode()
-def _decode_rows(decoder: Decoder, rows: list[list[int]], cfg: SamplingConfig, indices: Sequence[int]) -> list[Continuation]:
+def _decode_rows(
+    decoder: Decoder, rows: list[list[int]], cfg: SamplingConfig, indices: Sequence[int]
+) -> list[Continuation]:
     """Left-padded incremental decoding of one batch."""
     device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
     gens = [row_generator(cfg.seed, i) for i in indices] if cfg.temperature > 0 else [None] * len(rows)

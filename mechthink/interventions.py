@@ -27,7 +27,7 @@ import logging
 import random
 import re
 import statistics
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,8 +39,9 @@ from torch import Tensor
 from mechthink.data.answers import answers_match, extract_boxed
 from mechthink.generation import StreamTracker, continue_greedy, continue_prefixes
 from mechthink.models.kvcache import cache_from_kwargs
+from mechthink.progress import track
 from mechthink.results import Result, jsonable
-from mechthink.stats import PairedChange, mean, paired_change
+from mechthink.stats import PairedChange, paired_change
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -730,8 +731,8 @@ class SuppressionSweep(Result):
         for name, o in self.outcomes.items():
             control, _, inner = name.partition("(")
             is_ctl = isinstance(o, ControlOutcome)
-            rows.append({"condition": name, "set": inner[:-1] if is_ctl else name, "control": control if is_ctl else None,
-                         "n_tokens": o.n_tokens, "accuracy": o.accuracy,
+            rows.append({"condition": name, "set": inner[:-1] if is_ctl else name,
+                         "control": control if is_ctl else None, "n_tokens": o.n_tokens, "accuracy": o.accuracy,
                          "accuracy_sd": o.accuracy_sd if is_ctl else float("nan"), "backtrack_rate": o.backtrack_rate})
         return pd.DataFrame(rows)
 
@@ -805,7 +806,8 @@ def suppression_sweep(
     pat = backtrack_pattern(words)
 
     def run(ids: Sequence[int]) -> SuppressionOutcome:
-        return _outcome(model, _continue_suppressed(model, prefixes, ids, max_new_tokens, batch_size), golds, pat, len(ids))
+        gens = _continue_suppressed(model, prefixes, ids, max_new_tokens, batch_size)
+        return _outcome(model, gens, golds, pat, len(ids))
 
     base = _continue_suppressed(model, prefixes, (), max_new_tokens, batch_size)
     produced = {int(t) for g in base for t in g}
@@ -817,17 +819,18 @@ def suppression_sweep(
     pools: dict[str, list[int] | None] = {
         "random": None, "random unused": [i for i in range(int(model.bridge.cfg.d_vocab)) if i not in produced]}
     outcomes: dict[str, SuppressionOutcome | ControlOutcome] = {"none": _outcome(model, base, golds, pat, 0)}
-    for name, ids in sets.items():
+    for name, ids in track(sets.items(), "suppression sets"):
         outcomes[name] = run(ids)
         for cname, pool in pools.items():
-            ctl = [run(random_control(model, len(ids), exclude=exclude, seed=seed + s, pool=pool)) for s in range(n_random)]
+            ctl = [run(random_control(model, len(ids), exclude=exclude, seed=seed + s, pool=pool))
+                   for s in range(n_random)]
             accs = [c.accuracy for c in ctl]
             outcomes[f"{cname}({name})"] = ControlOutcome(
                 statistics.mean(accs), statistics.pstdev(accs), statistics.median(accs), accs,
                 statistics.mean(c.backtrack_rate for c in ctl), len(ids))
     set_text = {k: [model.to_string([i]) for i in v] for k, v in sets.items()}
-    return SuppressionSweep(kinds, words, sets, cumulative, outcomes, pools, exclude, set_text, len(produced), len(prefixes),
-                            model.spec.name)
+    return SuppressionSweep(kinds, words, sets, cumulative, outcomes, pools, exclude, set_text, len(produced),
+                            len(prefixes), model.spec.name)
 
 
 @dataclass
@@ -851,8 +854,8 @@ class SampledCondition(FlatResult):
     def summary(self) -> dict[str, Any]:
         """The numbers the suppression analysis reports for this condition."""
         c = self.change
-        return {"n_seeds": c.n_seeds, "accuracy": self.accuracy, "accuracy_none_same_seeds": self.accuracy_none_same_seeds,
-                "change_vs_none": c.mean, "change_ci95": list(c.ci95), "problem_seed_pairs_lost": c.lost,
+        return {"n_seeds": c.n_seeds, "accuracy": self.accuracy,
+                "accuracy_none_same_seeds": self.accuracy_none_same_seeds, "change_vs_none": c.mean, "change_ci95": list(c.ci95), "problem_seed_pairs_lost": c.lost,
                 "problem_seed_pairs_gained": c.gained}
 
     def to_frame(self) -> "pd.DataFrame":
@@ -980,7 +983,7 @@ def sampled_suppression(
 
     (base, bt_none), (cond, bt_word) = correct((), n_seeds), correct(ids, n_seeds)
     matrices = {word: cond}
-    for cname, pool in sweep.pools.items():
+    for cname, pool in track(sweep.pools.items(), "sampled controls"):
         draws = [correct(random_control(model, len(ids), exclude=sweep.exclude, seed=seed + d, pool=pool),
                          n_seeds_control)[0] for d in range(n_draws)]
         matrices[f"{cname}({word})"] = torch.stack(draws).mean(0)
@@ -1130,6 +1133,6 @@ def forcing_sweep(
         return score_traces(gen, golds), forced / len(questions)
 
     base = run(None)[0] if baseline is None else baseline
-    runs = [run(int(v)) for v in values]
+    runs = [run(int(v)) for v in track(values, f"{parameter} sweep")]
     return ForcingSweep(parameter, [int(v) for v in values], [r[0] for r in runs], [r[1] for r in runs], base,
                         extend_with if parameter == "max_extensions" else "", len(questions), model.spec.name)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from mechthink.generation import StreamTracker, continue_greedy
 from mechthink.interventions import FlatResult, accuracy, backtrack_pattern, logits_at_last
+from mechthink.progress import track
 from mechthink.results import Result
 from mechthink.stats import is_monotonic, mean
 
@@ -114,7 +115,8 @@ class SteeringVector(Result):
         """One row per layer: ``layer``, ``norm``, ``hook``, ``method`` (``to_json`` has the vectors)."""
         import pandas as pd
 
-        return pd.DataFrame({"layer": self.layers, "norm": self.norms.tolist(), "hook": self.hook, "method": self.method})
+        return pd.DataFrame({"layer": self.layers, "norm": self.norms.tolist(), "hook": self.hook,
+                             "method": self.method})
 
     def plot(self, ax: Any = None) -> Any:
         """Bar chart of the direction's norm per layer."""
@@ -553,7 +555,8 @@ def decision_metrics(
         wait_word: The word of ``p_wait_next`` / ``wait_rate``.
     """
     if not prefixes or len(prefixes) != len(golds):
-        raise ValueError(f"decision_metrics: need one gold per prefix, got {len(prefixes)} prefixes, {len(golds)} golds")
+        raise ValueError(f"decision_metrics: need one gold per prefix, got {len(prefixes)} prefixes and "
+                         f"{len(golds)} golds")
     words = list(model.spec.backtracking_words if words is None else words)
     pat, bt_ids, wait_ids = backtrack_pattern(words), model.token_ids(words), model.token_ids([wait_word])
     nxt = [logits_at_last(model, p).exp() for p in prefixes]
@@ -674,7 +677,7 @@ def coefficient_sweep(
         raise ValueError("coefficient_sweep: groups and coeffs must be non-empty")
     use = steered_layers(model, vector, layers)
     metrics: dict[str, list[DecisionMetrics]] = {g: [] for g in groups}
-    for c in coeffs:
+    for c in track(coeffs, "steering coefficients"):
         with steer(model, vector, layers=use, coeff=float(c), mode=mode):
             for g, (prefixes, golds) in groups.items():
                 metrics[g].append(decision_metrics(model, prefixes, golds, max_new_tokens, window))

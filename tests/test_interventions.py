@@ -210,7 +210,8 @@ def test_budget_and_recycle_state_views(thinker):
         traces.generate(model, QS, max_new_tokens=20)
     df = st.to_frame()
     assert list(df["forced_answer"]) == [True] * len(QS) and list(df["row"]) == [0, 1, 2]
-    assert (df["n_forced_tokens"] == len(model.tokenizer(model.spec.answer_suffix, add_special_tokens=False)["input_ids"])).all()
+    suffix = model.tokenizer(model.spec.answer_suffix, add_special_tokens=False)["input_ids"]
+    assert (df["n_forced_tokens"] == len(suffix)).all()
     assert json.loads(st.to_json())["forced_answer"] == [True] * len(QS)
     with pytest.raises(NotImplementedError, match="ForcingSweep"):
         st.plot()
@@ -300,10 +301,12 @@ def test_sampled_suppression_is_paired(thinker, sweep):
         m = s.correct[name]
         assert m.shape == ((3 if name == "Wait" else 2), len(prefixes))
         assert cond.change == paired_change(m, s.correct["none"], seed=5)
-        assert cond.accuracy == float(m.mean()) and cond.accuracy_none_same_seeds == float(s.correct["none"][: len(m)].mean())
+        assert cond.accuracy == float(m.mean())
+        assert cond.accuracy_none_same_seeds == float(s.correct["none"][: len(m)].mean())
     summ = s.summary()
     assert summ["Wait"]["change_ci95"] == list(s.conditions["Wait"].change.ci95)
-    assert summ["none"] == {"accuracy": s.baseline_accuracy} and set(summ["any_backtracking_word_rate"]) == {"none", "Wait"}
+    assert summ["none"] == {"accuracy": s.baseline_accuracy}
+    assert set(summ["any_backtracking_word_rate"]) == {"none", "Wait"}
     assert list(s.to_frame()["condition"]) == ["none", *s.conditions]
     assert len(suppression_figure(sweep, s).axes) == 3
     with pytest.raises(ValueError, match="n_seeds_control"):

@@ -50,7 +50,7 @@ def backtrack_probabilities(
     tokenizer: PreTrainedTokenizerBase,
     seqs: list[list[int]],
     batch_size: int = 100,
-) -> Float[torch.Tensor, "batch"]:
+) -> Float[torch.Tensor, " batch"]:
     """P(any backtracking word) as the next token after each sequence.
 
     Args:
