@@ -1,4 +1,4 @@
-"""Steering with a backtracking vector (ARBOR #22 experiment 1; difference of means).
+"""Steering with a backtracking vector (ARBOR, wj210/cot_backtrack, experiment 1; difference of means).
 
 The vector is the difference of mean ``resid_post`` at the end of wrongly written steps and at
 the end of correct steps (tiny-thinker's held-out examples, re-rendered for other models). It is
@@ -52,17 +52,13 @@ class Config(AnalysisConfig):
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
-    import re
-
     import torch
 
     import mechthink as mt
-    from mechthink import interventions as iv
     from mechthink import steering
-    from mechthink.plotting.steering import new_figure, plot_curves
-    from mechthink.report import write_outputs
-
     from mechthink.models.organism import step_examples
+    from mechthink.plotting.steering import coefficient_sweep_figure
+    from mechthink.report import write_outputs
 
     torch.set_num_threads(1)
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
@@ -76,88 +72,29 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     held = step_examples(model, 4 * cfg.n_samples, seed=cfg.seed)
     # Decision points: prefixes ending right after a wrongly written step (the organism
     # backtracks there) and after a correct step (it goes on); the mix has a base rate near 0.5.
-    groups = {
-        "wrong": [e for e in held if e.is_error][: cfg.n_samples],
-        "correct": [e for e in held if not e.is_error][: cfg.n_samples],
-    }
-    words = list(model.spec.backtracking_words)
-    pat = re.compile(r"(?<![A-Za-z])(?:" + "|".join(re.escape(w) for w in words) + r")(?![A-Za-z])")
-    bt_ids = model.token_ids(words)
-    wait_ids = model.token_ids(["Wait"])
-    close = model.spec.think_close
-    coeffs = [float(c) for c in cfg.coeffs.split(",")]
-
-    def measure(exs: list, layers: list[int], c: float) -> dict:
-        prefixes = [e.input_ids for e in exs]
-        with steering.steer(model, vec, layers=layers, coeff=c, mode="continuous"):
-            with torch.inference_mode():
-                nxt = [iv.logits_at_last(model, p).exp() for p in prefixes]
-            gens = iv.continue_greedy(model, prefixes, cfg.max_new_tokens)
-        texts = [model.to_string(g) for g in gens]
-        firsts = [model.to_string(g[: cfg.window]) for g in gens]
-        n_tok = sum(min(len(g), cfg.window) for g in gens)
-        return {
-            "p_backtrack_next": sum(float(q[bt_ids].sum()) for q in nxt) / len(nxt),
-            "p_wait_next": sum(float(q[wait_ids].sum()) for q in nxt) / len(nxt),
-            "backtrack_rate": sum(bool(pat.search(t)) for t in firsts) / len(firsts),
-            "wait_rate": sum(" Wait" in t or t.startswith("Wait") for t in firsts) / len(firsts),
-            "backtrack_words_per_100_tokens": 100.0 * sum(len(pat.findall(t)) for t in firsts) / max(n_tok, 1),
-            "accuracy": iv.accuracy(texts, [str(e.answer) for e in exs]),
-            "closed_rate": sum(close in t for t in texts) / len(texts),
-        }
-
-    def sweep(layers: list[int]) -> list[dict]:
-        rows = []
-        for c in coeffs:
-            row: dict[str, Any] = {"coeff": c}
-            per = {g: measure(exs, layers, c) for g, exs in groups.items()}
-            for g, m in per.items():
-                row.update({f"{g}/{k}": v for k, v in m.items()})
-            for k in per["wrong"]:  # the mix: both groups weighted equally
-                row[f"mix/{k}"] = (per["wrong"][k] + per["correct"][k]) / 2
-            rows.append(row)
-        return rows
-
-    def monotonic(rows: list[dict], key: str) -> bool:
-        return all(a[key] <= b[key] for a, b in zip(rows, rows[1:]))
-
+    groups = {name: [e for e in held if e.is_error == wrong][: cfg.n_samples]
+              for name, wrong in (("wrong", True), ("correct", False))}
     sets = {"steering_layers": list(model.steering_layers)}
     if cfg.late_layers:
         sets["late_layers"] = list(range((2 * model.n_layers) // 3, model.n_layers))
-    sweeps = {name: sweep(ls) for name, ls in sets.items()}
-    keys = ("mix/p_backtrack_next", "mix/backtrack_rate", "mix/wait_rate", "mix/p_wait_next")
+    coeffs = [float(c) for c in cfg.coeffs.split(",")]
+    points = {g: ([e.input_ids for e in exs], [str(e.answer) for e in exs]) for g, exs in groups.items()}
+    sweeps = {name: steering.coefficient_sweep(model, vec, points, coeffs, layers=ls, max_new_tokens=cfg.max_new_tokens,
+                                               window=cfg.window) for name, ls in sets.items()}
+    keys = [("mix", k) for k in ("p_backtrack_next", "backtrack_rate", "wait_rate", "p_wait_next")]
     numbers = {
         "layer_sets": sets,
         "vector_norms": dict(zip(map(str, vec.layers), vec.norms.tolist())),
         "n_samples_per_group": {g: len(v) for g, v in groups.items()},
-        "sweeps": sweeps,
-        "monotonic": {name: {k: monotonic(rows, k) for k in keys} for name, rows in sweeps.items()},
+        "sweeps": {name: sw.rows() for name, sw in sweeps.items()},
+        "monotonic": {name: {f"{g}/{k}": sw.is_monotonic(g, k) for g, k in keys} for name, sw in sweeps.items()},
         "negation_lowers_backtracking_after_wrong_steps": {
-            name: all(r["wrong/p_backtrack_next"] < z["wrong/p_backtrack_next"] for r in rows if r["coeff"] < 0
-                      for z in rows if z["coeff"] == 0) for name, rows in sweeps.items()},
+            name: sw.against_zero("wrong", "p_backtrack_next", -1) for name, sw in sweeps.items()},
         "positive_raises_backtracking_after_correct_steps": {
-            name: all(r["correct/p_backtrack_next"] > z["correct/p_backtrack_next"] for r in rows if r["coeff"] > 0
-                      for z in rows if z["coeff"] == 0) for name, rows in sweeps.items()},
+            name: sw.against_zero("correct", "p_backtrack_next", 1) for name, sw in sweeps.items()},
     }
-    fig = new_figure(6 * len(sweeps), 8)
-    for j, (name, rows) in enumerate(sweeps.items()):
-        ax = fig.add_subplot(2, len(sweeps), j + 1)
-        plot_curves(
-            ax, coeffs,
-            {f"P(backtrack word next), {g}": [r[f"{g}/p_backtrack_next"] for r in rows] for g in ("mix", "wrong", "correct")}
-            | {"greedy backtrack rate, mix": [r["mix/backtrack_rate"] for r in rows]},
-            "steering coefficient", "rate / probability",
-            f"{model.spec.name}: backtracking vector at layers {sets[name]}\n"
-            f"({len(groups['wrong'])} wrong-step + {len(groups['correct'])} correct-step prefixes)",
-        )
-        ax2 = fig.add_subplot(2, len(sweeps), len(sweeps) + j + 1)
-        plot_curves(
-            ax2, coeffs,
-            {f"{k}, {g}": [r[f"{g}/{k}"] for r in rows] for k in ("accuracy", "closed_rate") for g in ("wrong", "correct")},
-            "steering coefficient", "rate", "greedy continuation: final accuracy and </think> produced",
-        )
-    fig.subplots_adjust(hspace=0.45, wspace=0.25)
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
+    write_outputs(cfg.out, NAME, cfg.model, coefficient_sweep_figure(sweeps), numbers, cfg,
+                  fingerprint=model.fingerprint())
     return numbers
 
 

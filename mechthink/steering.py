@@ -1,11 +1,14 @@
-"""Steering vectors for thinking models: extraction (difference of means, PCA) and steering hooks.
+"""Steering vectors for thinking models: extraction (difference of means, PCA), steering hooks,
+and coefficient sweeps at decision points.
 
 Vectors are per-layer residual directions from contrastive prompt sets with assistant prefixes
-(repeng PR #69, seed 001), from position sets inside traces (backtracking vs wrap-up points,
-ARBOR #22, seed 003) or from labelled spans (Venhoff et al. 2025: window mean minus the overall
+(vgel/repeng), from position sets inside traces (backtracking vs wrap-up points, ARBOR:
+wj210/cot_backtrack) or from labelled spans (Venhoff et al. 2025: window mean minus the overall
 mean, rescaled to the overall mean norm). :func:`steer` adds ``coeff * v`` to the residual stream
-during generation, once at the last prompt token, continuously, or every k tokens (ARBOR #22's
+during generation, once at the last prompt token, continuously, or every k tokens (ARBOR's
 "once" vs "continuous" injection), optionally only while the model is still thinking.
+:func:`coefficient_sweep` measures a vector's effect on the next-token probability of
+backtracking words and on greedy continuations, over coefficients, at groups of decision points.
 """
 
 from __future__ import annotations
@@ -14,17 +17,21 @@ import contextlib
 import json
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechthink.models.kvcache import cache_from_kwargs
+from mechthink.generation import StreamTracker, continue_greedy
+from mechthink.interventions import FlatResult, accuracy, backtrack_pattern, logits_at_last
+from mechthink.progress import track
+from mechthink.results import Result
+from mechthink.stats import is_monotonic, mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,18 +40,23 @@ if TYPE_CHECKING:
     from mechthink.traces import Trace
 
 __all__ = [
+    "CoefficientSweep",
+    "DecisionMetrics",
     "DegenerationMetrics",
     "SteerMode",
     "SteeringVector",
     "StreamTracker",
     "activations_at",
+    "coefficient_sweep",
     "contrastive_prompts",
+    "decision_metrics",
     "degeneration",
     "degeneration_table",
     "from_positions",
     "from_prompts",
     "from_spans",
     "steer",
+    "steered_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,7 +67,7 @@ Method = Literal["mean_diff", "pca"]
 
 # ============================================================================ the vector
 @dataclass
-class SteeringVector:
+class SteeringVector(Result):
     """One steering direction per layer.
 
     Attributes:
@@ -98,6 +110,19 @@ class SteeringVector:
     @property
     def norms(self) -> Float[Tensor, " layer"]:
         return self.vectors.norm(dim=-1)
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per layer: ``layer``, ``norm``, ``hook``, ``method`` (``to_json`` has the vectors)."""
+        import pandas as pd
+
+        return pd.DataFrame({"layer": self.layers, "norm": self.norms.tolist(), "hook": self.hook,
+                             "method": self.method})
+
+    def plot(self, ax: Any = None) -> Any:
+        """Bar chart of the direction's norm per layer."""
+        from mechthink.plotting.steering import plot_vector_norms
+
+        return plot_vector_norms(self, ax)
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file; the JSON metadata rides in the header (``"mechthink"``)."""
@@ -296,143 +321,28 @@ def from_spans(
                           _meta(model, len(rows), sum(len(s) for s in sequences), source="spans", window=window))
 
 
-# ============================================================================ tracking generation
-class StreamTracker:
-    """Follows the token stream through the bridge's forward calls.
-
-    Mechanism: a forward pre-hook on the embedding module records each call's input ids, and one
-    on block 0 reads the KV-cache length before the call. A call on an empty cache starts a new
-    stream (its last position is the last prompt token); a call on a non-empty cache continues
-    it (the inputs are the tokens generated so far, fed back one step at a time). Per batch row
-    the tracker keeps all ids seen and the absolute column at which ``think_close`` was
-    completed (``None`` while thinking).
-
-    Attributes:
-        past: Cache length before the current call.
-        width: Number of positions in the current call.
-        prompt_end: Absolute column of the last prompt token of the current stream.
-        history: Ids seen per row (left padding included).
-        closed_at: Column of the last token of ``think_close`` per row, or None.
-    """
-
-    def __init__(self, model: "ThinkingModel") -> None:
-        self.model = model
-        tok = model.tokenizer
-        self.close_ids = [int(i) for i in tok(model.spec.think_close, add_special_tokens=False)["input_ids"]]
-        self.open_ids = [int(i) for i in tok(model.spec.think_open, add_special_tokens=False)["input_ids"]]
-        self.past = 0
-        self.width = 0
-        self.prompt_end = 0
-        self.new_stream = True
-        self.history: list[list[int]] = []
-        self.closed_at: list[int | None] = []
-        self.prompt_len: list[int] = []
-        self._handles: list[Any] = []
-
-    # ------------------------------------------------------------ hooks
-    def _on_embed(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
-        if not isinstance(ids, Tensor) or ids.is_floating_point():
-            return
-        self._pending = ids.detach().cpu()
-
-    def _on_block0(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kv = cache_from_kwargs(kwargs)
-        past = int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        width = int(hidden.shape[1]) if isinstance(hidden, Tensor) else 0
-        ids = getattr(self, "_pending", None)
-        self._pending = None
-        self.update(ids, past, width)
-
-    def update(self, ids: Tensor | None, past: int, width: int) -> None:
-        """Record one forward call (``ids``: ``[batch, width]`` or None)."""
-        self.past, self.width = past, width
-        self.new_stream = past == 0
-        rows = [r.tolist() for r in ids] if ids is not None else None
-        if self.new_stream:
-            self.prompt_end = width - 1
-            self.history = rows if rows is not None else []
-            self.prompt_len = [len(r) for r in self.history]
-            self.closed_at = [self._find_close(h, 0) for h in self.history]
-            return
-        if rows is None:
-            return
-        if len(rows) != len(self.history):  # a forked / re-batched cache
-            if len(self.history) == 1:
-                self.history = [list(self.history[0]) for _ in rows]
-                self.closed_at = self.closed_at * len(rows)
-                self.prompt_len = self.prompt_len * len(rows)
-            else:
-                log.debug("StreamTracker: batch changed %d -> %d; restarting row state", len(self.history), len(rows))
-                self.history = [[] for _ in rows]
-                self.closed_at = [None] * len(rows)
-                self.prompt_len = [0] * len(rows)
-        for i, r in enumerate(rows):
-            if len(self.history[i]) > past:  # the cache was rewound (crop) and this call redoes columns
-                del self.history[i][past:]
-                c = self.closed_at[i]
-                if c is not None and c >= past:
-                    self.closed_at[i] = None
-            start = len(self.history[i])
-            self.history[i].extend(r)
-            if self.closed_at[i] is None:
-                self.closed_at[i] = self._find_close(self.history[i], max(0, start - len(self.close_ids) + 1))
-
-    def _find_close(self, h: list[int], start: int) -> int | None:
-        """Column of the last token of the first think_close after the last think_open (from start)."""
-        n = len(self.close_ids)
-        if n == 0:
-            return None
-        last_open = _last_index(h, self.open_ids)
-        lo = max(start, (last_open + 1) if last_open is not None else 0)
-        for j in range(lo, len(h) - n + 1):
-            if h[j : j + n] == self.close_ids:
-                return j + n - 1
-        return None
-
-    # ------------------------------------------------------------ queries
-    def columns(self) -> range:
-        """Absolute columns of the current call's positions."""
-        return range(self.past, self.past + self.width)
-
-    def n_generated(self, row: int) -> int:
-        """Tokens generated and fed back so far in ``row`` (the current call's inputs included)."""
-        if row >= len(self.history):
-            return 0
-        return max(0, len(self.history[row]) - self.prompt_len[row])
-
-    def is_closed(self, row: int, column: int) -> bool:
-        """Whether ``think_close`` has been completed at or before ``column`` in ``row``."""
-        if row >= len(self.closed_at):
-            return False
-        c = self.closed_at[row]
-        return c is not None and c <= column
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator["StreamTracker"]:
-        """Register the tracker's module hooks for the duration of the block."""
-        bridge = self.model.bridge
-        try:
-            self._handles.append(bridge.embed.register_forward_pre_hook(self._on_embed, with_kwargs=True))
-            self._handles.append(bridge.blocks[0].register_forward_pre_hook(self._on_block0, with_kwargs=True))
-            yield self
-        finally:
-            while self._handles:
-                self._handles.pop().remove()
-
-
-def _last_index(h: list[int], sub: list[int]) -> int | None:
-    n = len(sub)
-    if n == 0:
-        return None
-    for j in range(len(h) - n, -1, -1):
-        if h[j : j + n] == sub:
-            return j + n - 1
-    return None
-
-
 # ============================================================================ steering
+def steered_layers(model: "ThinkingModel", vector: SteeringVector, layers: Sequence[int] | None = None) -> list[int]:
+    """The blocks :func:`steer` steers: ``layers``, or ``model.steering_layers`` ∩ ``vector.layers``.
+
+    Raises:
+        ValueError: a layer the vector has no direction for, or outside the model.
+    """
+    if layers is None:
+        use = [L for L in model.steering_layers if L in vector.layers]
+        if not use:
+            raise ValueError(
+                f"steer: the vector's layers {vector.layers} miss the default steering layers "
+                f"{list(model.steering_layers)}; pass layers="
+            )
+    else:
+        use = [int(L) for L in layers]
+        missing = [L for L in use if L not in vector.layers]
+        if missing:
+            raise ValueError(f"steer: the vector has no direction for layers {missing} (it has {vector.layers})")
+    return _layers(model, use)
+
+
 @contextlib.contextmanager
 def steer(
     model: "ThinkingModel",
@@ -452,7 +362,7 @@ def steer(
     on an empty KV cache starts a stream and its last position is the last prompt token; later
     forwards on that cache are generated tokens.
 
-    * ``"once"``: only the last prompt token (ARBOR #22's "inject once").
+    * ``"once"``: only the last prompt token (ARBOR's "inject once").
     * ``"continuous"``: the last prompt token and every later position (every generated token).
     * ``"every_k"``: the last prompt token and every ``k``-th token after it.
 
@@ -485,19 +395,7 @@ def steer(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     hook = vector.hook if hook is None else hook
-    if layers is None:
-        use = [L for L in model.steering_layers if L in vector.layers]
-        if not use:
-            raise ValueError(
-                f"steer: the vector's layers {vector.layers} miss the default steering layers "
-                f"{list(model.steering_layers)}; pass layers="
-            )
-    else:
-        use = [int(L) for L in layers]
-        missing = [L for L in use if L not in vector.layers]
-        if missing:
-            raise ValueError(f"steer: the vector has no direction for layers {missing} (it has {vector.layers})")
-    _layers(model, use)
+    use = steered_layers(model, vector, layers)
     tracker = StreamTracker(model)
     coeff = float(coeff)
 
@@ -543,8 +441,10 @@ def steer(
 
 # ============================================================================ degeneration
 @dataclass
-class DegenerationMetrics:
+class DegenerationMetrics(FlatResult):
     """Signs of degenerate generations (e.g. under strong steering).
+
+    One trace's scalars have no figure of their own (``plot`` raises); plot a sweep of them.
 
     Attributes:
         repetition: Fraction of repeated token n-grams (1 − unique / total) in the completion.
@@ -559,6 +459,8 @@ class DegenerationMetrics:
     closed: bool
     thinking_tokens: int
     n: int = 4
+
+    plotted_by: ClassVar[str] = "degeneration_table"
 
 
 def ngram_repetition(ids: Sequence[Any], n: int = 4) -> float:
@@ -592,3 +494,196 @@ def degeneration_table(traces: Sequence["Trace"], n: int = 4) -> "pd.DataFrame":
     import pandas as pd
 
     return pd.DataFrame([{"id": t.id, **dataclasses.asdict(degeneration(t, n))} for t in traces])
+
+
+# ============================================================================ coefficient sweeps
+@dataclass
+class DecisionMetrics(FlatResult):
+    """What a model does at a group of decision points (prefixes), under the active hooks.
+
+    One group's scalars have no figure of their own (``plot`` raises); see :class:`CoefficientSweep`.
+
+    Attributes:
+        p_backtrack_next: Mean P(any backtracking word) as the next token.
+        p_wait_next: Mean P("Wait", any single-token spelling) as the next token.
+        backtrack_rate: Fraction of greedy continuations with a backtracking word in their first
+            ``window`` tokens.
+        wait_rate: Fraction whose first ``window`` tokens contain "Wait".
+        backtrack_words_per_100_tokens: Backtracking words per 100 tokens of those windows.
+        accuracy: Fraction of continuations whose last ``\\boxed{}`` is the gold answer.
+        closed_rate: Fraction of continuations that produce ``think_close``.
+    """
+
+    p_backtrack_next: float
+    p_wait_next: float
+    backtrack_rate: float
+    wait_rate: float
+    backtrack_words_per_100_tokens: float
+    accuracy: float
+    closed_rate: float
+
+    plotted_by: ClassVar[str] = "CoefficientSweep.plot"
+
+
+#: The metric names of :class:`DecisionMetrics`, in order.
+DECISION_METRICS: tuple[str, ...] = tuple(f.name for f in fields(DecisionMetrics))
+
+
+@torch.inference_mode()
+def decision_metrics(
+    model: "ThinkingModel",
+    prefixes: Sequence[Sequence[int]],
+    golds: Sequence[str],
+    max_new_tokens: int = 64,
+    window: int = 64,
+    words: Sequence[str] | None = None,
+    wait_word: str = "Wait",
+) -> DecisionMetrics:
+    """Measure a group of decision points under whatever hooks are active around the call.
+
+    The next-token distribution after each prefix gives the probabilities; a greedy continuation
+    of ``max_new_tokens`` tokens gives the rates (backtracking words counted in its first
+    ``window`` tokens, accuracy and ``think_close`` over all of it).
+
+    Args:
+        model: The loaded model.
+        prefixes: Token ids ending at each decision point.
+        golds: The gold final answer per prefix.
+        max_new_tokens: Greedy continuation length.
+        window: Tokens of each continuation in which backtracking words are counted.
+        words: Backtracking words (default ``model.spec.backtracking_words``).
+        wait_word: The word of ``p_wait_next`` / ``wait_rate``.
+    """
+    if not prefixes or len(prefixes) != len(golds):
+        raise ValueError(f"decision_metrics: need one gold per prefix, got {len(prefixes)} prefixes and "
+                         f"{len(golds)} golds")
+    words = list(model.spec.backtracking_words if words is None else words)
+    pat, bt_ids, wait_ids = backtrack_pattern(words), model.token_ids(words), model.token_ids([wait_word])
+    nxt = [logits_at_last(model, p).exp() for p in prefixes]
+    gens = continue_greedy(model, prefixes, max_new_tokens)
+    texts = [model.to_string(g) for g in gens]
+    firsts = [model.to_string(g[:window]) for g in gens]
+    n_tok = sum(min(len(g), window) for g in gens)
+    return DecisionMetrics(
+        p_backtrack_next=mean([float(q[bt_ids].sum()) for q in nxt]),
+        p_wait_next=mean([float(q[wait_ids].sum()) for q in nxt]),
+        backtrack_rate=mean([float(bool(pat.search(t))) for t in firsts]),
+        wait_rate=mean([float(f" {wait_word}" in t or t.startswith(wait_word)) for t in firsts]),
+        backtrack_words_per_100_tokens=100.0 * sum(len(pat.findall(t)) for t in firsts) / max(n_tok, 1),
+        accuracy=accuracy(texts, golds),
+        closed_rate=mean([float(model.spec.think_close in t) for t in texts]),
+    )
+
+
+@dataclass
+class CoefficientSweep(Result):
+    """:class:`DecisionMetrics` per group of decision points and steering coefficient.
+
+    Attributes:
+        coeffs: The coefficients, in sweep order.
+        layers: The steered blocks.
+        metrics: Per group, one :class:`DecisionMetrics` per coefficient; ``"mix"`` is the
+            groups weighted equally (the field-wise mean).
+        n_per_group: Decision points per group.
+        model: The model's registry name.
+    """
+
+    coeffs: list[float]
+    layers: list[int]
+    metrics: dict[str, list[DecisionMetrics]]
+    n_per_group: dict[str, int]
+    model: str = ""
+
+    @property
+    def groups(self) -> list[str]:
+        """The measured groups (``"mix"`` excluded)."""
+        return [g for g in self.metrics if g != "mix"]
+
+    def series(self, group: str, metric: str) -> list[float]:
+        """``metric`` of ``group`` at every coefficient."""
+        if group not in self.metrics or metric not in DECISION_METRICS:
+            raise ValueError(f"series: group must be one of {list(self.metrics)} and metric one of {DECISION_METRICS}")
+        return [float(getattr(m, metric)) for m in self.metrics[group]]
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per coefficient: ``coeff`` and ``"{group}/{metric}"`` for every group and metric."""
+        out = []
+        for j, c in enumerate(self.coeffs):
+            row: dict[str, float] = {"coeff": c}
+            for g, ms in self.metrics.items():
+                row.update({f"{g}/{k}": getattr(ms[j], k) for k in DECISION_METRICS})
+            out.append(row)
+        return out
+
+    def is_monotonic(self, group: str, metric: str) -> bool:
+        """Whether ``metric`` of ``group`` never decreases as the coefficient grows."""
+        return is_monotonic(self.series(group, metric))
+
+    def against_zero(self, group: str, metric: str, sign: int) -> bool:
+        """Whether every coefficient of sign ``sign`` (-1 or 1) moves ``metric`` away from its
+        value at coefficient 0 in that direction (lower for -1, higher for 1); vacuously True
+        without a 0 coefficient."""
+        if sign not in (-1, 1):
+            raise ValueError(f"against_zero: sign must be -1 or 1, got {sign!r}")
+        ys = self.series(group, metric)
+        zero = [y for c, y in zip(self.coeffs, ys) if c == 0]
+        return all(sign * (y - z) > 0 for c, y in zip(self.coeffs, ys) if sign * c > 0 for z in zero)
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per (coefficient, group) with the seven metrics as columns."""
+        import dataclasses
+
+        import pandas as pd
+
+        return pd.DataFrame([
+            {"coeff": c, "group": g, **dataclasses.asdict(ms[j])}
+            for j, c in enumerate(self.coeffs) for g, ms in self.metrics.items()
+        ])
+
+    def plot(self, ax: Any = None) -> Any:
+        """P(backtracking word next) per group and the greedy backtrack rate, against the coefficient."""
+        from mechthink.plotting.steering import plot_coefficient_sweep
+
+        return plot_coefficient_sweep(self, ax)
+
+
+def coefficient_sweep(
+    model: "ThinkingModel",
+    vector: SteeringVector,
+    groups: Mapping[str, tuple[Sequence[Sequence[int]], Sequence[str]]],
+    coeffs: Sequence[float],
+    layers: Sequence[int] | None = None,
+    mode: SteerMode = "continuous",
+    max_new_tokens: int = 64,
+    window: int = 64,
+) -> CoefficientSweep:
+    """Steer with ``coeff * vector`` for each coefficient and measure every group of decision points.
+
+    Args:
+        model: The loaded model.
+        vector: The steering vector.
+        groups: ``{name: (prefixes, golds)}``, e.g. prefixes ending after wrong and after
+            correct steps (base rates of backtracking near 1 and near 0).
+        coeffs: Coefficients (negative steers away).
+        layers: Blocks to steer (default as :func:`steer`).
+        mode: The :func:`steer` mode.
+        max_new_tokens: Greedy continuation length per decision point.
+        window: Tokens of each continuation in which backtracking words are counted.
+
+    Returns:
+        The sweep, with the ``"mix"`` of the groups.
+    """
+    if not groups or not coeffs:
+        raise ValueError("coefficient_sweep: groups and coeffs must be non-empty")
+    use = steered_layers(model, vector, layers)
+    metrics: dict[str, list[DecisionMetrics]] = {g: [] for g in groups}
+    for c in track(coeffs, "steering coefficients"):
+        with steer(model, vector, layers=use, coeff=float(c), mode=mode):
+            for g, (prefixes, golds) in groups.items():
+                metrics[g].append(decision_metrics(model, prefixes, golds, max_new_tokens, window))
+    metrics["mix"] = [
+        DecisionMetrics(*(mean([getattr(metrics[g][j], k) for g in groups]) for k in DECISION_METRICS))
+        for j in range(len(coeffs))
+    ]
+    return CoefficientSweep([float(c) for c in coeffs], use, metrics, {g: len(p) for g, (p, _) in groups.items()},
+                            model.spec.name)

@@ -1,8 +1,8 @@
 """Reasoning traces: generation with a KV cache, a resumable JSONL store, and trace anatomy.
 
-``generate`` runs batched, left-padded incremental decoding through the TransformerBridge with
-Hugging Face's ``DynamicCache`` (DESIGN.md §4), greedy or seeded top-p sampling that does not
-depend on batching. The anatomy helpers split a trace into steps, find backtracking events
+``generate`` prompts each question and decodes it with :func:`mechthink.generation.decode` (the
+one decode loop: left-padded, KV-cached, greedy or seeded top-p sampling that does not depend on
+batching), storing each trace as it finishes. The anatomy helpers split a trace into steps, find backtracking events
 ("Wait", "Alternatively", …; Venhoff et al. 2025, ARBOR #22) and the answer-reaching instances
 of ARBOR #22 (wj210/cot_backtrack): occurrences of the gold answer inside the thinking, each
 ending at the next ``. ? ! ; \\n``.
@@ -20,9 +20,8 @@ from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from mechthink.data.answers import answers_match, normalize_number
+from mechthink.generation import Decoder, SamplingConfig, decode_batches
 
 if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel
@@ -54,8 +53,8 @@ class TraceStoreError(ValueError):
 
 # ============================================================================ data classes
 @dataclass(frozen=True)
-class GenerationConfig:
-    """How a trace was generated (stored with every trace).
+class GenerationConfig(SamplingConfig):
+    """How a trace was generated (stored with every trace): the sampling plus the prompt mode.
 
     Attributes:
         max_new_tokens: Generation budget per question.
@@ -66,20 +65,11 @@ class GenerationConfig:
         assistant_prefix: Text prefilled after the thinking prefix.
     """
 
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
     thinking: str = "on"
     assistant_prefix: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        super().__post_init__()
         if self.thinking not in ("on", "off", "default"):
             raise ValueError(f"thinking must be 'on', 'off' or 'default', got {self.thinking!r}")
 
@@ -389,80 +379,6 @@ def _append(path: Path, trace: Trace) -> None:
         os.fsync(f.fileno())
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from ``logits`` [vocab] by temperature + top-p sampling with its own generator."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    sorted_p, order = torch.sort(probs, descending=True, stable=True)
-    if top_p < 1.0:
-        cum = sorted_p.cumsum(-1)
-        keep = (cum - sorted_p) < top_p
-        keep[0] = True
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-    cdf = sorted_p.cumsum(-1)
-    u = torch.rand((), generator=gen, dtype=torch.float64).to(cdf.device) * cdf[-1]  # CPU generator, any device
-    k = int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=len(cdf) - 1))
-    return int(order[k])
-
-
-@torch.inference_mode()
-def _generate_batch(
-    model: "ThinkingModel",
-    rows: list[list[int]],
-    cfg: GenerationConfig,
-    gens: list[torch.Generator | None],
-) -> list[tuple[list[int], str]]:
-    """Left-padded incremental decoding of several prompts; returns (new ids, stop reason)."""
-    device = model.device
-    eos = set(model.eos_token_ids)
-    pad = model.tokenizer.pad_token_id
-    if pad is None:
-        pad = next(iter(eos)) if eos else 0
-    n = len(rows)
-    width = max(len(r) for r in rows)
-    x = torch.full((n, width), int(pad), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    x, mask = x.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, kv = model.bridge(
-        x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **model.last_logits_kwargs()
-    )
-    last_pos = pos[:, -1:]
-    out: list[list[int]] = [[] for _ in range(n)]
-    reason: list[str | None] = [None] * n
-    for step in range(cfg.max_new_tokens):
-        nxt = []
-        last = logits[:, -1].float()
-        for i in range(n):
-            if reason[i] is not None:
-                nxt.append(int(pad))
-                continue
-            if cfg.temperature == 0:
-                t = int(last[i].argmax())
-            else:
-                g = gens[i]
-                assert g is not None
-                t = _sample(last[i], cfg.temperature, cfg.top_p, g)
-            out[i].append(t)
-            nxt.append(t)
-            if t in eos:
-                reason[i] = "eos"
-        if all(r is not None for r in reason) or step == cfg.max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
-        last_pos = last_pos + 1
-        logits, kv = model.bridge(
-            torch.tensor(nxt, dtype=torch.long, device=device)[:, None],
-            return_type="logits_and_cache",
-            attention_mask=mask,
-            position_ids=last_pos,
-            past_key_values=kv,
-        )
-    return [(o, r or "length") for o, r in zip(out, reason)]
-
-
 def generate(
     model: "ThinkingModel",
     questions: Sequence[Any],
@@ -479,8 +395,8 @@ def generate(
 ) -> list[Trace]:
     """Generate a trace per question, batched, optionally appending each to a JSONL store.
 
-    Decoding runs through the bridge with a Hugging Face ``DynamicCache``: one left-padded
-    prefill (attention mask and position ids from the mask), then one token per step. Greedy
+    Decoding is :func:`mechthink.generation.decode` through the bridge (any hooks active around
+    the call apply): one left-padded prefill, then one token per step on the KV cache. Greedy
     (``temperature=0``) or temperature + top-p sampling where each question draws from its own
     ``torch.Generator`` seeded from ``(seed, index)``, so results do not depend on batching.
     Generation stops at the model's eos ids or after ``max_new_tokens``.
@@ -529,18 +445,14 @@ def generate(
     todo = [i for i, (qid, _, _) in enumerate(items) if qid not in done]
     prompts = {i: model.prompt(items[i][1], thinking=thinking, assistant_prefix=assistant_prefix) for i in todo}
     prompt_ids = {i: model.to_token_lists([prompts[i]])[0] for i in todo}
-    batches = [todo[k : k + batch_size] for k in range(0, len(todo), batch_size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="generate")
     cfg_dict = dataclasses.asdict(cfg)
-    for batch in batches:
-        gens = (
-            [torch.Generator().manual_seed(_seed_for(seed, i)) for i in batch] if cfg.temperature > 0 else [None] * len(batch)
-        )
-        results = _generate_batch(model, [prompt_ids[i] for i in batch], cfg, gens)
+    rows = [prompt_ids[i] for i in todo]
+    for batch, results in decode_batches(Decoder.for_model(model), rows, cfg, batch_size, indices=todo):
         for i, (new_ids, why) in zip(batch, results):
             qid, question, gold = items[i]
             tr = make_trace(
@@ -556,15 +468,6 @@ def generate(
     if bar is not None:
         bar.close()
     return [done[qid] for qid, _, _ in items]
-
-
-def _seed_for(seed: int, index: int) -> int:
-    """A 63-bit seed from (seed, index), stable across runs and platforms."""
-    h = 1469598103934665603
-    for v in (int(seed), int(index)):
-        for b in v.to_bytes(8, "little", signed=True):
-            h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 # ============================================================================ anatomy

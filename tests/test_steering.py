@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mechthink import steering, traces
-from mechthink.steering import SteeringVector, StreamTracker, steer
+from mechthink.generation import continue_greedy
+from mechthink.steering import SteeringVector, steer
 
 ARCH = "LlamaForCausalLM"
 
@@ -99,18 +100,6 @@ def test_thinking_only_stops_after_think_close(thinker):
     assert got == ref
 
 
-def test_stream_tracker_rewind_and_close(thinker):
-    tr = StreamTracker(thinker)
-    c = tr.close_ids[0]
-    tr.update(torch.tensor([[1, 6, 9]]), 0, 3)
-    assert tr.prompt_end == 2 and tr.closed_at == [None]
-    tr.update(torch.tensor([[c]]), 3, 1)
-    assert tr.closed_at == [3] and tr.is_closed(0, 3) and not tr.is_closed(0, 2)
-    tr.update(torch.tensor([[9]]), 3, 1)  # the cache was cropped and column 3 redone
-    assert tr.history == [[1, 6, 9, 9]] and tr.closed_at == [None]
-    assert tr.n_generated(0) == 1
-
-
 def test_extraction_save_load_and_pca(tiny_loaded, tmp_path):
     model, _ = tiny_loaded(ARCH)
     qs = ["Compute 3 + 5.", "What is 12?", "Let me think.", "The answer is 42."]
@@ -173,3 +162,79 @@ def test_backtracking_vector_moves_p_wait(thinker):
 
     p = [p_wait(c) for c in (-0.25, 0.0, 0.25, 0.5)]
     assert p[0] < p[1] < p[2] < p[3]
+
+
+def test_result_views(thinker, tmp_path):
+    import json
+
+    v = _vec(thinker, 2.0, seed=3)
+    df = v.to_frame()
+    assert list(df["layer"]) == v.layers and torch.allclose(torch.tensor(df["norm"].to_list()), v.norms)
+    assert torch.allclose(torch.tensor(json.loads(v.to_json())["vectors"]), v.vectors)
+    assert len(v.plot().axes[0].patches) == len(v.layers)
+    d = steering.degeneration(traces.trace_from_text(thinker, "Compute 3 + 5.", "3 3 3 3 3 3 3 3"))
+    assert d.to_frame().iloc[0]["thinking_tokens"] == d.thinking_tokens and json.loads(d.to_json())["closed"] is False
+    with pytest.raises(NotImplementedError, match="degeneration_table"):
+        d.plot()
+
+
+@pytest.fixture(scope="module")
+def decision_points(thinker):
+    from mechthink.models.organism import step_examples
+
+    held = step_examples(thinker, 16, seed=7)
+    pick = {"wrong": [e for e in held if e.is_error][:2], "correct": [e for e in held if not e.is_error][:2]}
+    return {g: ([e.input_ids for e in exs], [str(e.answer) for e in exs]) for g, exs in pick.items()}
+
+
+def test_decision_metrics_against_direct_computation(thinker, decision_points):
+    model = thinker
+    prefixes, golds = decision_points["wrong"]
+    m = steering.decision_metrics(model, prefixes, golds, max_new_tokens=24, window=10)
+    bt = model.token_ids(list(model.spec.backtracking_words))
+    with torch.inference_mode():
+        p = [model.bridge(torch.tensor([ids]))[0, -1].softmax(-1) for ids in prefixes]
+    assert m.p_backtrack_next == pytest.approx(sum(float(q[bt].sum()) for q in p) / 2, abs=1e-6)
+    assert m.p_backtrack_next > 0.5  # the organism backtracks after a wrong step
+    gens = continue_greedy(model, prefixes, 24)
+    firsts = [model.to_string(g[:10]) for g in gens]
+    assert m.backtrack_rate == sum(any(w in t for w in model.spec.backtracking_words) for t in firsts) / 2
+    assert m.closed_rate == sum(model.spec.think_close in model.to_string(g) for g in gens) / 2
+    assert m.to_frame().shape == (1, 7)
+
+
+def test_coefficient_sweep(thinker, decision_points):
+    from mechthink.plotting.steering import coefficient_sweep_figure
+
+    model = thinker
+    ex = {g: p for g, (p, _) in decision_points.items()}
+    vec = steering.from_positions(model, [(ids, [len(ids) - 1]) for ids in ex["wrong"]],
+                                  [(ids, [len(ids) - 1]) for ids in ex["correct"]], layers=[2, 3])
+    sw = steering.coefficient_sweep(model, vec, decision_points, [-1.0, 0.0, 1.0], layers=[2, 3],
+                                    max_new_tokens=16, window=16)
+    assert sw.groups == ["wrong", "correct"] and sw.layers == [2, 3] and sw.n_per_group == {"wrong": 2, "correct": 2}
+    # coefficient 0 is no steering
+    assert sw.metrics["wrong"][1] == steering.decision_metrics(model, *decision_points["wrong"], 16, 16)
+    for k in steering.DECISION_METRICS:
+        assert sw.series("mix", k) == [(a + b) / 2 for a, b in zip(sw.series("wrong", k), sw.series("correct", k))]
+    # the late-block difference of means is a backtracking direction (docs/steering.md)
+    assert sw.is_monotonic("mix", "p_backtrack_next")
+    assert sw.against_zero("wrong", "p_backtrack_next", -1) and sw.against_zero("correct", "p_backtrack_next", 1)
+    rows = sw.rows()
+    assert [r["coeff"] for r in rows] == [-1.0, 0.0, 1.0] and rows[2]["mix/accuracy"] == sw.series("mix", "accuracy")[2]
+    assert len(rows[0]) == 1 + 3 * len(steering.DECISION_METRICS)
+    assert sw.to_frame().shape == (9, 2 + len(steering.DECISION_METRICS))
+    assert len(coefficient_sweep_figure({"late": sw}).axes) == 2 and sw.plot().axes
+    with pytest.raises(ValueError, match="metric"):
+        sw.series("mix", "nope")
+    with pytest.raises(ValueError, match="sign"):
+        sw.against_zero("mix", "accuracy", 0)
+
+
+def test_sweep_checks_on_known_series():
+    ms = [steering.DecisionMetrics(p, 0.0, 0.0, 0.0, 0.0, round(1 - p, 6), 0.0) for p in (0.1, 0.3, 0.2)]
+    sw = steering.CoefficientSweep([-1.0, 0.0, 1.0], [1], {"g": ms, "mix": ms}, {"g": 1})
+    assert not sw.is_monotonic("g", "p_backtrack_next") and sw.series("g", "accuracy") == [0.9, 0.7, 0.8]
+    assert sw.against_zero("g", "p_backtrack_next", -1) and not sw.against_zero("g", "p_backtrack_next", 1)
+    no_zero = steering.CoefficientSweep([1.0, 2.0], [1], {"g": ms[:2], "mix": ms[:2]}, {"g": 1})
+    assert no_zero.against_zero("g", "p_backtrack_next", -1)  # vacuous without a 0 coefficient

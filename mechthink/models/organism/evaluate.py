@@ -2,7 +2,8 @@
 
 Three measurements on held-out problems: P(backtracking word) right after wrong vs correct steps,
 greedy accuracy of the boxed final answer, and recovery after a prefilled wrong step. Plain HF
-transformers, batched with left padding. Source: this repository (mechthink tiny-thinker).
+transformers, batched with left padding (:mod:`mechthink.generation`'s decode loop). Source:
+this repository (mechthink tiny-thinker).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import re
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mechthink.generation import Decoder, SamplingConfig, decode, left_pad
 
 from .tasks import BACKTRACK_WORDS, held_out_examples, prompt_text, sample_problem
 
@@ -41,26 +44,13 @@ def backtrack_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(w) for w in BACKTRACK_WORDS]
 
 
-def left_pad(
-    seqs: list[list[int]], pad_id: int
-) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
-    """Left-pad token lists into ``(input_ids, attention_mask)``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def backtrack_probabilities(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     seqs: list[list[int]],
     batch_size: int = 100,
-) -> Float[torch.Tensor, "batch"]:
+) -> Float[torch.Tensor, " batch"]:
     """P(any backtracking word) as the next token after each sequence.
 
     Args:
@@ -82,7 +72,6 @@ def backtrack_probabilities(
     return torch.cat(out)
 
 
-@torch.no_grad()
 def greedy_generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -92,31 +81,21 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy continuations (new tokens only, up to and including eos) of token id lists.
 
+    The decode loop is :func:`mechthink.generation.decode` on the plain HF model (left padding,
+    KV cache), the same loop every mechthink generation uses.
+
     Args:
         model: The causal LM.
         tokenizer: Its tokenizer (pad and eos ids).
         seqs: Prompts as token id lists.
         max_new_tokens: Generation budget.
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts decoded together.
 
     Returns:
-        The new token ids of each prompt, truncated after the first eos.
+        The new token ids of each prompt, up to and including the first eos.
     """
-    results: list[list[int]] = []
-    eos = tokenizer.eos_token_id
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = left_pad(seqs[i : i + batch_size], tokenizer.pad_token_id)
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in gen[:, ids.shape[1] :].tolist():
-            results.append(row[: row.index(eos) + 1] if eos in row else row)
-    return results
+    cfg = SamplingConfig(max_new_tokens=int(max_new_tokens))
+    return [c.ids for c in decode(Decoder.for_hf(model, tokenizer), seqs, cfg, batch_size)]
 
 
 @dataclass

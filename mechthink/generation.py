@@ -1,0 +1,439 @@
+"""The one decode loop: left-padded, KV-cached incremental decoding with per-row seeded sampling.
+
+Every generation in mechthink runs through :func:`decode`: one left-padded prefill (attention
+mask, position ids from the mask's cumulative sum), then one token per step on Hugging Face's
+``DynamicCache``, greedy or temperature + nucleus (top-p) sampling (Holtzman et al. 2020). Row
+``i`` of a call samples from its own ``torch.Generator`` seeded from ``(seed, index)``, so a
+row's draw does not depend on the batch it runs in, and two calls with the same seed are paired
+(they differ only where an intervention changes the logits). The loop only needs a forward
+function, so it drives the TransformerBridge (:meth:`Decoder.for_model`; every active hook
+applies) and a plain Hugging Face model (:meth:`Decoder.for_hf`) alike.
+
+:class:`StreamTracker` follows that token stream from inside the bridge's forward calls (the
+interventions and steering hooks use it to know which column is a prompt token and which a
+generated one); :func:`continue_prefixes` continues raw token prefixes.
+
+This module depends on torch and :mod:`mechthink.models.kvcache` only, so the model packages
+(the organism's evaluator) can use it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechthink.models.kvcache import cache_from_kwargs
+
+if TYPE_CHECKING:
+    from mechthink.models.thinking_model import ThinkingModel
+
+__all__ = [
+    "Continuation",
+    "Decoder",
+    "ForwardFn",
+    "SamplingConfig",
+    "StreamTracker",
+    "continue_greedy",
+    "continue_prefixes",
+    "decode",
+    "decode_batches",
+    "left_pad",
+    "row_generator",
+    "sample_token",
+    "seed_for",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``forward(input_ids, attention_mask, position_ids, cache) -> (logits, cache)``; ``cache`` is
+#: None on the prefill.
+ForwardFn = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
+
+
+# ============================================================================ configuration
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen.
+
+    Attributes:
+        max_new_tokens: Generation budget per row.
+        temperature: 0 for greedy decoding, else the softmax temperature.
+        top_p: Nucleus threshold for sampling (1.0 = no truncation).
+        seed: Sampling seed; row ``index``'s generator is seeded from ``(seed, index)``.
+    """
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+class Continuation(NamedTuple):
+    """The new tokens of one row and why decoding stopped (``"eos"`` or ``"length"``)."""
+
+    ids: list[int]
+    finished: str
+
+
+# ============================================================================ seeded sampling
+def seed_for(seed: int, index: int) -> int:
+    """A 63-bit seed from ``(seed, index)`` (FNV-1a over both), stable across runs and platforms."""
+    h = 1469598103934665603
+    for v in (int(seed), int(index)):
+        for b in v.to_bytes(8, "little", signed=True):
+            h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def row_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator row ``index`` samples from (seeded with :func:`seed_for`)."""
+    return torch.Generator().manual_seed(seed_for(seed, index))
+
+
+def sample_token(
+    logits: Float[Tensor, " d_vocab"], temperature: float, top_p: float, generator: torch.Generator
+) -> int:
+    """One token from ``logits`` by temperature + top-p sampling, drawing from ``generator``.
+
+    The nucleus keeps the most likely tokens (ties in index order) until their mass reaches
+    ``top_p`` (always the first); one uniform draw from ``generator`` picks from its CDF, so the
+    draw is the same on any device.
+    """
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    sorted_p, order = torch.sort(probs, descending=True, stable=True)
+    if top_p < 1.0:
+        cum = sorted_p.cumsum(-1)
+        keep = (cum - sorted_p) < top_p
+        keep[0] = True
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    cdf = sorted_p.cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=torch.float64).to(cdf.device) * cdf[-1]
+    k = int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=len(cdf) - 1))
+    return int(order[k])
+
+
+# ============================================================================ models
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Left-pad token lists into ``(input_ids, attention_mask)`` (CPU tensors)."""
+    if not rows:
+        raise ValueError("left_pad: rows must hold at least one token list")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor([int(t) for t in r], dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _parameters(fn: Any) -> set[str]:
+    """Names of ``fn``'s parameters (empty where they cannot be read)."""
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _keep_last(forward: Any) -> dict[str, Any]:
+    """``{"logits_to_keep": 1}`` where ``forward`` takes it (the prefill then unembeds one position)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _parameters(forward) else {}
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """What the decode loop needs from a model.
+
+    Attributes:
+        forward: A :data:`ForwardFn`.
+        eos_ids: Tokens that end a row (kept in its output).
+        pad_id: Token fed at padded columns and for finished rows (always masked).
+        device: Where the inputs go.
+    """
+
+    forward: ForwardFn
+    eos_ids: frozenset[int]
+    pad_id: int
+    device: torch.device
+
+    @classmethod
+    def for_model(cls, model: "ThinkingModel") -> "Decoder":
+        """Decode through ``model.bridge`` (every hook active around the call applies)."""
+        eos = set(model.eos_token_ids)
+        pad = model.tokenizer.pad_token_id
+        if pad is None:
+            pad = next(iter(eos)) if eos else 0
+        bridge, prefill_kw = model.bridge, model.last_logits_kwargs()
+
+        def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
+            extra = prefill_kw if kv is None else {"past_key_values": kv}
+            return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **extra)
+
+        return cls(forward, frozenset(eos), int(pad), model.device)
+
+    @classmethod
+    def for_hf(cls, hf_model: Any, tokenizer: Any) -> "Decoder":
+        """Decode a plain Hugging Face causal LM (stops at ``tokenizer.eos_token_id``)."""
+        prefill_kw = _keep_last(hf_model.forward)
+        # transformers 5.24 takes and returns the cache as ``cache`` (``past_key_values`` before)
+        name = "cache" if "cache" in _parameters(hf_model.forward) else "past_key_values"
+
+        def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
+            extra = prefill_kw if kv is None else {name: kv}
+            out = hf_model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+            return out.logits, getattr(out, name)
+
+        device = next(hf_model.parameters()).device
+        return cls(forward, frozenset({int(tokenizer.eos_token_id)}), int(tokenizer.pad_token_id), device)
+
+
+# ============================================================================ the loop
+@torch.inference_mode()
+def _decode_rows(
+    decoder: Decoder, rows: list[list[int]], cfg: SamplingConfig, indices: Sequence[int]
+) -> list[Continuation]:
+    """Left-padded incremental decoding of one batch."""
+    device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
+    gens = [row_generator(cfg.seed, i) for i in indices] if cfg.temperature > 0 else [None] * len(rows)
+    n = len(rows)
+    x, mask = left_pad(rows, pad)
+    x, mask = x.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, kv = decoder.forward(x, mask, pos, None)
+    last_pos = pos[:, -1:]
+    out: list[list[int]] = [[] for _ in range(n)]
+    reason: list[str | None] = [None] * n
+    for step in range(cfg.max_new_tokens):
+        nxt = []
+        last = logits[:, -1].float()
+        for i in range(n):
+            if reason[i] is not None:
+                nxt.append(pad)
+                continue
+            g = gens[i]
+            t = int(last[i].argmax()) if g is None else sample_token(last[i], cfg.temperature, cfg.top_p, g)
+            out[i].append(t)
+            nxt.append(t)
+            if t in eos:
+                reason[i] = "eos"
+        if all(r is not None for r in reason) or step == cfg.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
+        last_pos = last_pos + 1
+        logits, kv = decoder.forward(torch.tensor(nxt, dtype=torch.long, device=device)[:, None], mask, last_pos, kv)
+    return [Continuation(o, r or "length") for o, r in zip(out, reason)]
+
+
+def decode_batches(
+    decoder: Decoder,
+    rows: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    batch_size: int,
+    indices: Sequence[int] | None = None,
+) -> Iterator[tuple[list[int], list[Continuation]]]:
+    """Decode ``rows`` ``batch_size`` at a time, yielding ``(indices of the batch, continuations)``.
+
+    Args:
+        decoder: The model to decode.
+        rows: Prompts as token id lists.
+        cfg: Budget and sampling.
+        batch_size: Rows decoded together.
+        indices: The index each row's generator is seeded with (default ``0..len(rows)-1``).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    idx = list(range(len(rows))) if indices is None else [int(i) for i in indices]
+    if len(idx) != len(rows):
+        raise ValueError(f"indices: {len(idx)} given for {len(rows)} rows")
+    cleaned = [[int(t) for t in r] for r in rows]
+    for k in range(0, len(cleaned), batch_size):
+        yield idx[k : k + batch_size], _decode_rows(decoder, cleaned[k : k + batch_size], cfg, idx[k : k + batch_size])
+
+
+def decode(
+    decoder: Decoder,
+    rows: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    batch_size: int = 32,
+    indices: Sequence[int] | None = None,
+) -> list[Continuation]:
+    """Continuations of every row of ``rows`` (see :func:`decode_batches`), in order."""
+    return [c for _, batch in decode_batches(decoder, rows, cfg, batch_size, indices) for c in batch]
+
+
+def continue_prefixes(
+    model: "ThinkingModel",
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float | int = 0.0,
+    top_p: float | int = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Continuations of token prefixes through the bridge (new ids only).
+
+    Any interventions active around the call apply. ``temperature=0`` is greedy; otherwise row
+    ``i`` samples with its own generator seeded from ``(seed, i)``, so a row's draw does not
+    depend on the batch and two calls with the same seed differ only where an intervention
+    changes the logits.
+    """
+    cfg = SamplingConfig(int(max_new_tokens), float(temperature), float(top_p), int(seed))
+    return [c.ids for c in decode(Decoder.for_model(model), rows, cfg, batch_size)]
+
+
+def continue_greedy(
+    model: "ThinkingModel", rows: Sequence[Sequence[int]], max_new_tokens: int = 64, batch_size: int = 32
+) -> list[list[int]]:
+    """Greedy continuations of token prefixes: :func:`continue_prefixes` with ``temperature=0``."""
+    return continue_prefixes(model, rows, max_new_tokens, batch_size=batch_size)
+
+
+# ============================================================================ tracking the stream
+class StreamTracker:
+    """Follows the token stream through the bridge's forward calls.
+
+    Mechanism: a forward pre-hook on the embedding module records each call's input ids, and one
+    on block 0 reads the KV-cache length before the call. A call on an empty cache starts a new
+    stream (its last position is the last prompt token); a call on a non-empty cache continues
+    it (the inputs are the tokens generated so far, fed back one step at a time). Per batch row
+    the tracker keeps all ids seen and the absolute column at which ``think_close`` was
+    completed (``None`` while thinking).
+
+    Attributes:
+        past: Cache length before the current call.
+        width: Number of positions in the current call.
+        prompt_end: Absolute column of the last prompt token of the current stream.
+        history: Ids seen per row (left padding included).
+        closed_at: Column of the last token of ``think_close`` per row, or None.
+    """
+
+    def __init__(self, model: "ThinkingModel") -> None:
+        self.model = model
+        tok = model.tokenizer
+        self.close_ids = [int(i) for i in tok(model.spec.think_close, add_special_tokens=False)["input_ids"]]
+        self.open_ids = [int(i) for i in tok(model.spec.think_open, add_special_tokens=False)["input_ids"]]
+        self.past = 0
+        self.width = 0
+        self.prompt_end = 0
+        self.new_stream = True
+        self.history: list[list[int]] = []
+        self.closed_at: list[int | None] = []
+        self.prompt_len: list[int] = []
+        self._pending: Tensor | None = None
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------ hooks
+    def _on_embed(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
+        if not isinstance(ids, Tensor) or ids.is_floating_point():
+            return
+        self._pending = ids.detach().cpu()
+
+    def _on_block0(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kv = cache_from_kwargs(kwargs)
+        past = int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        width = int(hidden.shape[1]) if isinstance(hidden, Tensor) else 0
+        ids, self._pending = self._pending, None
+        self.update(ids, past, width)
+
+    def update(self, ids: Int[Tensor, "batch pos"] | None, past: int, width: int) -> None:
+        """Record one forward call (``ids``: ``[batch, width]`` or None)."""
+        self.past, self.width = past, width
+        self.new_stream = past == 0
+        rows = [r.tolist() for r in ids] if ids is not None else None
+        if self.new_stream:
+            self.prompt_end = width - 1
+            self.history = rows if rows is not None else []
+            self.prompt_len = [len(r) for r in self.history]
+            self.closed_at = [self._find_close(h, 0) for h in self.history]
+            return
+        if rows is None:
+            return
+        if len(rows) != len(self.history):  # a forked / re-batched cache
+            if len(self.history) == 1:
+                self.history = [list(self.history[0]) for _ in rows]
+                self.closed_at = self.closed_at * len(rows)
+                self.prompt_len = self.prompt_len * len(rows)
+            else:
+                log.debug("StreamTracker: batch changed %d -> %d; restarting row state", len(self.history), len(rows))
+                self.history = [[] for _ in rows]
+                self.closed_at = [None] * len(rows)
+                self.prompt_len = [0] * len(rows)
+        for i, r in enumerate(rows):
+            if len(self.history[i]) > past:  # the cache was rewound (crop) and this call redoes columns
+                del self.history[i][past:]
+                c = self.closed_at[i]
+                if c is not None and c >= past:
+                    self.closed_at[i] = None
+            start = len(self.history[i])
+            self.history[i].extend(r)
+            if self.closed_at[i] is None:
+                self.closed_at[i] = self._find_close(self.history[i], max(0, start - len(self.close_ids) + 1))
+
+    def _find_close(self, h: list[int], start: int) -> int | None:
+        """Column of the last token of the first think_close after the last think_open (from start)."""
+        n = len(self.close_ids)
+        if n == 0:
+            return None
+        last_open = _last_index(h, self.open_ids)
+        lo = max(start, (last_open + 1) if last_open is not None else 0)
+        for j in range(lo, len(h) - n + 1):
+            if h[j : j + n] == self.close_ids:
+                return j + n - 1
+        return None
+
+    # ------------------------------------------------------------ queries
+    def columns(self) -> range:
+        """Absolute columns of the current call's positions."""
+        return range(self.past, self.past + self.width)
+
+    def n_generated(self, row: int) -> int:
+        """Tokens generated and fed back so far in ``row`` (the current call's inputs included)."""
+        if row >= len(self.history):
+            return 0
+        return max(0, len(self.history[row]) - self.prompt_len[row])
+
+    def is_closed(self, row: int, column: int) -> bool:
+        """Whether ``think_close`` has been completed at or before ``column`` in ``row``."""
+        if row >= len(self.closed_at):
+            return False
+        c = self.closed_at[row]
+        return c is not None and c <= column
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["StreamTracker"]:
+        """Register the tracker's module hooks for the duration of the block."""
+        bridge = self.model.bridge
+        try:
+            self._handles.append(bridge.embed.register_forward_pre_hook(self._on_embed, with_kwargs=True))
+            self._handles.append(bridge.blocks[0].register_forward_pre_hook(self._on_block0, with_kwargs=True))
+            yield self
+        finally:
+            while self._handles:
+                self._handles.pop().remove()
+
+
+def _last_index(h: list[int], sub: list[int]) -> int | None:
+    n = len(sub)
+    if n == 0:
+        return None
+    for j in range(len(h) - n, -1, -1):
+        if h[j : j + n] == sub:
+            return j + n - 1
+    return None
