@@ -30,6 +30,7 @@ def _vec(model, scale: float = 1.0, seed: int = 0) -> SteeringVector:
 def test_hooks_removed_model_bit_identical(tiny_loaded):
     model, _ = tiny_loaded(ARCH)
     x = model.to_tokens(model.prompt("Compute 3 + 5."))
+    hooks_before = (dict(model.bridge._forward_pre_hooks), dict(model.bridge.blocks[0]._forward_pre_hooks))
     with torch.inference_mode():
         before = model.bridge(x).clone()
         with steer(model, _vec(model, 5.0), layers=[0, 1, 2], coeff=2.0):
@@ -42,7 +43,8 @@ def test_hooks_removed_model_bit_identical(tiny_loaded):
                 model.bridge(x)
                 raise RuntimeError("boom")
         assert torch.equal(before, model.bridge(x))
-    assert not model.bridge._forward_pre_hooks and not model.bridge.blocks[0]._forward_pre_hooks
+    # steering's hooks are gone (load_model's own context guard on block 0 stays)
+    assert (dict(model.bridge._forward_pre_hooks), dict(model.bridge.blocks[0]._forward_pre_hooks)) == hooks_before
 
 
 def _reference_generation(model, prompt_ids, vec, layers, coeff, n_new, steer_col):
