@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.progress import track
@@ -183,8 +184,8 @@ class ActivationCache(Result):
     prefix_len: int = 0
     reduce: str | None = None
     grads: dict[str, Tensor] | None = None
-    metric: Tensor | None = None
-    logits: Tensor | None = None
+    metric: Float[Tensor, "batch"] | None = None
+    logits: Float[Tensor, "batch pos d_vocab"] | None = None
 
     # ---- mapping access
     def __getitem__(self, name: str) -> Tensor:
@@ -298,31 +299,32 @@ class ActivationCache(Result):
 
 # ------------------------------------------------------------------------------- input checks
 def _is_index(x: Any) -> bool:
-    if isinstance(x, bool):
-        return False
+    """An integer scalar (Python, NumPy or a 0-d integer tensor), not a bool."""
     if isinstance(x, Tensor):
-        return x.dim() == 0 and not x.is_floating_point()
-    return isinstance(x, int) or type(x).__name__ in ("int64", "int32", "int16", "int8")
+        return x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _sequences(tokens: Any, vocab: int) -> tuple[list[list[int]], bool]:
-    """Token lists and whether the input was one sequence."""
+def _one_sequence(s: Any, i: int) -> list[int]:
+    if isinstance(s, Tensor):
+        if s.is_floating_point() or s.dim() != 1:
+            raise ValueError(f"tokens[{i}] must be a 1-D integer sequence, got {s.dtype} {tuple(s.shape)}")
+        return [int(t) for t in s.tolist()]
+    if _is_index(s) or isinstance(s, str) or not all(_is_index(t) for t in s):
+        raise ValueError(f"tokens[{i}] is {s!r}; pass token ids, a list of token-id lists, or a tensor")
+    return [int(t) for t in s]
+
+
+def _sequences(tokens: Any, vocab: int) -> list[list[int]]:
+    """The token sequences as lists of ids (one sequence -> a list of one)."""
     if isinstance(tokens, Tensor):
         if tokens.is_floating_point() or tokens.dim() not in (1, 2):
             raise ValueError(f"tokens must be integer ids of shape [pos] or [batch, pos], got {tokens.dtype} {tuple(tokens.shape)}")
-        single = tokens.dim() == 1
-        seqs = [tokens.tolist()] if single else tokens.tolist()
+        seqs = [tokens.tolist()] if tokens.dim() == 1 else tokens.tolist()
     else:
-        seqs_in = list(tokens)
-        single = bool(seqs_in) and all(_is_index(t) for t in seqs_in)
-        seqs = [[int(t) for t in seqs_in]] if single else []
-        if not single:
-            for i, s in enumerate(seqs_in):
-                if isinstance(s, Tensor) and (s.is_floating_point() or s.dim() != 1):
-                    raise ValueError(f"tokens[{i}] must be a 1-D integer sequence, got {s.dtype} {tuple(s.shape)}")
-                if _is_index(s) or isinstance(s, str):
-                    raise ValueError(f"tokens[{i}] is {s!r}; pass token ids, a list of token-id lists, or a tensor")
-                seqs.append([int(t) for t in (s.tolist() if isinstance(s, Tensor) else s)])
+        items = list(tokens)
+        single = bool(items) and all(_is_index(t) for t in items)
+        seqs = [[int(t) for t in items]] if single else [_one_sequence(s, i) for i, s in enumerate(items)]
     if not seqs:
         raise ValueError("tokens is empty; pass one sequence of token ids or a list of them")
     for i, s in enumerate(seqs):
@@ -331,7 +333,7 @@ def _sequences(tokens: Any, vocab: int) -> tuple[list[list[int]], bool]:
         bad = [t for t in s if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"tokens[{i}] holds id {bad[0]} outside the vocabulary [0, {vocab})")
-    return seqs, single
+    return seqs
 
 
 def _positions(positions: Any, seqs: list[list[int]]) -> list[list[int]]:
@@ -489,7 +491,8 @@ def gather(
         logits: Also keep the logits at the gathered positions (``.logits``).
         past_key_values: A ``DynamicCache`` of one prefix (batch 1): the tokens continue it
             (every sequence gets a copy; the cache passed is not modified). Positions are within
-            the new tokens; pattern keys start with the prefix's.
+            the new tokens; pattern keys start with the prefix's. With a ``metric`` the prefix is
+            a constant (gradients stop at its cached keys and values).
         dtype: Cast the stored tensors (default: the activations' dtype; reductions float32).
         device: Where the stored tensors go (default CPU).
 
@@ -505,7 +508,7 @@ def gather(
     if reduce is not None and metric is not None:
         raise ValueError("reduce and metric are exclusive: gradients are kept per position; reduce them afterwards")
     bridge = model.bridge
-    seqs, _ = _sequences(tokens, int(bridge.cfg.d_vocab))
+    seqs = _sequences(tokens, int(bridge.cfg.d_vocab))
     per = _positions(positions, seqs)
     names = _hook_list(model, hooks, layers)
     prefix_len = 0
@@ -598,7 +601,7 @@ class _Runner:
 
     def batch(self, seqs: list[list[int]], per: list[list[int]], glob: list[int]) -> Tensor | None:
         """Gather one batch; returns the per-sequence metric values when a metric is set."""
-        self.batch_rows = b = len(seqs)
+        self.batch_rows = len(seqs)
         rows = [r for r, p in enumerate(per) for _ in p]
         self.plan = _Plan(
             rows=torch.tensor(rows, dtype=torch.long),

@@ -6,11 +6,19 @@ import json
 
 import pytest
 import torch
+from conftest import TYPE_ERRORS
 from transformer_lens.utilities import get_act_name
 
 import mechthink as mt
-from conftest import TYPE_ERRORS
-from mechthink.hooks import HOOK_KINDS, ActivationCache, gather, hook_kind, hook_name, hook_names, is_pattern_hook
+from mechthink.hooks import (
+    HOOK_KINDS,
+    ActivationCache,
+    gather,
+    hook_kind,
+    hook_name,
+    hook_names,
+    is_pattern_hook,
+)
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
 LENGTHS = (9, 4, 13, 1)
@@ -108,7 +116,7 @@ def test_gather_equals_run_with_cache_for_every_kind(tiny_loaded, arch):
     for i, seq in enumerate(seqs):
         ref = _reference(model, seq, cache.keys())
         for name in cache:
-            torch.testing.assert_close(cache.per_sequence(name)[i], ref[name], **TOL, msg=lambda m: f"{arch} {name}: {m}")
+            torch.testing.assert_close(cache.per_sequence(name)[i], ref[name], **TOL, msg=f"{arch} {name}")
 
 
 def test_one_sequence_alone_matches_run_with_cache_closely(llama):
@@ -226,7 +234,7 @@ def test_metric_gradients_equal_autograd(tiny_loaded, arch):
                 if is_pattern_hook(name):  # keys after the query are structurally 0: gradient 0
                     assert (got == _causal(got)).all()
                     want = _causal(want)
-                torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{kw} {name}: {m}")
+                torch.testing.assert_close(got, want, **TOL, msg=f"{kw} {name}")
             assert not cache["blocks.0.hook_resid_pre"].requires_grad
     assert all(p.grad is None for p in model.bridge.parameters())
 
@@ -261,6 +269,15 @@ def test_prefix_cache_fork_equals_full_sequences(llama):
     for name in forked:
         torch.testing.assert_close(forked[name], full[name], **TOL)
     torch.testing.assert_close(forked.logits, full.logits, **TOL)
+
+    def metric(logits):  # the last token's logit of id 3: the same token in both runs
+        return logits[0, -1, 3]
+
+    fg = gather(llama, sufs, "resid_pre", past_key_values=kv, metric=metric)
+    ref = gather(llama, [prefix + s for s in sufs], "resid_pre", positions=[[6, 7, 8], [6, 7, 8, 9, 10]], metric=metric)
+    torch.testing.assert_close(fg.metric, ref.metric, **TOL)
+    for name in fg:
+        torch.testing.assert_close(fg.grads[name], ref.grads[name], **TOL)
 
 
 def test_logits_at_positions(llama):
