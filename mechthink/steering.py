@@ -162,34 +162,33 @@ def _layers(model: "ThinkingModel", layers: Sequence[int] | None) -> list[int]:
     return out
 
 
-@torch.inference_mode()
 def activations_at(
     model: "ThinkingModel",
     sequences: Sequence[Sequence[int]],
     positions: Sequence[Sequence[int]],
     layers: Sequence[int] | None = None,
     hook: str = "hook_resid_post",
+    batch_size: int = 8,
 ) -> list[Float[Tensor, "pos layer d_model"]]:
-    """Activations of ``blocks.{L}.{hook}`` at chosen positions of each token sequence.
+    """Activations of ``blocks.{L}.{hook}`` at chosen positions of each token sequence
+    (through :func:`mechthink.hooks.gather`: only those positions are kept).
 
     Returns:
         One ``[len(positions[i]), layer, d_model]`` float32 CPU tensor per sequence.
     """
+    from mechthink.hooks import gather
+
     if len(sequences) != len(positions):
         raise ValueError(f"activations_at: {len(sequences)} sequences but {len(positions)} position lists")
     ls = _layers(model, layers)
-    names = [_hook_name(L, hook) for L in ls]
-    wanted = set(names)
-    out = []
     for seq, pos in zip(sequences, positions):
-        t = torch.tensor([int(i) for i in seq], dtype=torch.long, device=model.device)
-        p = [int(x) for x in pos]
-        if any(not -len(t) <= x < len(t) for x in p):
-            raise ValueError(f"activations_at: positions {p} outside a sequence of length {len(t)}")
-        _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
-        acts = torch.stack([cache[n][0] for n in names], dim=1).float().cpu()  # [pos, layer, d]
-        out.append(acts[p])
-    return out
+        if any(not -len(seq) <= int(x) < len(seq) for x in pos):
+            raise ValueError(f"activations_at: positions {list(pos)} outside a sequence of length {len(seq)}")
+    names = [_hook_name(L, hook) for L in ls]
+    cache = gather(model, [list(map(int, s)) for s in sequences], names, positions=[list(map(int, p)) for p in positions],
+                   batch_size=batch_size)
+    stacked = torch.stack([cache[n] for n in names], dim=2).float()  # [batch, pos, layer, d]
+    return [stacked[i, : len(p)] for i, p in enumerate(positions)]
 
 
 def _combine(
