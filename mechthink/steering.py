@@ -151,7 +151,10 @@ class SteeringVector(Result):
 
 # ============================================================================ activations
 def _hook_name(layer: int, hook: str) -> str:
-    return f"blocks.{layer}.{hook}"
+    """The hook name of a vector's TransformerLens suffix (``"hook_resid_post"``) at ``layer``."""
+    from mechthink.hooks import hook_name
+
+    return hook_name(layer, hook.removeprefix("hook_"))
 
 
 def _layers(model: "ThinkingModel", layers: Sequence[int] | None) -> list[int]:
