@@ -33,26 +33,16 @@ class Config(ProblemConfig):
 def main(cfg: Config, loaded_model: Any = None) -> dict:
     import mechthink as mt
     from mechthink import confidence, traces
-    from mechthink.plotting.confidence import plot_early_exit_table
-    from mechthink.plotting.lens import new_figure
-    from mechthink.report import write_outputs
-
     from mechthink.models.organism import problems_for
+    from mechthink.report import write_outputs
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
     gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8)
     results = [confidence.early_exit(model, tr, gold=q.answer) for tr, q in zip(gen, qs) if tr.think_start is not None]
-    table = confidence.early_exit_table(results, max_instances=cfg.max_instances)
-    with_instances = sum(1 for r in results if len(r.to_frame()))
-    numbers = {
-        "n_traces": len(results),
-        "n_traces_with_instances": with_instances,
-        "by_instance": table.to_dict(orient="records"),
-    }
-    fig = new_figure(7, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    plot_early_exit_table(table, ax=ax, title=f"{model.spec.name}: early exit at the k-th answer instance ({with_instances} traces)")
+    summary = confidence.early_exit_summary(results, max_instances=cfg.max_instances)
+    numbers = summary.numbers()
+    fig = summary.plot(model_name=model.spec.name)
     write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
     return numbers
 

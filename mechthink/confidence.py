@@ -17,9 +17,8 @@ and multi-token choice sequences run in one right-padded batch on a forked cache
 from __future__ import annotations
 
 import copy
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.data.answers import answers_match, normalize_number
+from mechthink.progress import track
+from mechthink.results import Result
+from mechthink.stats import mean
 from mechthink.traces import Trace, answer_instances
 
 if TYPE_CHECKING:
@@ -37,19 +39,26 @@ if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel
 
 __all__ = [
+    "AnswerProbeResult",
+    "EarlyExitInstance",
     "EarlyExitResult",
-    "ProbeResult",
+    "EarlyExitRow",
+    "EarlyExitSummary",
+    "GoldConfidenceCurves",
+    "GoldConfidenceRow",
     "answer_probe",
     "confidence_curve",
     "early_exit",
-    "early_exit_table",
+    "early_exit_summary",
+    "gold_candidates",
+    "gold_confidence_curves",
     "gold_variants",
 ]
 
 
 # ============================================================================ results
 @dataclass
-class ProbeResult:
+class AnswerProbeResult(Result):
     """Forced-answer log-probabilities at several positions of one sequence.
 
     Attributes:
@@ -64,6 +73,15 @@ class ProbeResult:
         suffix: The suffix text.
         greedy: Greedy-decoded continuation after the suffix at each position (or None).
         marks: Named token positions to mark on plots (e.g. ``{"think_end": 812}``).
+
+    Examples:
+        >>> res = AnswerProbeResult(
+        ...     logprobs=torch.tensor([[-0.5, -2.0], [-0.25, -3.0]]), mean_logit=torch.zeros(2, 2),
+        ...     mass=torch.tensor([0.74, 0.83]), positions=[10, 20], choice_names=["yes", "no"], suffix=" Answer:")
+        >>> res.log_ratio.tolist()
+        [1.5, 2.75]
+        >>> list(res.to_frame().columns)
+        ['position', 'logp_yes', 'logp_no', 'mean_logit_yes', 'mean_logit_no', 'mass', 'log_ratio']
     """
 
     logprobs: Float[Tensor, "pos choice"]
@@ -78,11 +96,11 @@ class ProbeResult:
     def __post_init__(self) -> None:
         n, c = len(self.positions), len(self.choice_names)
         if tuple(self.logprobs.shape) != (n, c) or tuple(self.mean_logit.shape) != (n, c):
-            raise ValueError(f"ProbeResult: logprobs/mean_logit must be [{n}, {c}], got {tuple(self.logprobs.shape)}")
+            raise ValueError(f"AnswerProbeResult: logprobs/mean_logit must be [{n}, {c}], got {tuple(self.logprobs.shape)}")
         if tuple(self.mass.shape) != (n,):
-            raise ValueError(f"ProbeResult: mass must be [{n}], got {tuple(self.mass.shape)}")
+            raise ValueError(f"AnswerProbeResult: mass must be [{n}], got {tuple(self.mass.shape)}")
         if self.greedy is not None and len(self.greedy) != n:
-            raise ValueError("ProbeResult: greedy must have one text per position")
+            raise ValueError("AnswerProbeResult: greedy must have one text per position")
 
     @property
     def log_ratio(self) -> Float[Tensor, " pos"]:
@@ -108,26 +126,11 @@ class ProbeResult:
             data["greedy"] = self.greedy
         return pd.DataFrame(data)
 
-    def to_json(self) -> str:
-        """JSON with the numbers and labels."""
-        return json.dumps(
-            {
-                "positions": self.positions,
-                "choice_names": self.choice_names,
-                "suffix": self.suffix,
-                "logprobs": self.logprobs.tolist(),
-                "mean_logit": self.mean_logit.tolist(),
-                "mass": self.mass.tolist(),
-                "greedy": self.greedy,
-                "marks": self.marks,
-            }
-        )
-
-    def plot(self, **kwargs: Any) -> "Figure":
+    def plot(self, ax: Any = None, **kwargs: Any) -> "Figure":
         """Confidence curve figure (see :func:`mechthink.plotting.confidence.plot_probe`)."""
         from mechthink.plotting.confidence import plot_probe
 
-        return plot_probe(self, **kwargs)
+        return plot_probe(self, ax=ax, **kwargs)
 
 
 # ============================================================================ probing
@@ -241,7 +244,7 @@ def answer_probe(
     suffix: str | None = None,
     greedy_tokens: int = 0,
     greedy_stop: str | None = None,
-) -> ProbeResult:
+) -> AnswerProbeResult:
     """Forced-answer log-probs of each choice at each probe position, via a forked KV cache.
 
     Args:
@@ -257,7 +260,12 @@ def answer_probe(
         greedy_stop: Stop greedy decoding at this string (e.g. ``"}"``), excluded from the text.
 
     Returns:
-        A :class:`ProbeResult`.
+        A :class:`AnswerProbeResult`.
+
+    Examples:
+        >>> model = mt.load_model("tiny-thinker")  # doctest: +SKIP
+        >>> probe = answer_probe(model, trace, [40, 80], {"yes": [" Yes"], "no": [" No"]})  # doctest: +SKIP
+        >>> probe.log_ratio, probe.mass  # doctest: +SKIP
 
     Raises:
         ValueError: empty positions, a position outside the sequence, an empty choice string,
@@ -321,7 +329,7 @@ def answer_probe(
         [sum(math.exp(per_pos[p][0][k]) for k in uniq.values()) for p in positions], dtype=torch.float64
     )
     greedy_texts = [per_pos[p][2] or "" for p in positions] if greedy_tokens > 0 else None
-    return ProbeResult(
+    return AnswerProbeResult(
         logprobs=logprobs.float(),
         mean_logit=mean_logit.float(),
         mass=mass.float(),
@@ -334,7 +342,12 @@ def answer_probe(
 
 # ============================================================================ early exit
 def gold_variants(gold: str) -> list[str]:
-    """Spellings of a numeric gold answer scored as one choice: ``"1250"`` and ``"1,250"``."""
+    """Spellings of a numeric gold answer scored as one choice: ``"1250"`` and ``"1,250"``.
+
+    Examples:
+        >>> gold_variants("1250"), gold_variants("18")
+        (['1250', '1,250'], ['18'])
+    """
     g = normalize_number(str(gold))
     out = [g]
     m = g.lstrip("-")
@@ -343,30 +356,67 @@ def gold_variants(gold: str) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class EarlyExitRow:
+    """The forced answer at one answer-reaching instance of a trace.
+
+    Attributes:
+        instance: Index of the instance in the trace (0-based).
+        position: Token position the answer is forced after.
+        next_word: The word after the instance in the thinking (None at the end).
+        logprob: Log-prob of the gold sequence(s) after the suffix.
+        prob: ``exp(logprob)``.
+        mean_logit: Mean logit of the gold's tokens.
+        greedy: The greedy-decoded answer up to ``}``.
+        correct: Whether ``greedy`` matches the gold.
+    """
+
+    instance: int
+    position: int
+    next_word: str | None
+    logprob: float
+    prob: float
+    mean_logit: float
+    greedy: str
+    correct: bool
+
+
+_EARLY_EXIT_COLUMNS = [f.name for f in fields(EarlyExitRow)]
+
+
 @dataclass
-class EarlyExitResult:
+class EarlyExitResult(Result):
     """Forced answers at each answer-reaching instance of one trace (ARBOR #22).
 
-    ``rows``: one dict per instance with ``instance`` (0-based), ``position``, ``next_word``,
-    ``logprob`` (of the gold sequence(s) after the suffix), ``prob``, ``mean_logit`` (of the
-    gold's tokens), ``greedy`` (decoded answer up to ``}``) and ``correct``.
+    Attributes:
+        trace_id: The trace's id.
+        gold: The gold answer.
+        suffix: The answer-forcing suffix.
+        rows: One :class:`EarlyExitRow` per instance, in trace order (empty when the answer
+            never appears in the thinking).
+        probe: The underlying probe (None without instances).
     """
 
     trace_id: str
     gold: str
     suffix: str
-    rows: list[dict[str, Any]]
-    probe: ProbeResult | None
+    rows: list[EarlyExitRow]
+    probe: AnswerProbeResult | None
 
     def to_frame(self) -> "pd.DataFrame":
+        """One row per instance: ``trace_id`` and the :class:`EarlyExitRow` fields."""
         import pandas as pd
 
-        df = pd.DataFrame(self.rows, columns=["instance", "position", "next_word", "logprob", "prob", "mean_logit", "greedy", "correct"])
+        df = pd.DataFrame([asdict(r) for r in self.rows], columns=_EARLY_EXIT_COLUMNS)
         df.insert(0, "trace_id", self.trace_id)
         return df
 
-    def to_json(self) -> str:
-        return json.dumps({"trace_id": self.trace_id, "gold": self.gold, "suffix": self.suffix, "rows": self.rows})
+    def plot(self, ax: Any = None, **kwargs: Any) -> "Figure":
+        """p(gold) at each instance, coloured by correctness (see
+        :func:`mechthink.plotting.confidence.plot_early_exit`)."""
+        from mechthink.plotting.confidence import plot_early_exit
+
+        return plot_early_exit(self, ax=ax, **kwargs)
 
 
 def early_exit(
@@ -387,10 +437,14 @@ def early_exit(
         max_answer_tokens: Greedy decoding budget for the forced answer (stops at ``}``).
         terminator: Appended to every gold spelling before scoring so the choice is the whole
             answer, not a prefix of a longer number ("1}" excludes "12}"); default ``"}"`` when
-            the suffix ends in ``{`` (``\boxed{``), else none. ``mean_logit`` covers it too.
+            the suffix ends in ``{`` (``\\boxed{``), else none. ``mean_logit`` covers it too.
 
     Returns:
         An :class:`EarlyExitResult`; no rows when the answer never appears in the thinking.
+
+    Examples:
+        >>> model = mt.load_model("tiny-thinker")  # doctest: +SKIP
+        >>> early_exit(model, trace).to_frame()[["instance", "prob", "correct"]]  # doctest: +SKIP
     """
     gold = trace.gold if gold is None else gold
     if gold is None:
@@ -409,49 +463,105 @@ def early_exit(
     for k, i in enumerate(inst):
         greedy = (probe.greedy or [""])[k].strip()
         lp = float(probe.logprobs[k, 0])
-        rows.append(
-            {
-                "instance": i.index,
-                "position": i.position,
-                "next_word": i.next_word,
-                "logprob": lp,
-                "prob": math.exp(lp),
-                "mean_logit": float(probe.mean_logit[k, 0]),
-                "greedy": greedy,
-                "correct": bool(answers_match(normalize_number(greedy) if greedy else None, str(gold))),
-            }
-        )
+        rows.append(EarlyExitRow(
+            instance=i.index, position=i.position, next_word=i.next_word, logprob=lp, prob=math.exp(lp),
+            mean_logit=float(probe.mean_logit[k, 0]), greedy=greedy,
+            correct=bool(answers_match(normalize_number(greedy) if greedy else None, str(gold))),
+        ))
     return EarlyExitResult(trace.id, str(gold), suffix, rows, probe)
 
 
-def early_exit_table(results: Sequence[EarlyExitResult], max_instances: int | None = None) -> "pd.DataFrame":
-    """Accuracy and confidence by instance index (1st, 2nd, …) over many traces.
+@dataclass(frozen=True)
+class EarlyExitInstance:
+    """Early-exit accuracy and confidence at the k-th answer instance, over traces.
+
+    Attributes:
+        instance: The instance number (1-based: 1st, 2nd, …).
+        n: Traces that reach this instance.
+        accuracy: Share of them whose forced answer is correct.
+        mean_logprob: Mean log p(gold).
+        mean_prob: Mean p(gold).
+        mean_logit: Mean gold logit.
+    """
+
+    instance: int
+    n: int
+    accuracy: float
+    mean_logprob: float
+    mean_prob: float
+    mean_logit: float
+
+
+@dataclass
+class EarlyExitSummary(Result):
+    """Early exit over many traces, by answer-instance number (the ARBOR #22 table).
+
+    Attributes:
+        n_traces: Traces probed.
+        n_traces_with_instances: Traces whose thinking reaches the gold answer at least once.
+        by_instance: One :class:`EarlyExitInstance` per instance number, ascending.
+    """
+
+    n_traces: int
+    n_traces_with_instances: int
+    by_instance: list[EarlyExitInstance]
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per instance number: ``instance, n, accuracy, mean_logprob, mean_prob, mean_logit``."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(r) for r in self.by_instance], columns=[f.name for f in fields(EarlyExitInstance)])
+
+    def numbers(self) -> dict[str, Any]:
+        """The summary as JSON-friendly numbers (what the early-exit analysis writes)."""
+        return {"n_traces": self.n_traces, "n_traces_with_instances": self.n_traces_with_instances,
+                "by_instance": [asdict(r) for r in self.by_instance]}
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> "Figure":
+        """Accuracy bars and mean gold logit by instance (see
+        :func:`mechthink.plotting.confidence.plot_early_exit_summary`)."""
+        from mechthink.plotting.confidence import plot_early_exit_summary
+
+        return plot_early_exit_summary(self, ax=ax, **kwargs)
+
+
+def early_exit_summary(results: Sequence[EarlyExitResult], max_instances: int | None = None) -> EarlyExitSummary:
+    """Accuracy and confidence by instance number (1st, 2nd, …) over many traces.
+
+    Args:
+        results: One :func:`early_exit` result per trace.
+        max_instances: Keep only the first ``max_instances`` instance numbers (None: all).
 
     Returns:
-        One row per instance number (1-based ``instance``): ``n`` traces, ``accuracy``,
-        ``mean_logprob``, ``mean_prob``, ``mean_logit``.
+        An :class:`EarlyExitSummary`.
+
+    Examples:
+        >>> first = EarlyExitRow(0, 40, "Wait", -0.5, 0.61, 20.0, "18", True)
+        >>> second = EarlyExitRow(1, 60, None, -0.1, 0.90, 24.0, "18", True)
+        >>> s = early_exit_summary([EarlyExitResult("a", "18", "", [first, second], None),
+        ...                         EarlyExitResult("b", "18", "", [first], None)])
+        >>> [(r.instance, r.n, r.mean_logit) for r in s.by_instance]
+        [(1, 2, 20.0), (2, 1, 24.0)]
     """
     import pandas as pd
 
+    if max_instances is not None and max_instances < 1:
+        raise ValueError(f"early_exit_summary: max_instances={max_instances} must be >= 1 or None")
     frames = [r.to_frame() for r in results if r.rows]
-    cols = ["instance", "n", "accuracy", "mean_logprob", "mean_prob", "mean_logit"]
-    if not frames:
-        return pd.DataFrame(columns=cols)
-    df = pd.concat(frames, ignore_index=True)
-    if max_instances is not None:
-        df = df[df["instance"] < max_instances]
-    g = df.groupby("instance")
-    out = pd.DataFrame(
-        {
-            "n": g.size(),
-            "accuracy": g["correct"].mean(),
-            "mean_logprob": g["logprob"].mean(),
-            "mean_prob": g["prob"].mean(),
-            "mean_logit": g["mean_logit"].mean(),
-        }
-    ).reset_index()
-    out["instance"] = out["instance"] + 1
-    return out[cols]
+    by_instance: list[EarlyExitInstance] = []
+    if frames:
+        df = pd.concat(frames, ignore_index=True)
+        if max_instances is not None:
+            df = df[df["instance"] < max_instances]
+        g = df.groupby("instance")
+        table = pd.DataFrame({"n": g.size(), "accuracy": g["correct"].mean(), "mean_logprob": g["logprob"].mean(),
+                              "mean_prob": g["prob"].mean(), "mean_logit": g["mean_logit"].mean()})
+        by_instance = [
+            EarlyExitInstance(int(r.Index) + 1, int(r.n), float(r.accuracy), float(r.mean_logprob),
+                              float(r.mean_prob), float(r.mean_logit))
+            for r in table.itertuples()
+        ]
+    return EarlyExitSummary(len(results), len(frames), by_instance)
 
 
 # ============================================================================ curves
@@ -465,7 +575,7 @@ def confidence_curve(
     positions: Sequence[int] | None = None,
     suffix: str | None = None,
     greedy_tokens: int = 0,
-) -> ProbeResult:
+) -> AnswerProbeResult:
     """Probe ``choices`` at evenly spaced positions through the thinking of a trace.
 
     Args:
@@ -479,7 +589,11 @@ def confidence_curve(
         greedy_tokens: Passed to :func:`answer_probe`.
 
     Returns:
-        A :class:`ProbeResult` with ``marks`` holding ``think_start`` and ``think_end``.
+        A :class:`AnswerProbeResult` with ``marks`` holding ``think_start`` and ``think_end``.
+
+    Examples:
+        >>> model = mt.load_model("tiny-thinker")  # doctest: +SKIP
+        >>> confidence_curve(model, trace, {"42": ["42}"]}, n_points=20).plot()  # doctest: +SKIP
     """
     if positions is None:
         start, end = trace.thinking_span
@@ -501,3 +615,151 @@ def confidence_curve(
     if trace.think_end is not None:
         res.marks["think_end"] = trace.think_end
     return res
+
+
+def gold_candidates(gold: str, radius: int = 10) -> list[str]:
+    """The gold answer and the whole numbers within ``radius`` of it (from 0), sorted as strings.
+
+    Scored together, their probability mass shows whether the answer suffix elicits a number at
+    all; a non-numeric gold is its own only candidate.
+
+    Examples:
+        >>> gold_candidates("3", radius=2), gold_candidates("12", radius=1), gold_candidates("x")
+        (['1', '2', '3', '4', '5'], ['11', '12', '13'], ['x'])
+    """
+    if radius < 0:
+        raise ValueError(f"gold_candidates: radius={radius} must be >= 0")
+    g = int(float(gold)) if gold.lstrip("-").replace(".", "", 1).isdigit() else None
+    near = {str(v) for v in range(max(0, g - radius), g + radius + 1)} if g is not None else set()
+    return sorted({gold} | near)
+
+
+@dataclass(frozen=True)
+class GoldConfidenceRow:
+    """The gold answer's confidence curve of one trace, in numbers.
+
+    Attributes:
+        id: The trace id.
+        gold: The gold answer.
+        think_closed: Whether the trace closed its thinking.
+        logp_gold_first: log p(gold) at the first probe point.
+        logp_gold_last: log p(gold) at the last probe point.
+        mass_mean: Mean probability mass on all candidates over the probe points.
+        mass_min: Its minimum.
+    """
+
+    id: str
+    gold: str
+    think_closed: bool
+    logp_gold_first: float
+    logp_gold_last: float
+    mass_mean: float
+    mass_min: float
+
+
+@dataclass
+class GoldConfidenceCurves(Result):
+    """log p(gold) through the thinking of many traces (one :func:`confidence_curve` each).
+
+    Attributes:
+        curves: The probe of each trace (choices: :func:`gold_candidates` of its gold).
+        rows: One :class:`GoldConfidenceRow` per trace, in the same order.
+    """
+
+    curves: list[AnswerProbeResult]
+    rows: list[GoldConfidenceRow]
+
+    @property
+    def golds(self) -> list[str]:
+        """The gold answer of each curve."""
+        return [r.gold for r in self.rows]
+
+    @property
+    def mean_logp_gold_first(self) -> float:
+        """Mean over traces of log p(gold) at the first probe point (0.0 without traces)."""
+        return mean([r.logp_gold_first for r in self.rows])
+
+    @property
+    def mean_logp_gold_last(self) -> float:
+        """Mean over traces of log p(gold) at the last probe point (0.0 without traces)."""
+        return mean([r.logp_gold_last for r in self.rows])
+
+    @property
+    def mean_mass(self) -> float:
+        """Mean over traces of the mean mass on the candidates (0.0 without traces)."""
+        return mean([r.mass_mean for r in self.rows])
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per trace, the :class:`GoldConfidenceRow` fields as columns."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(r) for r in self.rows], columns=[f.name for f in fields(GoldConfidenceRow)])
+
+    def numbers(self) -> dict[str, Any]:
+        """The summary and per-trace rows as JSON-friendly numbers (what the analysis writes)."""
+        return {
+            "n_traces": len(self.rows),
+            "mean_logp_gold_first_point": self.mean_logp_gold_first,
+            "mean_logp_gold_last_point": self.mean_logp_gold_last,
+            "mean_mass_on_candidates": self.mean_mass,
+            "traces": [asdict(r) for r in self.rows],
+        }
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> "Figure":
+        """One line per trace (see :func:`mechthink.plotting.confidence.plot_gold_confidence`)."""
+        from mechthink.plotting.confidence import plot_gold_confidence
+
+        return plot_gold_confidence(self, ax=ax, **kwargs)
+
+
+def gold_confidence_curves(
+    model: "ThinkingModel",
+    traces: Sequence[Trace],
+    golds: Sequence[str] | None = None,
+    *,
+    n_points: int = 16,
+    radius: int = 10,
+    suffix: str | None = None,
+) -> GoldConfidenceCurves:
+    """Confidence in the gold answer at evenly spaced points through each trace's thinking.
+
+    Each trace is probed with :func:`confidence_curve` on the choices :func:`gold_candidates`
+    (the gold and the numbers near it), each closed by ``}`` so that it is a whole answer after
+    ``\\boxed{`` ("1}" does not include "12}") and the mass on candidates is meaningful.
+    Traces without thinking are skipped.
+
+    Args:
+        model: The loaded model.
+        traces: The traces.
+        golds: The gold answer of each trace (default: each ``trace.gold``).
+        n_points: Probe points per trace.
+        radius: Numbers within ``radius`` of the gold are candidates.
+        suffix: The answer-forcing suffix (default ``model.spec.answer_suffix``).
+
+    Returns:
+        A :class:`GoldConfidenceCurves`.
+
+    Examples:
+        >>> model = mt.load_model("tiny-thinker")  # doctest: +SKIP
+        >>> gold_confidence_curves(model, mt.traces.generate(model, problems)).numbers()  # doctest: +SKIP
+    """
+    golds = [t.gold for t in traces] if golds is None else list(golds)
+    if len(golds) != len(traces):
+        raise ValueError(f"gold_confidence_curves: {len(golds)} golds for {len(traces)} traces; pass one per trace")
+    curves, rows = [], []
+    for tr, gold in track(list(zip(traces, golds)), desc="confidence curves"):
+        if tr.think_start is None:
+            continue
+        if gold is None:
+            raise ValueError(f"gold_confidence_curves: trace {tr.id!r} has no gold answer; pass golds=")
+        gold = str(gold)
+        res = confidence_curve(model, tr, {c: [c + "}"] for c in gold_candidates(gold, radius)}, n_points=n_points,
+                               suffix=suffix)
+        c = res.choice_names.index(gold)
+        curves.append(res)
+        rows.append(GoldConfidenceRow(
+            id=tr.id, gold=gold, think_closed=tr.think_end is not None, logp_gold_first=float(res.logprobs[0, c]),
+            logp_gold_last=float(res.logprobs[-1, c]), mass_mean=float(res.mass.mean()),
+            mass_min=float(res.mass.min()),
+        ))
+    return GoldConfidenceCurves(curves, rows)

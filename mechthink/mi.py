@@ -6,7 +6,7 @@ are "MI peaks", and the tokens generated there are "thinking tokens".
 Source: Qian et al. 2025, "Demystifying Reasoning Dynamics with Mutual Information: Thinking
 Tokens are Information Peaks in LLM Reasoning" (arXiv 2506.02867; code github.com/ChnQ/MI-Peaks,
 ``src/mi_estimators.py``, ``src/cal_mi.py``, ``src/generate_*activation.py``,
-``src/plot_mi_peaks.ipynb``); seed review ``shared/seeds/002``.
+``src/plot_mi_peaks.ipynb``).
 
 What the reference code does (read from ChnQ/MI-Peaks at HEAD):
 
@@ -35,7 +35,7 @@ What the reference code does (read from ChnQ/MI-Peaks at HEAD):
   text defines peaks as outliers ``m_t > Q3 + 1.5 * IQR``.  The token attached to a peak at step
   i is ``token_ids[i]``, the token generated at that step (the notebook then keeps tokens
   matching ``^[a-zA-Z]+$`` after stripping before counting).
-* **AOM**: not defined anywhere in the released code; see :func:`peak_stats` for the definition
+* **AOM**: not defined anywhere in the released code; see :class:`PeakStats` for the definition
   used here.
 """
 
@@ -44,9 +44,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from collections import Counter
-from dataclasses import dataclass, field
-from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -56,7 +57,18 @@ from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechthink.progress import track
+from mechthink.results import Result
+from mechthink.stats import mean
+
 __all__ = [
+    "EventEnrichment",
+    "MIExample",
+    "PeakStats",
+    "PeakSummary",
+    "event_enrichment",
+    "mi_trajectories",
+    "peak_summary",
     "hsic_mi_paper",
     "hsic_mi_paper_batch",
     "hsic",
@@ -115,6 +127,11 @@ def hsic_mi_paper(
 
     Returns:
         The MI estimate (a Python float).
+
+    Examples:
+        >>> x = torch.tensor([0.0, 1.0, 2.0, 3.0])
+        >>> round(hsic_mi_paper(x, x, sigma=1.0), 4), round(hsic_mi_paper(x, torch.tensor([3.0, -1.0, 0.5, 0.5]), sigma=1.0), 4)
+        (2.9992, 1.9997)
     """
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-D of equal length, got {tuple(x.shape)}, {tuple(y.shape)}")
@@ -176,6 +193,11 @@ def hsic_mi_paper_batch(
 
     Returns:
         MI estimates in ``dtype`` on the device of ``xs``.
+
+    Examples:
+        >>> x = torch.tensor([0.0, 1.0, 2.0, 3.0])
+        >>> hsic_mi_paper_batch(torch.stack([x, torch.tensor([3.0, -1.0, 0.5, 0.5])]), x, sigma=1.0).round(decimals=4)
+        tensor([2.9992, 1.9997], dtype=torch.float64)
     """
     if xs.ndim != 2 or y.ndim != 1 or xs.shape[1] != y.shape[0]:
         raise ValueError(f"expected xs [n, d] and y [d], got {tuple(xs.shape)}, {tuple(y.shape)}")
@@ -233,6 +255,10 @@ def median_sigma(z: Float[Tensor, "n d"]) -> float:
 
     Returns:
         The bandwidth ``sigma`` for ``exp(-||a - b||^2 / (2 sigma^2))``.
+
+    Examples:
+        >>> median_sigma(torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]]))  # distances 5, 5, 10
+        5.0
     """
     return _median_from_sq_dists(_sq_dists(z.detach().to(torch.float64)))
 
@@ -305,6 +331,11 @@ def hsic(
 
     Returns:
         The HSIC estimate.
+
+    Examples:
+        >>> a = torch.arange(8.0)
+        >>> round(hsic(a, a**2), 4), round(hsic(a, a**2, unbiased=True), 4), hsic(a, a, kernel="linear")
+        (0.1031, 0.0842, 36.0)
     """
     x = _as_2d(x.detach()).to(dtype)
     y = _as_2d(y.detach()).to(dtype=dtype, device=x.device)
@@ -341,6 +372,11 @@ def nhsic(
 
     Returns:
         The normalised HSIC.
+
+    Examples:
+        >>> a = torch.arange(8.0)
+        >>> round(nhsic(a, a**2), 4), round(nhsic(a, 3 * a + 1, kernel="linear"), 6)
+        (0.9283, 1.0)
     """
     x = _as_2d(x.detach()).to(dtype)
     y = _as_2d(y.detach()).to(dtype=dtype, device=x.device)
@@ -383,6 +419,12 @@ def detect_peaks(
 
     Returns:
         Step indices (int64) of the peaks, ascending.
+
+    Examples:
+        >>> detect_peaks(torch.tensor([1.0, 1.1, 0.9, 6.0, 1.0, 1.2, 0.8, 1.0]))
+        tensor([3])
+        >>> detect_peaks(torch.tensor([1.0, 3.0, 2.0, 5.0]), method="topk", k=2)
+        tensor([1, 3])
     """
     if mi.ndim != 1:
         raise ValueError("mi must be 1-D")
@@ -406,27 +448,47 @@ def detect_peaks(
     return torch.sort(idx).values.to(torch.long)
 
 
-def peak_stats(mi: Float[Tensor, "step"], peaks: Int[Tensor, "peak"]) -> dict[str, float]:
-    """Summary statistics of the peaks of one trajectory.
+@dataclass(frozen=True)
+class PeakStats:
+    """Summary statistics of the peaks of one trajectory (:func:`peak_stats`).
 
-    Keys:
-        ``count``: number of peaks.  ``length``: number of steps.
-        ``ratio``: ``count / length`` (the paper reports peaks are 0.5-5% of steps).
-        ``mean_interval``: mean gap in steps between consecutive peaks (NaN with < 2 peaks).
-        ``mean_mi``: mean MI over all steps.  ``mean_peak_mi``: mean MI at the peaks (NaN
-        without peaks).
-        ``aom``: ``mean_peak_mi - mean_mi``, the average amount by which peak MI exceeds the
-        trajectory mean.  The released code defines no "AOM" and the paper's text could not be
-        consulted here, so this is this library's working definition, not a verified
-        reproduction; ``mean_mi`` and ``mean_peak_mi`` are returned so either reading
-        (average MI, average MI at peaks) is available.
+    Attributes:
+        count: Number of peaks.
+        length: Number of steps.
+        ratio: ``count / length`` (the paper reports peaks are 0.5-5% of steps; NaN without steps).
+        mean_interval: Mean gap in steps between consecutive peaks (NaN with < 2 peaks).
+        mean_mi: Mean MI over all steps (NaN without steps).
+        mean_peak_mi: Mean MI at the peaks (NaN without peaks).
+        aom: ``mean_peak_mi - mean_mi``, the average amount by which peak MI exceeds the
+            trajectory mean.  The released code defines no "AOM" and the paper's text could not
+            be consulted here, so this is this library's working definition, not a verified
+            reproduction; ``mean_mi`` and ``mean_peak_mi`` are kept so either reading (average
+            MI, average MI at peaks) is available.
+    """
+
+    count: int
+    length: int
+    ratio: float
+    mean_interval: float
+    mean_mi: float
+    mean_peak_mi: float
+    aom: float
+
+
+def peak_stats(mi: Float[Tensor, "step"], peaks: Int[Tensor, "peak"]) -> PeakStats:
+    """Summary statistics of the peaks of one trajectory.
 
     Args:
         mi: MI trajectory.
         peaks: Peak step indices (e.g. from :func:`detect_peaks`).
 
     Returns:
-        The statistics as a dict of floats.
+        The :class:`PeakStats`.
+
+    Examples:
+        >>> s = peak_stats(torch.tensor([1.0, 5.0, 1.0, 1.0, 7.0, 1.0]), torch.tensor([4, 1]))
+        >>> s.count, s.ratio, s.mean_interval, s.mean_mi, s.mean_peak_mi, s.aom
+        (2, 0.3333333333333333, 3.0, 2.6666666666666665, 6.0, 3.3333333333333335)
     """
     vals = mi.detach().to(torch.float64).cpu()
     p = torch.sort(peaks.detach().cpu().to(torch.long)).values
@@ -435,15 +497,15 @@ def peak_stats(mi: Float[Tensor, "step"], peaks: Int[Tensor, "peak"]) -> dict[st
     mean_mi = float(vals.mean().item()) if n else math.nan
     mean_peak = float(vals[p].mean().item()) if count else math.nan
     mean_interval = float(torch.diff(p).to(torch.float64).mean().item()) if count >= 2 else math.nan
-    return {
-        "count": float(count),
-        "length": float(n),
-        "ratio": count / n if n else math.nan,
-        "mean_interval": mean_interval,
-        "mean_mi": mean_mi,
-        "mean_peak_mi": mean_peak,
-        "aom": mean_peak - mean_mi,
-    }
+    return PeakStats(
+        count=count,
+        length=n,
+        ratio=count / n if n else math.nan,
+        mean_interval=mean_interval,
+        mean_mi=mean_mi,
+        mean_peak_mi=mean_peak,
+        aom=mean_peak - mean_mi,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,12 +513,12 @@ def peak_stats(mi: Float[Tensor, "step"], peaks: Int[Tensor, "peak"]) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def _nan_to_none(v: float) -> float | None:
+def _nan_to_none(v: float | int) -> float | int | None:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
 @dataclass
-class MITrajectory:
+class MITrajectory(Result):
     """MI between each generation step's representation and the gold-answer representation.
 
     Attributes:
@@ -491,7 +553,7 @@ class MITrajectory:
         """Generated tokens at the peaks, in step order."""
         return [self.tokens[i] for i in self.peaks.tolist()]
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> PeakStats:
         """:func:`peak_stats` of this trajectory."""
         return peak_stats(self.mi, self.peaks)
 
@@ -523,7 +585,7 @@ class MITrajectory:
             }
         )
 
-    def to_json(self, path: str | None = None) -> str:
+    def to_json(self, path: str | Path | None = None) -> str:
         """JSON with the trajectory, peaks, statistics and config; also written to ``path``."""
         payload = {
             "hook": self.hook,
@@ -534,7 +596,7 @@ class MITrajectory:
             "tokens": list(self.tokens),
             "peaks": self.peaks.cpu().tolist(),
             "peak_tokens": self.peak_tokens,
-            "stats": {k: _nan_to_none(v) for k, v in self.stats().items()},
+            "stats": {k: _nan_to_none(v) for k, v in asdict(self.stats()).items()},
         }
         text = json.dumps(payload, default=str)
         if path is not None:
@@ -542,11 +604,11 @@ class MITrajectory:
                 f.write(text)
         return text
 
-    def plot(self, **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
         """Plot the trajectory with labelled peaks; see :func:`mechthink.plotting.mi.plot_mi_trajectory`."""
         from mechthink.plotting.mi import plot_mi_trajectory
 
-        return plot_mi_trajectory(self, **kwargs)
+        return plot_mi_trajectory(self, ax=ax, **kwargs)
 
 
 def _default_hook(bridge: Any) -> str:
@@ -609,6 +671,13 @@ def mi_trajectory_from_acts(
 
     Returns:
         The trajectory, with MI on CPU as float64.
+
+    Examples:
+        >>> acts = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, -1.0, 0.5, 0.5], [0.0, 1.0, 2.0, 2.9]])
+        >>> traj = mi_trajectory_from_acts(acts, acts[0], torch.arange(5, 8), [" So", " 2", " Wait"],
+        ...                                sigma=1.0, peak_method="topk", k=1)
+        >>> traj.peak_tokens, len(traj.to_frame())
+        ([' So'], 3)
     """
     mi = hsic_mi_paper_batch(step_acts, answer_act, sigma=sigma, eps=eps, dtype=dtype, chunk_size=chunk_size)
     mi = mi.to(torch.float64).cpu()
@@ -681,6 +750,12 @@ def mi_trajectory(
 
     Returns:
         The :class:`MITrajectory`.
+
+    Examples:
+        >>> model = mt.load_model("tiny-thinker")  # doctest: +SKIP
+        >>> ids = torch.tensor(trace.ids)  # doctest: +SKIP
+        >>> answer = torch.tensor(model.tokenizer("So the answer is 7.")["input_ids"])  # doctest: +SKIP
+        >>> mi_trajectory(model, ids, answer, start=trace.n_prompt).plot()  # doctest: +SKIP
     """
     if estimator != "paper":
         raise ValueError(f"unknown estimator {estimator!r}; only 'paper' is available")
@@ -735,6 +810,12 @@ def peak_token_counts(
 
     Returns:
         Counts indexed by token string, named ``"count"``.
+
+    Examples:
+        >>> traj = MITrajectory(mi=torch.zeros(4), positions=torch.arange(4), tokens=[" So", " 2", " So", "."],
+        ...                     peaks=torch.tensor([0, 2, 3]))
+        >>> peak_token_counts([traj]).to_dict(), peak_token_counts([traj], pattern=r"[a-zA-Z]+").to_dict()
+        ({'So': 2, '.': 1}, {'So': 2})
     """
     rx = re.compile(pattern) if pattern is not None else None
     counter: Counter[str] = Counter()
@@ -749,3 +830,227 @@ def peak_token_counts(
         [c for _, c in items], index=pd.Index([t for t, _ in items], name="token"), name="count", dtype="int64"
     )
     return series
+
+
+# ---------------------------------------------------------------------------------------------
+# Many traces: trajectories, peak/event enrichment, summary
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MIExample:
+    """One trace to follow with :func:`mi_trajectories`.
+
+    Attributes:
+        tokens: Prompt + generated token ids.
+        start: Index of the first generated (thinking) token.
+        solution: Text whose representation is ``h_y`` (the gold solution).
+        events: Ground-truth label of token positions (e.g. ``{57: "backtrack word"}``); the
+            positions not listed count as ``"other"`` in :func:`event_enrichment`.
+    """
+
+    tokens: list[int]
+    start: int
+    solution: str
+    events: dict[int, str] = field(default_factory=dict)
+
+
+def mi_trajectories(
+    model: Any,
+    examples: Sequence[MIExample],
+    peak_method: Literal["iqr", "topk"] = "iqr",
+    **kwargs: Any,
+) -> list[MITrajectory]:
+    """:func:`mi_trajectory` of each example, with ``h_y`` from its solution text.
+
+    The solution is tokenized without special tokens (the text alone, as the paper's
+    ``tokenizer.encode(solution)`` of a model without BOS).
+
+    Args:
+        model: As in :func:`mi_trajectory`.
+        examples: The traces.
+        peak_method: Peak rule (see :func:`detect_peaks`).
+        **kwargs: Passed to :func:`mi_trajectory` (``hook``, ``sigma``, ``k``, ...).
+
+    Returns:
+        One trajectory per example, in order.
+
+    Examples:
+        >>> ex = MIExample(trace.ids, trace.n_prompt, "So the answer is 7.")  # doctest: +SKIP
+        >>> mi_trajectories(model, [ex])[0].peak_tokens  # doctest: +SKIP
+    """
+    out = []
+    for ex in track(examples, desc="MI trajectories"):
+        answer = model.tokenizer(ex.solution, add_special_tokens=False)["input_ids"]
+        out.append(mi_trajectory(model, torch.tensor(ex.tokens, dtype=torch.long),
+                                 torch.tensor(answer, dtype=torch.long), start=ex.start, peak_method=peak_method,
+                                 **kwargs))
+    return out
+
+
+@dataclass(frozen=True)
+class EventEnrichment:
+    """How often the steps of one event kind are MI peaks.
+
+    Attributes:
+        kind: The event label (``"other"`` for unlabelled steps).
+        n_steps: Steps of this kind.
+        n_peaks: Of them, peaks.
+        share_of_peaks: ``n_peaks`` over all peaks.
+        share_of_steps: ``n_steps`` over all steps (the base rate).
+        peak_rate: ``n_peaks / n_steps``.
+    """
+
+    kind: str
+    n_steps: int
+    n_peaks: int
+    share_of_peaks: float
+    share_of_steps: float
+    peak_rate: float
+
+
+def event_enrichment(
+    trajs: Sequence[MITrajectory], events: Sequence[Mapping[int, str]], default: str = "other"
+) -> list[EventEnrichment]:
+    """Which labelled events the MI peaks fall on, against their base rate among all steps.
+
+    A step is labelled by the event at the position of the token it generated
+    (``traj.positions``); steps without a label are ``default``. Shares divide by at least 1,
+    so empty inputs give zeros.
+
+    Args:
+        trajs: The trajectories.
+        events: For each trajectory, ``position -> label``.
+        default: The label of unlabelled steps.
+
+    Returns:
+        One :class:`EventEnrichment` per kind seen among the steps, sorted by kind.
+
+    Examples:
+        >>> traj = MITrajectory(mi=torch.tensor([0.0, 5.0, 0.0, 0.0]), positions=torch.arange(10, 14),
+        ...                     tokens=["a", " Wait", "b", "c"], peaks=torch.tensor([1]))
+        >>> [(e.kind, e.n_steps, e.n_peaks, e.peak_rate) for e in event_enrichment([traj], [{11: "backtrack"}])]
+        [('backtrack', 1, 1, 1.0), ('other', 3, 0, 0.0)]
+    """
+    if len(events) != len(trajs):
+        raise ValueError(f"event_enrichment: {len(events)} event maps for {len(trajs)} trajectories; pass one each")
+    at_peaks: Counter[str] = Counter()
+    at_steps: Counter[str] = Counter()
+    for traj, labels in zip(trajs, events):
+        pos = traj.positions.tolist()
+        peak_pos = {pos[i] for i in traj.peaks.tolist()}
+        for p in pos:
+            kind = labels.get(p, default)
+            at_steps[kind] += 1
+            if p in peak_pos:
+                at_peaks[kind] += 1
+    n_steps, n_peaks = sum(at_steps.values()), sum(at_peaks.values())
+    return [
+        EventEnrichment(k, at_steps[k], at_peaks[k], at_peaks[k] / max(1, n_peaks), at_steps[k] / max(1, n_steps),
+                        at_peaks[k] / max(1, at_steps[k]))
+        for k in sorted(at_steps)
+    ]
+
+
+@dataclass
+class PeakSummary(Result):
+    """MI peaks over many trajectories: how many, where (events), on which tokens.
+
+    Attributes:
+        n_traces: Trajectories.
+        n_steps: Steps over all of them.
+        n_peaks: Peaks over all of them.
+        mean_mi: Mean over trajectories of the mean MI (``PeakStats.mean_mi``).
+        events: Peak/event enrichment (:func:`event_enrichment`).
+        token_counts: Generated token -> count at peaks, most common first.
+        peak_method: The trajectories' peak rule(s).
+    """
+
+    n_traces: int
+    n_steps: int
+    n_peaks: int
+    mean_mi: float
+    events: list[EventEnrichment]
+    token_counts: dict[str, int]
+    peak_method: str
+
+    @property
+    def peak_ratio(self) -> float:
+        """Peaks per step over all trajectories (0.0 without steps)."""
+        return self.n_peaks / max(1, self.n_steps)
+
+    @property
+    def mean_peaks_per_trace(self) -> float:
+        """Peaks per trajectory (0.0 without trajectories)."""
+        return self.n_peaks / max(1, self.n_traces)
+
+    def top_tokens(self, top: int = 15) -> "pd.Series":
+        """The ``top`` most common tokens at peaks, as counts indexed by token."""
+        items = list(self.token_counts.items())[:top]
+        return pd.Series([c for _, c in items], index=pd.Index([t for t, _ in items], name="token"), name="count",
+                         dtype="int64")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per event kind: the :class:`EventEnrichment` fields."""
+        return pd.DataFrame([asdict(e) for e in self.events], columns=list(EventEnrichment.__dataclass_fields__))
+
+    def numbers(self, top: int = 15) -> dict[str, Any]:
+        """The summary as JSON-friendly numbers (what the MI-peaks analysis writes)."""
+        return {
+            "n_traces": self.n_traces,
+            "n_steps": self.n_steps,
+            "n_peaks": self.n_peaks,
+            "peak_ratio": self.peak_ratio,
+            "mean_peaks_per_trace": self.mean_peaks_per_trace,
+            "mean_mi": self.mean_mi,
+            "events_at_peaks": {
+                e.kind: {"share_of_peaks": e.share_of_peaks, "share_of_steps": e.share_of_steps, "peak_rate": e.peak_rate}
+                for e in self.events
+            },
+            "top_peak_tokens": dict(list(self.token_counts.items())[:top]),
+        }
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """Bar chart of the tokens at peaks; see :func:`mechthink.plotting.mi.plot_peak_summary`."""
+        from mechthink.plotting.mi import plot_peak_summary
+
+        return plot_peak_summary(self, ax=ax, **kwargs)
+
+
+def peak_summary(
+    trajs: Sequence[MITrajectory],
+    events: Sequence[Mapping[int, str]] | None = None,
+    *,
+    strip: bool = False,
+    pattern: str | None = None,
+) -> PeakSummary:
+    """Counts, event enrichment and peak tokens of many MI trajectories.
+
+    Args:
+        trajs: The trajectories (their ``peaks`` as they are).
+        events: For each trajectory, ``position -> label`` (None: no labels, every step "other").
+        strip: Strip whitespace from tokens before counting (default: keep ``" So"`` and ``"So"``
+            apart, and whitespace tokens such as ``"\\n"`` visible).
+        pattern: Count only tokens matching this regex (see :func:`peak_token_counts`).
+
+    Returns:
+        A :class:`PeakSummary`.
+
+    Examples:
+        >>> traj = MITrajectory(mi=torch.tensor([0.0, 5.0, 0.0, 3.0]), positions=torch.arange(10, 14),
+        ...                     tokens=["a", " Wait", "b", " So"], peaks=torch.tensor([1, 3]))
+        >>> s = peak_summary([traj], [{11: "backtrack"}])
+        >>> s.n_peaks, s.peak_ratio, s.mean_mi, s.token_counts
+        (2, 0.5, 2.0, {' Wait': 1, ' So': 1})
+    """
+    events = [{} for _ in trajs] if events is None else events
+    counts = peak_token_counts(trajs, strip=strip, pattern=pattern)
+    return PeakSummary(
+        n_traces=len(trajs),
+        n_steps=sum(len(t) for t in trajs),
+        n_peaks=sum(int(t.peaks.shape[0]) for t in trajs),
+        mean_mi=mean([t.stats().mean_mi for t in trajs]),
+        events=event_enrichment(trajs, events),
+        token_counts={str(k): int(v) for k, v in counts.items()},
+        peak_method=", ".join(sorted({t.peak_method for t in trajs})),
+    )

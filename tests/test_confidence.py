@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -108,20 +110,61 @@ def test_early_exit(tiny_loaded):
     tr = T.trace_from_text(model, "q", COMPLETION, gold="18")
     res = C.early_exit(model, tr, max_answer_tokens=3)
     inst = T.answer_instances(tr)
-    assert [r["position"] for r in res.rows] == [i.position for i in inst]
-    assert [r["next_word"] for r in res.rows] == ["Wait", "Hmm", "so", None]
+    assert all(isinstance(r, C.EarlyExitRow) for r in res.rows)
+    assert [r.position for r in res.rows] == [i.position for i in inst]
+    assert [r.next_word for r in res.rows] == ["Wait", "Hmm", "so", None]
     # the gold is scored as a whole answer, closed by "}" (the suffix ends in \boxed{)
     ref = _reference(model, tr.ids, [i.position for i in inst], {"gold": ["18}"]}, model.spec.answer_suffix)
-    got = torch.tensor([r["logprob"] for r in res.rows], dtype=torch.float64)
+    got = torch.tensor([r.logprob for r in res.rows], dtype=torch.float64)
     assert (got - ref[:, 0]).abs().max() <= 1e-4
     for r in res.rows:
-        assert r["correct"] == (r["greedy"] == "18")
-        assert r["greedy"] == _greedy_reference(model, tr.ids, r["position"], model.spec.answer_suffix, 3).split("}")[0].strip()
-    table = C.early_exit_table([res, res])
+        assert r.correct == (r.greedy == "18")
+        assert r.greedy == _greedy_reference(model, tr.ids, r.position, model.spec.answer_suffix, 3).split("}")[0].strip()
+    df = res.to_frame()
+    assert list(df.columns) == ["trace_id", "instance", "position", "next_word", "logprob", "prob", "mean_logit",
+                                "greedy", "correct"]
+    assert json.loads(res.to_json())["rows"][0]["position"] == inst[0].position
+    assert res.plot().axes
+    summary = C.early_exit_summary([res, res])
+    table = summary.to_frame()
     assert list(table["instance"]) == [1, 2, 3, 4] and list(table["n"]) == [2] * 4
+    assert summary.n_traces == 2 and summary.n_traces_with_instances == 2
+    assert table["mean_logprob"].tolist() == pytest.approx(got.tolist())
+    assert [r.accuracy for r in summary.by_instance] == [float(r.correct) for r in res.rows]
+    assert [r.instance for r in C.early_exit_summary([res], max_instances=2).by_instance] == [1, 2]
+    assert summary.numbers()["by_instance"] == table.to_dict(orient="records")
+    assert summary.plot(model_name="m").axes
     none = C.early_exit(model, tr, gold="77")
-    assert none.rows == [] and C.early_exit_table([none]).empty
+    assert none.rows == [] and none.to_frame().empty
+    empty = C.early_exit_summary([none])
+    assert empty.to_frame().empty and empty.n_traces == 1 and empty.n_traces_with_instances == 0
+    with pytest.raises(ValueError, match="max_instances"):
+        C.early_exit_summary([res], max_instances=0)
     assert C.gold_variants("1250") == ["1250", "1,250"]
+
+
+def test_early_exit_summary_by_hand():
+    def row(k, lp, logit, ok):
+        return C.EarlyExitRow(k, 10 * k, None, lp, math.exp(lp), logit, "1", ok)
+
+    a = C.EarlyExitResult("a", "1", "", [row(0, -1.0, 10.0, False), row(1, -0.5, 14.0, True)], None)
+    b = C.EarlyExitResult("b", "1", "", [row(0, -3.0, 6.0, True)], None)
+    s = C.early_exit_summary([a, b, C.EarlyExitResult("c", "1", "", [], None)])
+    assert (s.n_traces, s.n_traces_with_instances) == (3, 2)
+    first, second = s.by_instance
+    assert (first.instance, first.n, first.accuracy) == (1, 2, 0.5)
+    assert first.mean_logprob == pytest.approx(-2.0) and first.mean_logit == pytest.approx(8.0)
+    assert first.mean_prob == pytest.approx((math.exp(-1) + math.exp(-3)) / 2)
+    assert (second.instance, second.n, second.accuracy, second.mean_logit) == (2, 1, 1.0, 14.0)
+
+
+def test_gold_candidates():
+    assert C.gold_candidates("6") == sorted(str(v) for v in range(0, 17))
+    assert C.gold_candidates("25", radius=2) == ["23", "24", "25", "26", "27"]
+    assert C.gold_candidates("2.5", radius=1) == ["1", "2", "2.5", "3"]
+    assert C.gold_candidates("x^2") == ["x^2"]
+    with pytest.raises(ValueError, match="radius"):
+        C.gold_candidates("3", radius=-1)
 
 
 def test_confidence_curve(tiny_loaded):
@@ -144,3 +187,26 @@ def test_smollm2_forked_probe_equals_recomputation(smollm2):
     res = C.answer_probe(model, ids, positions, choices, suffix=" Answer:")
     ref = _reference(model, ids, positions, choices, " Answer:")
     assert (res.logprobs.double() - ref).abs().max() <= 1e-4
+
+
+def test_gold_confidence_curves(tiny_loaded):
+    model, _ = tiny_loaded("LlamaForCausalLM")
+    tr = T.trace_from_text(model, "q", COMPLETION, gold="18")
+    trs = [tr, dataclasses.replace(tr, id="closed-off", think_start=None)]  # no thinking: skipped
+    res = C.gold_confidence_curves(model, trs, n_points=3, radius=1)
+    assert len(res.curves) == len(res.rows) == 1 and res.golds == ["18"]
+    ref = C.confidence_curve(model, trs[0], {c: [c + "}"] for c in ["17", "18", "19"]}, n_points=3)
+    assert res.curves[0].choice_names == ["17", "18", "19"]
+    assert torch.equal(res.curves[0].logprobs, ref.logprobs)
+    (row,) = res.rows
+    assert row.logp_gold_first == float(ref.logprobs[0, 1]) and row.logp_gold_last == float(ref.logprobs[-1, 1])
+    assert row.mass_min == float(ref.mass.min()) and row.think_closed == (trs[0].think_end is not None)
+    numbers = res.numbers()
+    assert numbers["n_traces"] == 1 and numbers["mean_mass_on_candidates"] == pytest.approx(float(ref.mass.mean()))
+    assert numbers["traces"][0]["id"] == trs[0].id
+    assert list(res.to_frame().columns) == ["id", "gold", "think_closed", "logp_gold_first", "logp_gold_last",
+                                            "mass_mean", "mass_min"]
+    assert res.plot(model_name="m").axes
+    assert json.loads(res.to_json())["rows"][0]["gold"] == "18"
+    with pytest.raises(ValueError, match="golds"):
+        C.gold_confidence_curves(model, trs, golds=["1"])

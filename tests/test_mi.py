@@ -235,17 +235,74 @@ def test_detect_peaks_iqr_threshold_by_hand() -> None:
 def test_peak_stats_by_hand() -> None:
     mi = torch.tensor([1.0, 1.0, 5.0, 1.0, 1.0, 1.0, 6.0, 1.0, 2.0, 1.0], dtype=torch.float64)
     s = mmi.peak_stats(mi, torch.tensor([6, 2, 8]))
-    assert s["count"] == 3
-    assert s["length"] == 10
-    assert s["ratio"] == pytest.approx(0.3)
-    assert s["mean_interval"] == pytest.approx(3.0)  # gaps 4, 2
-    assert s["mean_mi"] == pytest.approx(2.0)
-    assert s["mean_peak_mi"] == pytest.approx(13.0 / 3)
-    assert s["aom"] == pytest.approx(13.0 / 3 - 2.0)
+    assert isinstance(s, mmi.PeakStats)
+    assert s.count == 3 and isinstance(s.count, int)
+    assert s.length == 10
+    assert s.ratio == pytest.approx(0.3)
+    assert s.mean_interval == pytest.approx(3.0)  # gaps 4, 2
+    assert s.mean_mi == pytest.approx(2.0)
+    assert s.mean_peak_mi == pytest.approx(13.0 / 3)
+    assert s.aom == pytest.approx(13.0 / 3 - 2.0)
     one = mmi.peak_stats(mi, torch.tensor([2]))
-    assert math.isnan(one["mean_interval"])
+    assert math.isnan(one.mean_interval)
     none = mmi.peak_stats(mi, torch.zeros(0, dtype=torch.long))
-    assert none["count"] == 0 and math.isnan(none["mean_peak_mi"])
+    assert none.count == 0 and math.isnan(none.mean_peak_mi)
+
+
+def _traj(tokens: list[str], peaks: list[int], start: int = 0, mi: list[float] | None = None) -> mmi.MITrajectory:
+    return mmi.MITrajectory(
+        mi=torch.tensor(mi if mi is not None else [0.0] * len(tokens), dtype=torch.float64),
+        positions=torch.arange(start, start + len(tokens)),
+        tokens=tokens,
+        peaks=torch.tensor(peaks, dtype=torch.long),
+    )
+
+
+def test_event_enrichment_by_hand() -> None:
+    a = _traj(["x", " Wait", "1", "2", "."], [1, 2], start=10)  # events at 11 (backtrack), 12, 13 (result)
+    b = _traj(["So", "3", "y"], [0], start=4)  # 4 wrap-up, 5 result
+    events = [{11: "backtrack", 12: "result", 13: "result", 99: "result"}, {4: "wrap-up", 5: "result"}]
+    got = {e.kind: e for e in mmi.event_enrichment([a, b], events)}
+    assert list(got) == ["backtrack", "other", "result", "wrap-up"]  # sorted; 99 is not a step
+    # 8 steps, 3 peaks: backtrack 1/1 peak, result 1 of 3, wrap-up 1 of 1, other 0 of 3
+    assert (got["result"].n_steps, got["result"].n_peaks) == (3, 1)
+    assert got["result"].share_of_peaks == pytest.approx(1 / 3) and got["result"].share_of_steps == pytest.approx(3 / 8)
+    assert got["result"].peak_rate == pytest.approx(1 / 3)
+    assert (got["other"].n_steps, got["other"].n_peaks, got["other"].peak_rate) == (3, 0, 0.0)
+    assert got["backtrack"].peak_rate == 1.0 and got["wrap-up"].share_of_peaks == pytest.approx(1 / 3)
+    assert sum(e.share_of_steps for e in got.values()) == pytest.approx(1.0)
+    assert mmi.event_enrichment([], []) == []
+    with pytest.raises(ValueError, match="event maps"):
+        mmi.event_enrichment([a, b], [{}])
+
+
+def test_peak_summary() -> None:
+    a = _traj([" Wait", "\n", " So", "1"], [0, 1], mi=[4.0, 3.0, 1.0, 0.0])
+    b = _traj([" Wait", "2"], [0], mi=[2.0, 0.0])
+    s = mmi.peak_summary([a, b], [{0: "backtrack"}, {}])
+    assert (s.n_traces, s.n_steps, s.n_peaks) == (2, 6, 3)
+    assert s.peak_ratio == pytest.approx(0.5) and s.mean_peaks_per_trace == pytest.approx(1.5)
+    assert s.mean_mi == pytest.approx((2.0 + 1.0) / 2)
+    assert s.token_counts == {" Wait": 2, "\n": 1} and s.peak_method == "iqr"
+    assert s.top_tokens(1).to_dict() == {" Wait": 2}
+    numbers = s.numbers(top=1)
+    assert numbers["top_peak_tokens"] == {" Wait": 2}
+    assert numbers["events_at_peaks"]["backtrack"] == {"share_of_peaks": 1 / 3, "share_of_steps": 1 / 6, "peak_rate": 1.0}
+    assert list(s.to_frame().columns) == ["kind", "n_steps", "n_peaks", "share_of_peaks", "share_of_steps", "peak_rate"]
+    assert json.loads(s.to_json())["token_counts"] == {" Wait": 2, "\n": 1}
+    assert mmi.peak_summary([a], strip=True, pattern=r"[a-zA-Z]+").token_counts == {"Wait": 1}
+    unlabelled = mmi.peak_summary([a, b])
+    assert [e.kind for e in unlabelled.events] == ["other"] and unlabelled.events[0].peak_rate == 0.5
+    empty = mmi.peak_summary([])
+    assert (empty.n_steps, empty.peak_ratio, empty.mean_mi, empty.events) == (0, 0.0, 0.0, [])
+
+    from matplotlib.figure import Figure
+
+    from mechthink.plotting.mi import plot_mi_peaks
+
+    assert isinstance(s.plot(), Figure)
+    fig = plot_mi_peaks(a, s, model_name="m")
+    assert len(fig.axes) == 2 and fig._suptitle.get_text().startswith("m: ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +403,16 @@ def test_mi_trajectory_result_api(tiny_model: _StandIn) -> None:
         mmi.mi_trajectory(tiny_model, tokens, answer, 0)
     with pytest.raises((ValueError, TypeError)):  # TypeError when jaxtyping/beartype checks are on
         mmi.mi_trajectory(tiny_model, tokens, answer, 3, estimator="knn")  # type: ignore[arg-type]
+
+
+def test_mi_trajectories_tokenize_the_solution(tiny_model: _StandIn) -> None:
+    ids = [0, 7, 8, 9, 10, 11, 10, 12, 13, 15, 3, 4, 13]
+    ex = mmi.MIExample(ids, 4, "So the answer is 4", {10: "backtrack"})
+    (traj,) = mmi.mi_trajectories(tiny_model, [ex], peak_method="topk", sigma=1.0, k=2)
+    ref = mmi.mi_trajectory(tiny_model, torch.tensor(ids), torch.tensor([4, 7, 8, 9, 13]), 4, sigma=1.0,
+                            peak_method="topk", k=2)
+    assert torch.equal(traj.mi, ref.mi) and torch.equal(traj.peaks, ref.peaks)
+    assert traj.positions.tolist() == list(range(4, len(ids)))
 
 
 def test_peak_token_counts_pattern() -> None:

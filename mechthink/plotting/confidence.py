@@ -10,21 +10,25 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
-
-from mechthink.plotting.base import new_axes as _new_axes
 from matplotlib.figure import FigureBase
 
+from mechthink.plotting.base import new_figure
+
 if TYPE_CHECKING:
-    import pandas as pd
+    from mechthink.confidence import AnswerProbeResult, EarlyExitResult, EarlyExitSummary, GoldConfidenceCurves
 
-    from mechthink.confidence import ProbeResult
-
-__all__ = ["plot_early_exit_table", "plot_probe"]
+__all__ = ["plot_confidence_curves", "plot_early_exit", "plot_early_exit_summary", "plot_gold_confidence", "plot_probe"]
 
 
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[FigureBase, Axes]:
+    """``ax`` and its figure, or a new constrained-layout figure of ``figsize`` with one Axes."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = new_figure(*figsize)
+    return fig, fig.add_subplot(1, 1, 1)
 
 
-def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> FigureBase:
+def plot_probe(result: "AnswerProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> FigureBase:
     """Confidence against token position: log-ratio (two choices) or each choice's log-prob.
 
     The probability mass on all choices is drawn on a second axis (dashed) and the ``marks``
@@ -39,10 +43,7 @@ def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None 
     Returns:
         The figure.
     """
-    if ax is None:
-        fig, ax = _new_axes((9.0, 3.5))
-    else:
-        fig = ax.figure
+    fig, ax = _axes(ax, (9.0, 3.5))
     x = result.positions
     order = sorted(range(len(x)), key=lambda i: x[i])
     xs = [x[i] for i in order]
@@ -76,29 +77,60 @@ def plot_probe(result: "ProbeResult", ax: Axes | None = None, title: str | None 
     return fig
 
 
-def plot_early_exit_table(table: "pd.DataFrame", ax: Axes | None = None, title: str | None = None) -> FigureBase:
-    """Accuracy and mean gold logit by answer-reaching instance (the ARBOR #22 early-exit plot)."""
-    if ax is None:
-        fig, ax = _new_axes((6.0, 3.5))
-    else:
-        fig = ax.figure
-    inst = table["instance"].tolist()
-    ax.bar(inst, table["accuracy"].tolist(), color="#8da0cb", label="accuracy")
+def plot_early_exit(result: "EarlyExitResult", ax: Axes | None = None, title: str | None = None) -> FigureBase:
+    """p(gold) at each answer-reaching instance of one trace; bars green when the forced answer
+    was correct, red otherwise.
+
+    Args:
+        result: The early-exit result of one trace.
+        ax: Axes to draw on; a new figure when None.
+        title: Axes title (default: the trace id and gold).
+    """
+    fig, ax = _axes(ax, (6.0, 3.5))
+    inst = [r.instance + 1 for r in result.rows]
+    colors = ["#55a868" if r.correct else "#c44e52" for r in result.rows]
+    ax.bar(inst, [r.prob for r in result.rows], color=colors)
+    ax.set_xticks(inst)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("answer-reaching instance")
+    ax.set_ylabel("p(gold) after the answer suffix")
+    ax.set_title(title if title is not None else f"{result.trace_id}: gold {result.gold}")
+    return fig
+
+
+def _prefix(model_name: str) -> str:
+    return f"{model_name}: " if model_name else ""
+
+
+def plot_early_exit_summary(
+    summary: "EarlyExitSummary", ax: Axes | None = None, title: str | None = None, model_name: str = ""
+) -> FigureBase:
+    """Accuracy and mean gold logit by answer-reaching instance (the ARBOR #22 early-exit plot).
+
+    Args:
+        summary: From :func:`mechthink.confidence.early_exit_summary`.
+        ax: Axes to draw on; a new 7 x 4 figure when None.
+        title: Axes title (default: the number of traces with instances, after ``model_name``).
+        model_name: Named at the start of the default title.
+    """
+    fig, ax = _axes(ax, (7.0, 4.0))
+    if title is None:
+        title = f"{_prefix(model_name)}early exit at the k-th answer instance ({summary.n_traces_with_instances} traces)"
+    inst = [r.instance for r in summary.by_instance]
+    ax.bar(inst, [r.accuracy for r in summary.by_instance], color="#8da0cb", label="accuracy")
+    ax.set_xticks(inst)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("answer-reaching instance")
     ax.set_ylabel("accuracy")
     ax2 = ax.twinx()
-    ax2.plot(inst, table["mean_logit"].tolist(), marker="o", color="#c44e52", label="mean gold logit")
+    ax2.plot(inst, [r.mean_logit for r in summary.by_instance], marker="o", color="#c44e52", label="mean gold logit")
     ax2.set_ylabel("mean gold logit")
-    if title:
-        ax.set_title(title)
-    if not fig.get_constrained_layout():
-        fig.tight_layout()
+    ax.set_title(title)
     return fig
 
 
 def plot_confidence_curves(
-    results: Sequence["ProbeResult"],
+    results: Sequence["AnswerProbeResult"],
     choice: Sequence[str],
     ax: Axes | None = None,
     title: str | None = None,
@@ -112,10 +144,7 @@ def plot_confidence_curves(
         ax: Axes to draw on; a new figure when None.
         title: Optional title.
     """
-    if ax is None:
-        fig, ax = _new_axes((9.0, 4.0))
-    else:
-        fig = ax.figure
+    fig, ax = _axes(ax, (9.0, 4.0))
     for res, name in zip(results, choice):
         start = res.marks.get("think_start", min(res.positions))
         end = res.marks.get("think_end")
@@ -135,4 +164,20 @@ def plot_confidence_curves(
     ax.set_ylabel("log p(gold answer) after the answer suffix")
     if title:
         ax.set_title(title)
+    return fig
+
+
+def plot_gold_confidence(
+    result: "GoldConfidenceCurves", ax: Axes | None = None, title: str | None = None, model_name: str = ""
+) -> FigureBase:
+    """log p(gold) through the thinking of each trace of ``result`` (from
+    :func:`mechthink.confidence.gold_confidence_curves`), drawn by :func:`plot_confidence_curves`
+    on ``ax`` or a new 10 x 4.5 figure. The default ``title`` gives ``model_name``, the number of
+    traces and the mean probability mass on the candidates.
+    """
+    fig, ax = _axes(ax, (10.0, 4.5))
+    if title is None:
+        title = (f"{_prefix(model_name)}log p(gold) after forcing an answer, {len(result.rows)} traces "
+                 f"(mean mass on candidates {result.mean_mass:.2f})")
+    plot_confidence_curves(result.curves, result.golds, ax=ax, title=title)
     return fig

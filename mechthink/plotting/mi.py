@@ -9,18 +9,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from matplotlib.axes import Axes
+from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_axes as _new_axes
-from matplotlib.figure import FigureBase
+from mechthink.plotting.base import new_figure
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from mechthink.mi import MITrajectory
+    from mechthink.mi import MITrajectory, PeakSummary
 
-__all__ = ["plot_mi_trajectory", "plot_peak_token_counts"]
-
-
+__all__ = ["plot_mi_peaks", "plot_mi_trajectory", "plot_peak_summary", "plot_peak_token_counts"]
 
 
 def plot_mi_trajectory(
@@ -85,6 +84,7 @@ def plot_peak_token_counts(
     top: int = 15,
     ax: Axes | None = None,
     title: str = "Tokens at MI peaks",
+    ylabel: str = "Frequency",
     **bar_kwargs: Any,
 ) -> FigureBase:
     """Bar chart of token frequency at MI peaks (output of :func:`mechthink.mi.peak_token_counts`).
@@ -94,6 +94,7 @@ def plot_peak_token_counts(
         top: Number of tokens to show.
         ax: Axes to draw on; a new figure is created when None.
         title: Axes title.
+        ylabel: Y-axis label.
         **bar_kwargs: Passed to ``ax.bar``.
 
     Returns:
@@ -108,8 +109,53 @@ def plot_peak_token_counts(
     ax.bar(range(len(head)), head.to_numpy(), color=bar_kwargs.pop("color", "#6a7fc1"), **bar_kwargs)
     ax.set_xticks(range(len(head)))
     ax.set_xticklabels(labels, rotation=45, ha="right")
-    ax.set_ylabel("Frequency")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     if not fig.get_constrained_layout():
         fig.tight_layout()
+    return fig
+
+
+def plot_peak_summary(
+    summary: "PeakSummary", ax: Axes | None = None, top: int = 15, title: str | None = None
+) -> FigureBase:
+    """Bar chart of the ``top`` tokens at MI peaks of a :class:`~mechthink.mi.PeakSummary`.
+
+    Args:
+        summary: From :func:`mechthink.mi.peak_summary`.
+        ax: Axes to draw on; a new figure is created when None.
+        top: Number of tokens to show.
+        title: Axes title (default: the number of traces, the peak rule and the peak ratio).
+
+    Returns:
+        The figure.
+    """
+    if title is None:
+        title = (f"tokens at MI peaks over {summary.n_traces} traces ({summary.peak_method} rule); "
+                 f"peak ratio {summary.peak_ratio:.3f}")
+    return plot_peak_token_counts(summary.top_tokens(top), top=top, ax=ax, title=title, ylabel="count at MI peaks")
+
+
+def plot_mi_peaks(
+    example: "MITrajectory", summary: "PeakSummary", top: int = 15, model_name: str = ""
+) -> FigureBase:
+    """The MI-peaks figure: one trajectory with labelled peaks above the tokens at peaks overall.
+
+    Args:
+        example: The trajectory drawn in the upper panel.
+        summary: The summary whose peak tokens the lower panel shows.
+        top: Number of tokens in the lower panel.
+        model_name: Named at the start of the figure title.
+
+    Returns:
+        The figure.
+    """
+    fig = new_figure(13, 7)
+    upper, lower = fig.subplots(2, 1, height_ratios=[1.3, 1])
+    plot_mi_trajectory(example, ax=upper)
+    plot_peak_summary(summary, ax=lower, top=top)
+    prefix = f"{model_name}: " if model_name else ""
+    sigma = example.config.get("sigma")
+    width = f", sigma={sigma:g}" if isinstance(sigma, (int, float)) else ""
+    fig.suptitle(f"{prefix}MI(h_t, h_solution) along the thinking (paper's HSIC estimator{width})")
     return fig

@@ -45,6 +45,7 @@ __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
     "EOS_TOKEN",
+    "EVENT_KINDS",
     "HELD_OUT_SEED",
     "MAX_TOTAL",
     "PAD_TOKEN",
@@ -64,6 +65,7 @@ __all__ = [
     "organism_problems",
     "problems_for",
     "step_examples",
+    "token_events",
     "load_hf",
     "make_transcript",
     "prompt_text",
@@ -73,6 +75,7 @@ __all__ = [
 ]
 
 from .examples import is_organism, organism_problems, problems_for, step_examples  # noqa: E402
+from .events import EVENT_KINDS, token_events  # noqa: E402
 
 #: Directory of the shipped model (safetensors) and tokenizer files.
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
