@@ -615,21 +615,10 @@ def _default_hook(bridge: Any) -> str:
     return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
 
 
-def _device_of(bridge: Any) -> torch.device | str:
-    dev = getattr(getattr(bridge, "cfg", None), "device", None)
-    if dev is not None:
-        return dev
-    try:
-        return next(bridge.parameters()).device
-    except (AttributeError, StopIteration):
-        return "cpu"
+def _resid(model: Any, tokens: Int[Tensor, "pos"], hook: str, positions: Any = None) -> Float[Tensor, "kept d_model"]:
+    from mechthink.hooks import gather
 
-
-@torch.no_grad()
-def _resid(bridge: Any, tokens: Int[Tensor, "pos"], hook: str) -> Float[Tensor, "pos d_model"]:
-    toks = rearrange(tokens.to(_device_of(bridge)), "pos -> 1 pos")
-    _, cache = bridge.run_with_cache(toks, names_filter=[hook])
-    return cache[hook][0]
+    return gather(model, tokens, [hook], positions=positions, device=tokens.device)[hook][0]
 
 
 def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -771,9 +760,8 @@ def mi_trajectory(
     bridge = model.bridge
     hook = hook or _default_hook(bridge)
 
-    resid = _resid(bridge, tokens, hook)
-    step_acts = resid[start - 1 : end - 1]
-    ans = _resid(bridge, answer_tokens, hook)
+    step_acts = _resid(model, tokens, hook, positions=list(range(start - 1, end - 1)))
+    ans = _resid(model, answer_tokens, hook)
     answer_act = ans[-1] if answer_repr == "last" else reduce(ans, "pos d -> d", "mean")
 
     positions = torch.arange(start, end, dtype=torch.long)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import mechthink as mt
 from mechthink import mi as mmi
 
 # ---------------------------------------------------------------------------------------------
@@ -313,14 +314,8 @@ WORDS = ["<bos>", "<eos>", "<unk>", "Wait", "So", "Therefore", "Hmm", "the", "an
          "2", "+", "=", "4", ",", ".", "x", "y", "let", "me"]
 
 
-class _StandIn:
-    def __init__(self, bridge: object, tokenizer: object) -> None:
-        self.bridge = bridge
-        self.tokenizer = tokenizer
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> _StandIn:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> "mt.ThinkingModel":
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -337,10 +332,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> _StandIn:
     hf = LlamaForCausalLM(cfg).eval()
     bridge = TransformerBridge.boot_transformers(str(tokdir), hf_model=hf, tokenizer=tok)
     bridge.enable_compatibility_mode()
-    return _StandIn(bridge, tok)
+    from mechthink.models.registry import generic_spec
+
+    return mt.ThinkingModel(bridge, tok, generic_spec("tiny-mi", "LlamaForCausalLM", 2, 32), prepend_bos=False)
 
 
-def test_mi_trajectory_matches_manual_computation(tiny_model: _StandIn) -> None:
+def test_mi_trajectory_matches_manual_computation(tiny_model: "mt.ThinkingModel") -> None:
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(3, len(WORDS), (18,), generator=g)
     tokens[0] = 0
@@ -367,7 +364,7 @@ def test_mi_trajectory_matches_manual_computation(tiny_model: _StandIn) -> None:
     np.testing.assert_allclose(mean_traj.mi.numpy(), manual0, rtol=1e-6, atol=1e-8)
 
 
-def test_mi_trajectory_result_api(tiny_model: _StandIn) -> None:
+def test_mi_trajectory_result_api(tiny_model: "mt.ThinkingModel") -> None:
     g = torch.Generator().manual_seed(8)
     tokens = torch.randint(3, len(WORDS), (25,), generator=g)
     answer = torch.tensor([0, 4, 7, 8, 9, 13])
@@ -405,7 +402,7 @@ def test_mi_trajectory_result_api(tiny_model: _StandIn) -> None:
         mmi.mi_trajectory(tiny_model, tokens, answer, 3, estimator="knn")  # type: ignore[arg-type]
 
 
-def test_mi_trajectories_tokenize_the_solution(tiny_model: _StandIn) -> None:
+def test_mi_trajectories_tokenize_the_solution(tiny_model: "mt.ThinkingModel") -> None:
     ids = [0, 7, 8, 9, 10, 11, 10, 12, 13, 15, 3, 4, 13]
     ex = mmi.MIExample(ids, 4, "So the answer is 4", {10: "backtrack"})
     (traj,) = mmi.mi_trajectories(tiny_model, [ex], peak_method="topk", sigma=1.0, k=2)
