@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import random
 import re
@@ -40,7 +39,7 @@ from mechthink.data.answers import answers_match, extract_boxed
 from mechthink.generation import StreamTracker, continue_greedy, continue_prefixes
 from mechthink.models.kvcache import cache_from_kwargs
 from mechthink.progress import track
-from mechthink.results import Result, jsonable
+from mechthink.results import FlatResult, Result
 from mechthink.stats import PairedChange, paired_change
 
 if TYPE_CHECKING:
@@ -87,36 +86,28 @@ log = logging.getLogger(__name__)
 LOGITS_HOOK = "unembed.hook_out"
 
 
-class FlatResult(Result):
-    """A result with no figure of its own: one condition's numbers, or a state object.
-
-    ``to_frame`` is one row of its fields (subclasses with per-row fields override it);
-    ``plot`` raises ``NotImplementedError`` naming what shows it instead (``plotted_by``).
-    """
-
-    plotted_by: ClassVar[str] = "the sweep that holds it"
-
-    def to_frame(self) -> "pd.DataFrame":
-        """One row of the fields."""
-        import pandas as pd
-
-        return pd.DataFrame([jsonable(self)])
-
-    def plot(self, ax: Any = None) -> Any:
-        """Not meaningful here (raises ``NotImplementedError``)."""
-        raise NotImplementedError(f"{type(self).__name__}.plot: this result has no figure of its own; "
-                                  f"see {self.plotted_by}")
-
-
 # ============================================================================ token sets
 def load_thinking_words(path: str | Path, top: int | None = None) -> list[str]:
     """Words of a thinking-token list (JSONL lines with ``word`` and ``freq``), most frequent first.
 
-    Whitespace-only entries are skipped.
+    Whitespace-only entries are skipped. A line that is not a JSON object with a ``word`` and a
+    numeric ``freq`` raises a one-line ValueError naming the file and line.
     """
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows.sort(key=lambda r: -float(r.get("freq", 0)))
-    words = [str(r["word"]) for r in rows if str(r["word"]).strip()]
+    from mechthink.data import read_jsonl
+
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ValueError(f"load_thinking_words: top={top!r} is not accepted; use a positive int or None")
+    rows = []
+    for lineno, row in enumerate(read_jsonl(path), start=1):
+        if "word" not in row:
+            raise ValueError(f"{path}: entry {lineno} has no 'word' (keys {sorted(row)}); expected {{\"word\": ..., \"freq\": ...}}")
+        try:
+            freq = float(row.get("freq", 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: entry {lineno} has freq={row.get('freq')!r}, not a number") from None
+        rows.append((freq, str(row["word"])))
+    rows.sort(key=lambda r: -r[0])
+    words = [w for _, w in rows if w.strip()]
     return words[:top] if top is not None else words
 
 

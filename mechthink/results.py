@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-__all__ = ["Result", "jsonable"]
+__all__ = ["FlatResult", "Result", "jsonable"]
 
 
 def jsonable(obj: Any) -> Any:
@@ -49,3 +49,24 @@ class Result:
     def plot(self, ax: Any = None) -> Any:
         """A matplotlib figure of the result (implemented by each result type)."""
         raise NotImplementedError(f"{type(self).__name__}.plot is not implemented")
+
+
+class FlatResult(Result):
+    """A result with no figure of its own: one condition's numbers, or a state object.
+
+    ``to_frame`` is one row of its fields (subclasses with per-row fields override it);
+    ``plot`` raises ``NotImplementedError`` naming what shows it instead (``plotted_by``).
+    """
+
+    plotted_by: ClassVar[str] = "the sweep that holds it"
+
+    def to_frame(self) -> Any:
+        """One row of the fields."""
+        import pandas as pd
+
+        return pd.DataFrame([jsonable(self)])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Not meaningful here (raises ``NotImplementedError``)."""
+        raise NotImplementedError(f"{type(self).__name__}.plot: this result has no figure of its own; "
+                                  f"see {self.plotted_by}")

@@ -28,9 +28,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechthink.generation import StreamTracker, continue_greedy
-from mechthink.interventions import FlatResult, accuracy, backtrack_pattern, logits_at_last
+from mechthink.interventions import accuracy, backtrack_pattern, logits_at_last
 from mechthink.progress import track
-from mechthink.results import Result
+from mechthink.results import FlatResult, Result
 from mechthink.stats import is_monotonic, mean
 
 if TYPE_CHECKING:

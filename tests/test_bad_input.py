@@ -243,3 +243,26 @@ def _organism_tokenizer():
     from mechthink.models.organism import build_hf_tokenizer
 
     return build_hf_tokenizer()
+
+
+# ============================================================================ technique inputs
+def _words_file(tmp: Path, text: str) -> Path:
+    p = tmp / "words.jsonl"
+    p.write_text(text)
+    return p
+
+
+WORDS_CASES = {
+    "bad json": ('{"word": "Wait", "freq": 3}\n{oops\n', "words.jsonl:2"),
+    "missing word": ('{"freq": 3}\n', "no 'word'"),
+    "non-numeric freq": ('{"word": "Wait", "freq": "many"}\n', "not a number"),
+    "not an object": ('["Wait"]\n', "object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WORDS_CASES))
+def test_thinking_words_file_errors(case, tmp_path):
+    from mechthink.interventions import load_thinking_words
+
+    text, needle = WORDS_CASES[case]
+    _expect(lambda: load_thinking_words(_words_file(tmp_path, text)), ValueError, needle)
