@@ -34,11 +34,12 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     import mechthink as mt
     from mechthink import confidence, traces
     from mechthink.models.organism import problems_for
-    from mechthink.report import write_outputs
+    from mechthink.report import trace_store, write_outputs
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
-    gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8)
+    store = trace_store(cfg.out, NAME, cfg.model, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gsm8k=cfg.gsm8k_path)
+    gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8, store=store, progress=True)
     results = [confidence.early_exit(model, tr, gold=q.answer) for tr, q in zip(gen, qs) if tr.think_start is not None]
     summary = confidence.early_exit_summary(results, max_instances=cfg.max_instances)
     numbers = summary.numbers()

@@ -42,6 +42,7 @@ def _examples(model: Any, cfg: Config) -> list["MIExample"]:
     from mechthink.data import load_gsm8k, resolve_gsm8k_path
     from mechthink.mi import MIExample
     from mechthink.models.organism import is_organism, sample_transcripts, token_events
+    from mechthink.report import trace_store
 
     if is_organism(model):
         return [
@@ -50,7 +51,8 @@ def _examples(model: Any, cfg: Config) -> list["MIExample"]:
             for tr in sample_transcripts(cfg.n_samples, seed=f"mi-peaks-{cfg.seed}")
         ]
     problems = load_gsm8k("test", path=resolve_gsm8k_path(cfg.gsm8k_path), n=cfg.n_samples)
-    gen = traces.generate(model, problems, max_new_tokens=cfg.max_new_tokens, batch_size=4)
+    store = trace_store(cfg.out, NAME, cfg.model, max_new_tokens=cfg.max_new_tokens, gsm8k=cfg.gsm8k_path)
+    gen = traces.generate(model, problems, max_new_tokens=cfg.max_new_tokens, batch_size=4, store=store, progress=True)
     return [MIExample(t.ids, t.n_prompt, p.solution or p.answer) for t, p in zip(gen, problems)]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "write_outputs", "git_commit"]
+__all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "trace_store", "write_outputs", "git_commit"]
 
 
 def canonical_model(model: str) -> str:
@@ -43,6 +43,17 @@ def output_paths(out: str | Path, name: str, model: str) -> tuple[Path, Path]:
     folder = Path(out) / name
     slug = model_slug(model)
     return folder / f"{slug}.png", folder / f"{slug}.json"
+
+
+def trace_store(out: str | Path, name: str, model: str, **request: Any) -> Path:
+    """The JSONL trace store of one analysis on one model for one generation request
+    (``<out>/<name>/<model>.traces-<hash of request>.jsonl``): a killed analysis resumes from
+    it, and a changed request (budget, sampling, problems' seed) gets a store of its own."""
+    import hashlib
+
+    key = hashlib.sha1(json.dumps(_jsonable(request), sort_keys=True).encode()).hexdigest()[:10]
+    png, _ = output_paths(out, name, model)
+    return png.with_name(f"{png.stem}.traces-{key}.jsonl")
 
 
 def _requested(config: Any) -> dict[str, Any]:

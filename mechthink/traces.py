@@ -10,6 +10,7 @@ ending at the next ``. ? ! ; \\n``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,8 +18,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
+
+try:  # POSIX file locks for concurrent store writers
+    import fcntl
+except ImportError:  # pragma: no cover - no lock where fcntl is missing (Windows)
+    fcntl = None
 
 from mechthink.data.answers import answers_match, normalize_number
 from mechthink.generation import Decoder, SamplingConfig, decode_batches
@@ -98,6 +104,8 @@ class Trace:
         config: The generation config as a dict.
         model: The model's registry name.
         index: The question's index in the generate() call (seeds sampling).
+        fingerprint: The weights fingerprint of the model that generated it
+            (:meth:`ThinkingModel.fingerprint`; "" for traces built from text).
     """
 
     id: str
@@ -116,6 +124,7 @@ class Trace:
     config: dict[str, Any] = field(default_factory=dict)
     model: str = ""
     index: int = 0
+    fingerprint: str = ""
 
     @property
     def n_prompt(self) -> int:
@@ -372,11 +381,71 @@ def read_store(path: str | os.PathLike[str], repair: bool = False) -> list[Trace
     return traces
 
 
-def _append(path: Path, trace: Trace) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(trace.to_dict(), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class _StoreWriter:
+    """Appends traces to a JSONL store under an exclusive file lock (``<store>.lock``).
+
+    Before each append it reads what other writers appended since it last looked, so two
+    processes filling one store never write the same id twice.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.offset = 0
+        self.ids: set[str] = set()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.lock_path, "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _catch_up(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # whole lines only (a line being written is read next time)
+        for line in chunk[:end].split(b"\n"):
+            if line.strip():
+                try:
+                    self.ids.add(str(json.loads(line)["id"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        self.offset += end
+
+    def append(self, trace: Trace) -> bool:
+        """Append ``trace`` unless its id is already stored; returns whether it was written."""
+        with self._locked():
+            self._catch_up()
+            if trace.id in self.ids:
+                log.info("%s: trace %r was written by another process; not appending it twice", self.path, trace.id)
+                return False
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(trace.to_dict(), ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._catch_up()
+            return True
+
+
+def _check_stored(path: Path, stored: Trace, model: "ThinkingModel", cfg: dict[str, Any], question: str) -> None:
+    """A stored trace is reused only for exactly the request it answered (else one line)."""
+    wanted = {"model": model.spec.name, "weights": model.fingerprint(), "config": cfg, "question": question}
+    have = {"model": stored.model, "weights": stored.fingerprint, "config": stored.config, "question": stored.question}
+    diff = [k for k in wanted if wanted[k] != have[k]]
+    if diff:
+        k = diff[0]
+        raise TraceStoreError(
+            f"{path}: trace {stored.id!r} was generated with {k}={have[k]!r}, but this request has {k}={wanted[k]!r}; "
+            "a store holds one experiment: pass another store= or delete this one"
+        )
 
 
 def generate(
@@ -401,9 +470,12 @@ def generate(
     ``torch.Generator`` seeded from ``(seed, index)``, so results do not depend on batching.
     Generation stops at the model's eos ids or after ``max_new_tokens``.
 
-    With ``store``, each finished trace is appended as one JSON line (flushed and fsynced) in
-    question order; a re-run reads the store, skips the ids already there (a torn last line is
-    truncated with a warning) and generates the rest.
+    With ``store``, each finished trace is appended as one JSON line (flushed and fsynced, under
+    a file lock so concurrent writers never duplicate an id) in question order; a re-run reads
+    the store, reuses the traces of the ids asked for (a torn last line is truncated with a
+    warning) and generates the rest. A stored trace is reused only for exactly the request it
+    answered — the same model, weights fingerprint, generation config and question — otherwise
+    :class:`TraceStoreError` says what differs (a store holds one experiment).
 
     Args:
         model: The loaded model.
@@ -435,10 +507,20 @@ def generate(
         ids_seen[qid] = i
     done: dict[str, Trace] = {}
     store_path = Path(store) if store is not None else None
+    cfg_dict = dataclasses.asdict(cfg)
+    writer = None
     if store_path is not None:
+        if store_path.exists() and not store_path.is_file():
+            raise TraceStoreError(f"store={store_path} is not a file; pass a path to a .jsonl file")
+        if any(p.is_file() for p in store_path.parents):
+            raise TraceStoreError(f"store={store_path} lies below a regular file; pass a path in a folder")
         store_path.parent.mkdir(parents=True, exist_ok=True)
+        questions_by_id = {qid: q for qid, q, _ in items}
         for t in read_store(store_path, repair=True):
-            done[t.id] = t
+            if t.id in questions_by_id:
+                _check_stored(store_path, t, model, cfg_dict, questions_by_id[t.id])
+                done[t.id] = t
+        writer = _StoreWriter(store_path)
         if done:
             log.info("%s: %d traces already stored; generating the other %d", store_path, len(done),
                      sum(1 for q in items if q[0] not in done))
@@ -450,7 +532,6 @@ def generate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="generate")
-    cfg_dict = dataclasses.asdict(cfg)
     rows = [prompt_ids[i] for i in todo]
     for batch, results in decode_batches(Decoder.for_model(model), rows, cfg, batch_size, indices=todo):
         for i, (new_ids, why) in zip(batch, results):
@@ -460,9 +541,10 @@ def generate(
                 gold=None if gold is None else str(gold), prompt=prompts[i],
                 finished=why, config=cfg_dict, index=i,
             )
+            tr.fingerprint = model.fingerprint()
             done[qid] = tr
-            if store_path is not None:
-                _append(store_path, tr)
+            if writer is not None:
+                writer.append(tr)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:

@@ -46,3 +46,30 @@ def test_reproduce_all_then_resume_after_kill(tmp_path):
         assert meta["complete"] and meta["config"].get("n_samples", 8) == 8
         assert (tmp_path / name / "tiny-thinker.png").stat().st_size > 1000
     assert (tmp_path / "index.html").exists()
+
+
+def test_analysis_resumes_from_its_trace_store(tmp_path, monkeypatch):
+    """A killed analysis keeps the traces it generated: the rerun generates only the rest."""
+    import mechthink as mt
+    from analyses import confidence_curve as cc
+    from mechthink import generation
+
+    model = mt.load_model("tiny-thinker")
+    cfg = cc.Config(n_samples=3, n_points=3, out=tmp_path)
+    first = cc.main(cfg, loaded_model=model)
+    (store,) = (tmp_path / "confidence_curve").glob("tiny-thinker.traces-*.jsonl")
+    lines = store.read_text().splitlines(keepends=True)
+    assert len(lines) == 3
+    store.write_text(lines[0])  # as if killed after the first trace
+    rows = []
+    real = generation.decode_batches
+
+    def counting(decoder, todo_rows, *a, **k):
+        rows.extend(todo_rows)
+        return real(decoder, todo_rows, *a, **k)
+
+    monkeypatch.setattr("mechthink.traces.decode_batches", counting)
+    again = cc.main(cfg, loaded_model=model)
+    assert len(rows) == 2 and again == first
+    cc.main(cc.Config(n_samples=3, n_points=3, out=tmp_path, max_new_tokens=100), loaded_model=model)
+    assert len(list((tmp_path / "confidence_curve").glob("tiny-thinker.traces-*.jsonl"))) == 2  # its own store

@@ -157,8 +157,8 @@ _CHILD = textwrap.dedent(
     import sys, time, mechthink as mt
     from mechthink import traces as T
     if sys.argv[5] == "slow":  # give the parent time to kill us between appends
-        _append = T._append
-        T._append = lambda path, trace: (_append(path, trace), time.sleep(0.3))
+        _append = T._StoreWriter.append
+        T._StoreWriter.append = lambda self, trace: (_append(self, trace), time.sleep(0.3))[0]
     model = mt.load_model(sys.argv[1], device="cpu")
     qs = [f"Compute {i} + {i + 3}. Wait, let me check." for i in range(int(sys.argv[3]))]
     T.generate(model, qs, max_new_tokens=int(sys.argv[4]), batch_size=2, store=sys.argv[2])
@@ -197,3 +197,38 @@ def test_resume_after_sigkill(tiny_hf, tmp_path):
     assert len(a) == len(b) == int(n_q)
     for i, (x, y) in enumerate(zip(a, b)):
         assert x == y, f"line {i + 1} differs"
+
+
+def test_store_is_keyed_on_the_request(tiny_loaded, tiny_hf, tmp_path):
+    model, _ = tiny_loaded("LlamaForCausalLM")
+    store = tmp_path / "s.jsonl"
+    first = T.generate(model, QUESTIONS[:2], max_new_tokens=3, store=store)
+    assert [t.fingerprint for t in first] == [model.fingerprint()] * 2
+    assert [t.to_dict() for t in T.generate(model, QUESTIONS[:2], max_new_tokens=3, store=store)] == [t.to_dict() for t in first]
+    with pytest.raises(T.TraceStoreError, match="max_new_tokens"):
+        T.generate(model, QUESTIONS[:2], max_new_tokens=64, store=store)  # a longer budget is not the stored one
+    with pytest.raises(T.TraceStoreError, match="question="):
+        T.generate(model, [{"id": "q0", "question": "something else"}], max_new_tokens=3, store=store)
+    other, _ = tiny_loaded("Qwen2ForCausalLM")
+    with pytest.raises(T.TraceStoreError, match="(model|weights)="):
+        T.generate(other, QUESTIONS[:2], max_new_tokens=3, store=store)
+    f = tmp_path / "plain-file"
+    f.write_text("x")
+    with pytest.raises(T.TraceStoreError, match="below a regular file"):
+        T.generate(model, QUESTIONS[:1], max_new_tokens=3, store=f / "s.jsonl")
+
+
+def test_concurrent_writers_never_duplicate_ids(tiny_hf, tmp_path):
+    ref, tok = tiny_hf("LlamaForCausalLM")
+    mdir = tmp_path / "model"
+    ref.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    store = tmp_path / "shared.jsonl"
+    procs = [subprocess.Popen([sys.executable, str(script), str(mdir), str(store), "6", "6", "slow"], env=env) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    ids = [json.loads(line)["id"] for line in store.read_text().splitlines()]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 6
