@@ -99,6 +99,11 @@ def _gaussian_1d_kernel(
     return torch.exp(-(diff * diff) / (2.0 * sigma * sigma))
 
 
+def _require_finite(where: str, *tensors: Tensor) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(f"{where}: inputs must be finite (NaN/inf found); drop or impute those samples first")
+
+
 def hsic_mi_paper(
     x: Float[Tensor, "d"],
     y: Float[Tensor, "d"],
@@ -135,8 +140,9 @@ def hsic_mi_paper(
     """
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-D of equal length, got {tuple(x.shape)}, {tuple(y.shape)}")
-    if sigma <= 0:
-        raise ValueError("sigma must be positive")
+    if not (sigma > 0):
+        raise ValueError(f"sigma={sigma!r} must be a positive number")
+    _require_finite("hsic_mi_paper", x, y)
     m = x.shape[0]
     x = x.detach().to(dtype)
     y = y.detach().to(dtype=dtype, device=x.device)
@@ -201,8 +207,9 @@ def hsic_mi_paper_batch(
     """
     if xs.ndim != 2 or y.ndim != 1 or xs.shape[1] != y.shape[0]:
         raise ValueError(f"expected xs [n, d] and y [d], got {tuple(xs.shape)}, {tuple(y.shape)}")
-    if sigma <= 0:
-        raise ValueError("sigma must be positive")
+    if not (sigma > 0):
+        raise ValueError(f"sigma={sigma!r} must be a positive number")
+    _require_finite("hsic_mi_paper_batch", xs, y)
     n, m = xs.shape
     device = xs.device
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -339,6 +346,7 @@ def hsic(
     """
     x = _as_2d(x.detach()).to(dtype)
     y = _as_2d(y.detach()).to(dtype=dtype, device=x.device)
+    _require_finite("hsic", x, y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     if x.shape[0] < 2:
@@ -380,6 +388,7 @@ def nhsic(
     """
     x = _as_2d(x.detach()).to(dtype)
     y = _as_2d(y.detach()).to(dtype=dtype, device=x.device)
+    _require_finite("hsic", x, y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     sx, sy = _sigma_pair(sigma)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -92,6 +93,9 @@ class SteeringVector(Result):
             )
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"SteeringVector: duplicate layers {self.layers}")
+        if not self.vectors.is_floating_point() or not bool(torch.isfinite(self.vectors).all()):
+            bad = sorted({self.layers[i] for i in torch.nonzero(~torch.isfinite(self.vectors.float()))[:, 0].tolist()})
+            raise ValueError(f"SteeringVector: vectors must be finite floats; layers {bad} hold NaN/inf")
 
     def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
         """The direction of block ``layer``."""
@@ -140,13 +144,21 @@ class SteeringVector(Result):
         """Read a file written by :meth:`save`."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if "mechthink" not in header:
-                raise ValueError(f"{path}: not a mechthink steering vector (no 'mechthink' metadata)")
-            vectors = f.get_tensor("vectors")
-        meta = json.loads(header["mechthink"])
-        return cls(vectors, meta["layers"], meta["hook"], meta["method"], meta.get("metadata", {}))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"SteeringVector.load: {path}: no such file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if "mechthink" not in header:
+                    raise ValueError(f"{path}: not a mechthink steering vector (no 'mechthink' metadata)")
+                vectors = f.get_tensor("vectors")
+            meta = json.loads(header["mechthink"])
+            return cls(vectors, meta["layers"], meta["hook"], meta["method"], meta.get("metadata", {}))
+        except ValueError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for a non-safetensors file
+            raise ValueError(f"SteeringVector.load: {path} is not a safetensors file written by "
+                             f"SteeringVector.save ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
 
 
 # ============================================================================ activations
@@ -396,6 +408,11 @@ def steer(
         raise ValueError(f"mode must be 'continuous', 'once' or 'every_k', got {mode!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if not math.isfinite(float(coeff)):
+        raise ValueError(f"coeff={coeff!r} is not finite; pass a finite number")
+    if vector.vectors.shape[-1] != model.d_model:
+        raise ValueError(f"steer: the vector has width {vector.vectors.shape[-1]} but {model.spec.name} has "
+                         f"d_model={model.d_model}; extract it from this model")
     hook = vector.hook if hook is None else hook
     use = steered_layers(model, vector, layers)
     tracker = StreamTracker(model)

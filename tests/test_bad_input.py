@@ -236,7 +236,7 @@ def test_cli_user_errors_are_one_line_exit_2(case, tmp_path, monkeypatch):
 
 
 def test_no_case_is_silent():
-    assert len(LOAD_CASES) + len(DATA_CASES) + len(CONFIG_CASES) + len(CLI_CASES) >= 60
+    assert len(LOAD_CASES) + len(DATA_CASES) + len(CONFIG_CASES) + len(CLI_CASES) + len(WORDS_CASES) + len(TECHNIQUE_CASES) >= 60
 
 
 def _organism_tokenizer():
@@ -266,3 +266,45 @@ def test_thinking_words_file_errors(case, tmp_path):
 
     text, needle = WORDS_CASES[case]
     _expect(lambda: load_thinking_words(_words_file(tmp_path, text)), ValueError, needle)
+
+
+def _vec(n_layers: int, d: int, fill: float = 0.1):
+    from mechthink.steering import SteeringVector
+
+    return SteeringVector(torch.full((n_layers, d), fill), list(range(n_layers)))
+
+
+def _steer(model, vec, coeff=1.0):
+    from mechthink.steering import steer
+
+    with steer(model, vec, coeff=coeff):
+        return model.bridge(model.to_tokens(model.prompt("Compute 1 + 2.")))
+
+
+TECHNIQUE_CASES = {
+    "NaN steering vector": (lambda m, t: _vec(4, 128, float("nan")), ValueError, "NaN"),
+    "inf steering vector": (lambda m, t: _vec(4, 128, float("inf")), ValueError, "NaN/inf"),
+    "steering vector of the wrong width": (lambda m, t: _steer(m, _vec(4, 64)), ValueError, "width 64", "d_model=128"),
+    "NaN coefficient": (lambda m, t: _steer(m, _vec(4, 128), coeff=float("nan")), ValueError, "coeff"),
+    "steering vector file not safetensors": (lambda m, t: __import__("mechthink").steering.SteeringVector.load(
+        _write(t, "v.safetensors", b"\x00" * 64)), ValueError, "not a safetensors file"),
+    "steering vector file missing": (lambda m, t: __import__("mechthink").steering.SteeringVector.load(t / "nope"),
+                                     FileNotFoundError, "no such file"),
+    "hsic with NaN": (lambda m, t: mt.mi.hsic(torch.tensor([1.0, float("nan"), 3.0]), torch.arange(3.0)), ValueError, "finite"),
+    "paper hsic with NaN": (lambda m, t: mt.mi.hsic_mi_paper(torch.tensor([1.0, float("nan")]), torch.ones(2)), ValueError,
+                            "finite"),
+    "paper hsic sigma 0": (lambda m, t: mt.mi.hsic_mi_paper(torch.ones(3), torch.ones(3), sigma=0.0), ValueError, "sigma"),
+    "trace store below a file": (lambda m, t: mt.traces.generate(m, ["Compute 1 + 1."], max_new_tokens=2,
+                                                                   store=_write(t, "f", b"x") / "s.jsonl"),
+                                 mt.traces.TraceStoreError, "below a regular file"),
+    "generate batch_size 0": (lambda m, t: mt.traces.generate(m, ["Compute 1 + 1."], batch_size=0), ValueError, "batch_size"),
+    "generate max_new_tokens 0": (lambda m, t: mt.traces.generate(m, ["Compute 1 + 1."], max_new_tokens=0), ValueError,
+                                  "max_new_tokens"),
+    "generate one string": (lambda m, t: mt.traces.generate(m, "Compute 1 + 1."), TypeError, "one string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TECHNIQUE_CASES))
+def test_technique_bad_input(case, thinker, tmp_path):
+    fn, exc, *needles = TECHNIQUE_CASES[case]
+    _expect(lambda: fn(thinker, tmp_path), exc, *needles)
