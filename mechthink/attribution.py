@@ -233,15 +233,12 @@ class MeanActivations(Result):
         model: "ThinkingModel",
         dataset: Iterable[Any],
         max_samples: int | None = None,
-        progress: bool = False,
     ) -> "MeanActivations":
         """Add samples (1-D token tensors or lists) to the running sums; returns ``self``.
 
         One forward per sample, hooks on the requested names only; memory does not grow with
-        the number of samples.
+        the number of samples (progress through :func:`mechthink.progress.track`).
         """
-        from tqdm.auto import tqdm
-
         bos = model.bos_token_id
         sums = self.sums
         names = list(sums)
@@ -256,7 +253,7 @@ class MeanActivations(Result):
         start = [0]
         seen = 0
         with torch.inference_mode():
-            for sample in tqdm(dataset, disable=not progress, desc="mean activations"):
+            for sample in track(dataset, "mean activations"):
                 if max_samples is not None and seen >= max_samples:
                     break
                 row = _as_row(sample, model.device)
@@ -327,7 +324,6 @@ def mean_activations(
     skip_bos: bool = True,
     resume: MeanActivations | None = None,
     max_samples: int | None = None,
-    progress: bool = False,
 ) -> MeanActivations:
     """Mean activation per hook over a dataset (all samples, all positions), streamed.
 
@@ -339,7 +335,6 @@ def mean_activations(
             by orders of magnitude on most models and would dominate the mean).
         resume: Continue accumulating into an existing (e.g. loaded) result.
         max_samples: Stop after this many samples.
-        progress: Show a tqdm bar.
 
     Returns:
         A :class:`MeanActivations` (``.means``, ``.count``, ``.save()``).
@@ -356,7 +351,7 @@ def mean_activations(
         missing = [n for n in names if n not in resume.sums]
         if missing:
             raise ValueError(f"resume has no sums for {missing[:3]} (…{len(missing)} hooks); resume with the same hooks")
-    return resume.update(model, dataset, max_samples=max_samples, progress=progress)
+    return resume.update(model, dataset, max_samples=max_samples)
 
 
 def _hook_shapes(model: "ThinkingModel", names: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -751,7 +746,6 @@ def activation_patching(
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-    progress: bool = False,
 ) -> AttributionResult:
     """Exact activation patching: each node replaced by its baseline, the metric re-measured.
 
@@ -765,8 +759,6 @@ def activation_patching(
         layers: Layers to patch (default all).
         Other arguments as in :func:`attribution_patching`.
     """
-    from tqdm.auto import tqdm
-
     node_types = _split_nodes(nodes)
     row = _as_row(tokens, model.device)
     T = row.shape[1]
@@ -791,7 +783,7 @@ def activation_patching(
     }
     with torch.no_grad():
         m_clean = float(_per_row(metric, model.bridge(row))[0])
-        for c0 in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="exact patching"):
+        for c0 in track(range(0, len(jobs), batch_size), "exact patching"):
             chunk = jobs[c0 : c0 + batch_size]
             groups: dict[str, list[tuple[int, int, int]]] = {}
             for r, (n, L, p, h) in enumerate(chunk):

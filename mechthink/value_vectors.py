@@ -471,7 +471,7 @@ class AblationComparison(Result):
     """
 
     prob_clean: Float[Tensor, "example"]
-    prob_ablated: dict[str, Tensor]
+    prob_ablated: dict[str, Float[Tensor, "example"]]
     plans: dict[str, NeuronPlan]
     targets: list[str]
 

@@ -13,6 +13,7 @@ import mechthink as mt
 from conftest import TYPE_ERRORS
 from mechthink import attribution as A
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "LlamaForCausalLM"
 TEXT = "Hmm, the answer is 12. Alternatively, we could add"
 DATA = [
@@ -241,6 +242,7 @@ def test_other_architectures(tiny_loaded, arch):
     assert rho > 0.5
 
 
+@pytest.mark.slow
 def test_smollm2_resid_pre_rho(smollm2):
     """SmolLM2-135M, 16-token prompt, resid_pre, mean-over-prompt baseline; every 3rd layer."""
     model = smollm2[0]

@@ -13,6 +13,7 @@ from mechthink import attribution as A
 from mechthink import context as C
 from mechthink.plotting.attribution import colored_tokens_html, save_colored_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "LlamaForCausalLM"
 TEXT = "Compute 3 + 5 - 2 + 7. First 3 + 5 = 8. Then 8 - 2 = 6. So 6 + 7 = 13. Wait, let me check"
 

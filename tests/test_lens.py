@@ -13,6 +13,7 @@ from conftest import TYPE_ERRORS
 from mechthink import lens as L
 from mechthink import value_vectors as vv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
 TEXTS = ["Compute 3 + 5 - 2. First 3 + 5 = 8. Wait, let me check.", "So the answer is 42. Hmm, wait"]
 

@@ -17,6 +17,8 @@ from mechthink.models.organism import (
 )
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 def _example(n: int = 12, operands=(3, 5), result=(7,), question=(1, 3)) -> StepExample:
     return StepExample(
         input_ids=list(range(n)), is_error=True, text="", step_index=0, question="q", answer=0, correct_result=8,
