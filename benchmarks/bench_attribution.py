@@ -3,7 +3,7 @@
 AtP scores the full resid_pre grid (n_layers x 128 positions) from one forward + one backward;
 exact patching needs one forward per node. Exact patching is timed on a subset of the grid
 (batched, ``--exact-nodes`` nodes) and extrapolated linearly to the full grid; the output says so.
-The AtP* QK-fix estimator (``qk_fix=True``) is timed on the same grid and its Spearman ρ against
+The AtP* QK-fix estimator (``estimator="qkfix"``) is timed on the same grid and its Spearman ρ against
 exact patching reported on the same measured nodes (``--no-qkfix`` skips it).
 Run: ``python benchmarks/bench_attribution.py [--tokens 128] [--exact-nodes 64] [--batch 16]``.
 """
@@ -55,7 +55,7 @@ def main() -> None:
     if not args.no_qkfix:
         sync()
         t0 = time.perf_counter()
-        qk = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)
+        qk = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, estimator="qkfix")
         sync()
         t_qk = time.perf_counter() - t0
 

@@ -1,6 +1,8 @@
 """AtP* QK-fix for attribution patching, run through the model's own HF modules.
 
-Used by :func:`mechthink.attribution.attribution_patching` with ``qk_fix=True``.
+Used by :func:`mechthink.attribution.attribution_patching` with ``estimator="qkfix"``.
+Source: Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM
+behaviour to components" (arXiv 2403.00745).
 
 Why: plain attribution patching of ``resid_pre`` under mean ablation misranks nodes whose effect
 goes through attention *patterns*. Replacing position ``p``'s residual vector by the mean changes
@@ -87,8 +89,8 @@ class _Functional:
                 break
         if problems:
             raise ValueError(
-                f"qk_fix does not support {arch} ({', '.join(sorted(set(problems)))}); "
-                "it supports Llama, Qwen2, Qwen3 and GLM-4 decoder layouts; use qk_fix=False"
+                f"estimator='qkfix' does not support {arch} ({', '.join(sorted(set(problems)))}); "
+                "it supports Llama, Qwen2, Qwen3 and GLM-4 decoder layouts; use estimator='atp'"
             )
         self.arch = arch
         self.embed = _u(inner.embed_tokens)
@@ -328,8 +330,8 @@ def check_last_position_metric(metric_rows: Callable[[Tensor], Tensor], logits: 
         ok = False
     if not ok:
         raise ValueError(
-            "qk_fix needs a metric that reads only the last position's logits with negative "
-            "indexing (e.g. logit_metric(-1, token)); use qk_fix=False for other metrics"
+            "estimator='qkfix' needs a metric that reads only the last position's logits with negative "
+            "indexing (e.g. logit_metric(-1, token)); use estimator='atp' for other metrics"
         )
 
 
@@ -348,7 +350,7 @@ def _start_rows(fn: _Functional, c: _Clean, node: str, L: int, base: Tensor, ps:
         rows = torch.arange(len(ps), device=ps.device)
         z[rows, hs] = base[ps, hs]
         return L + 1, fn.mlp_tail(L, c.R[L][ps] + fn.attn_out(L, z.reshape(len(ps), -1)))
-    raise ValueError(f"qk_fix has no rule for node type {node!r}")
+    raise ValueError(f"estimator='qkfix' has no rule for node type {node!r}")
 
 
 def qkfix_scores(
@@ -379,8 +381,8 @@ def qkfix_scores(
     err = float((logits[-1] - ref).abs().max())
     if not err <= tol:
         raise RuntimeError(
-            f"qk_fix: the functional forward of {fn.arch} disagrees with the model "
-            f"(max |Δ logit| = {err:.3g} > {tol:.3g}); use qk_fix=False"
+            f"estimator='qkfix': the functional forward of {fn.arch} disagrees with the model "
+            f"(max |Δ logit| = {err:.3g} > {tol:.3g}); use estimator='atp'"
         )
     check_last_position_metric(metric_rows, logits)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, T * fn.H))

@@ -6,36 +6,40 @@ node to a baseline ``b`` is ``Σ_d (b − a)_d · ∂m/∂a_d`` (Nanda 2023, "At
 Kramár et al. 2024, AtP). One forward and one backward give the estimate for every
 (layer, position[, head]) node at once. :func:`activation_patching` is the exact reference: it
 replaces each node by its baseline and re-runs (many nodes per batched forward).
-Source: ARBOR #22 (wj210/cot_backtrack; seed review ``shared/seeds/003``): metric = the
-" Wait" logit at the position before backtracking, baseline = the dataset-mean activation per
-layer (over samples and positions), a token's importance = max over layers of the resid score.
+Setting after the public repository wj210/cot_backtrack: metric = the " Wait" logit at the
+position before backtracking, baseline = the dataset-mean activation per layer (over samples and
+positions), a token's importance = max over layers of the resid score.
 
 Sign convention: ``score = m(patched) − m(clean)`` for exact patching, and its first-order
-estimate for AtP. With a mean baseline a *negative* score means ablating the node lowers the
-metric, i.e. the node supports it.
+estimate for the estimators. With a mean baseline a *negative* score means ablating the node
+lowers the metric, i.e. the node supports it.
 
-Integrated gradients (``ig_steps=n``): for each node type and each layer ``L`` separately, the
-activation at that one hook is interpolated ``b + α (a − b)`` at the ``n`` midpoints
-``α = (k + ½)/n`` while every other hook runs clean, and the gradients at that hook are averaged
-over α. All (layer, α) pairs of one node type run as the rows of one batched forward/backward
-(``ig_batch_size`` caps the rows), so the cost is ``n_layers · n`` rows per node type rather than
-one forward per node. This is "layer-wise" IG (Marks et al. 2024, sparse feature circuits), not
-IG of the input embedding.
+:func:`attribution_patching` dispatches on ``estimator``:
 
-AtP* QK-fix (``qk_fix=True``): plain AtP misses effects that go through attention *patterns*;
-ablating a position's residual vector changes its keys and can make it attended. With
-``qk_fix`` every node's score keeps the patched position's own stream, the key/value column it
-changes in every later layer, and the metric position's stream exact, and stays linear only in
-the effect on the intermediate positions (module ``mechthink._qkfix``; Kramár et al. 2024).
-Still no forward pass per node. On tiny-thinker it raises the Spearman ρ against exact patching
-of ``resid_pre`` from 0.26 to 0.87 (``analyses/05_attribution.py``).
+* ``"atp"``: plain attribution patching (one forward + one backward).
+* ``"ig"``: layer-wise integrated gradients (Marks et al. 2024, sparse feature circuits): for
+  each node type and each layer ``L`` separately, the activation at that one hook is
+  interpolated ``b + α (a − b)`` at the ``ig_steps`` midpoints ``α = (k + ½)/n`` while every other
+  hook runs clean, and the gradients at that hook are averaged over α. All (layer, α) pairs of one
+  node type run as the rows of one batched forward/backward (``ig_batch_size`` caps the rows).
+* ``"qkfix"``: AtP* QK-fix (Kramár et al. 2024). Plain AtP misses effects that go through
+  attention *patterns*; ablating a position's residual vector changes its keys and can make it
+  attended. The QK-fix keeps the patched position's own stream, the key/value column it changes
+  in every later layer, and the metric position's stream exact, and stays linear only in the
+  effect on the intermediate positions (module ``mechthink._qkfix``). Still no forward pass per
+  node.
+
+Evaluation helpers: :func:`compare_estimators` runs several estimators and exact patching on the
+same sequences (:class:`EstimatorComparison`, with Spearman ρ tables against exact patching,
+:class:`SpearmanTable`), and :func:`rank_heads` ranks attention heads by their summed ``z``
+scores (:class:`HeadRanking`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,28 +49,43 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechthink import stats
+from mechthink.progress import track
+from mechthink.results import Result
+
 if TYPE_CHECKING:
     import pandas as pd
 
     from mechthink.models.thinking_model import ThinkingModel
 
 __all__ = [
+    "ESTIMATORS",
     "NODE_TYPES",
     "AttributionResult",
+    "EstimatorComparison",
+    "HeadRanking",
     "MeanActivations",
+    "SpearmanTable",
     "activation_patching",
     "attribution_patching",
+    "compare_estimators",
     "hook_name",
     "logit_diff_metric",
     "logit_metric",
     "mean_activations",
     "node_hooks",
+    "rank_heads",
 ]
 
 log = logging.getLogger(__name__)
 
 NodeType = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "z"]
 NODE_TYPES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
+Estimator = Literal["atp", "ig", "qkfix"]
+#: The estimators of :func:`attribution_patching`.
+ESTIMATORS: tuple[str, ...] = ("atp", "ig", "qkfix")
+#: Integrated-gradient midpoints when ``estimator="ig"`` is given no ``ig_steps``.
+DEFAULT_IG_STEPS = 8
 Metric = Callable[[Tensor], Tensor]
 
 
@@ -106,7 +125,7 @@ def _as_row(tokens: Any, device: torch.device) -> Int[Tensor, "1 pos"]:
     return t.unsqueeze(0).to(device)
 
 
-def _per_row(metric: Metric, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "batch"]:
+def _per_row(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
     """The metric for each row: metrics returning ``[batch]`` are used as is, scalars row by row."""
     out = metric(logits)
     b = logits.shape[0]
@@ -175,7 +194,7 @@ def logit_diff_metric(
 
 # ------------------------------------------------------------------------------ mean activations
 @dataclass
-class MeanActivations:
+class MeanActivations(Result):
     """Streaming per-hook means over samples and positions (the mean-ablation baseline).
 
     Attributes:
@@ -214,15 +233,12 @@ class MeanActivations:
         model: "ThinkingModel",
         dataset: Iterable[Any],
         max_samples: int | None = None,
-        progress: bool = False,
     ) -> "MeanActivations":
         """Add samples (1-D token tensors or lists) to the running sums; returns ``self``.
 
         One forward per sample, hooks on the requested names only; memory does not grow with
-        the number of samples.
+        the number of samples (progress through :func:`mechthink.progress.track`).
         """
-        from tqdm.auto import tqdm
-
         bos = model.bos_token_id
         sums = self.sums
         names = list(sums)
@@ -237,7 +253,7 @@ class MeanActivations:
         start = [0]
         seen = 0
         with torch.inference_mode():
-            for sample in tqdm(dataset, disable=not progress, desc="mean activations"):
+            for sample in track(dataset, "mean activations"):
                 if max_samples is not None and seen >= max_samples:
                     break
                 row = _as_row(sample, model.device)
@@ -248,19 +264,44 @@ class MeanActivations:
                 seen += 1
         return self
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``path`` (safetensors: the sums, metadata in the header) and ``path.json``."""
-        from safetensors.torch import save_file
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per hook: its name, the shape of one position's mean, and the mean's L2 norm."""
+        import pandas as pd
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
+        means = self.means
+        return pd.DataFrame(
+            [(h, tuple(m.shape), float(m.norm())) for h, m in means.items()], columns=["hook", "shape", "mean_norm"]
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON with the counts, the model name and each hook's mean (nested lists)."""
+        text = json.dumps({**self._meta(), "means": {k: v.tolist() for k, v in self.means.items()}})
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def plot(self, ax: Any = None) -> Any:
+        """Bar chart of the L2 norm of each hook's mean activation."""
+        from mechthink.plotting.attribution import plot_mean_norms
+
+        return plot_mean_norms(self, ax=ax)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
             "count": self.count,
             "n_samples": self.n_samples,
             "skip_bos": self.skip_bos,
             "model_name": self.model_name,
             "hooks": self.hooks,
         }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (safetensors: the sums, metadata in the header) and ``path.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = self._meta()
         save_file({k: v.contiguous() for k, v in self.sums.items()}, str(path), metadata={"mechthink": json.dumps(meta)})
         path.with_name(path.name + ".json").write_text(json.dumps(meta, indent=1))
         return path
@@ -283,7 +324,6 @@ def mean_activations(
     skip_bos: bool = True,
     resume: MeanActivations | None = None,
     max_samples: int | None = None,
-    progress: bool = False,
 ) -> MeanActivations:
     """Mean activation per hook over a dataset (all samples, all positions), streamed.
 
@@ -295,7 +335,6 @@ def mean_activations(
             by orders of magnitude on most models and would dominate the mean).
         resume: Continue accumulating into an existing (e.g. loaded) result.
         max_samples: Stop after this many samples.
-        progress: Show a tqdm bar.
 
     Returns:
         A :class:`MeanActivations` (``.means``, ``.count``, ``.save()``).
@@ -312,7 +351,7 @@ def mean_activations(
         missing = [n for n in names if n not in resume.sums]
         if missing:
             raise ValueError(f"resume has no sums for {missing[:3]} (…{len(missing)} hooks); resume with the same hooks")
-    return resume.update(model, dataset, max_samples=max_samples, progress=progress)
+    return resume.update(model, dataset, max_samples=max_samples)
 
 
 def _hook_shapes(model: "ThinkingModel", names: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -386,20 +425,21 @@ def _baseline_label(baseline: Any) -> str:
 
 # ---------------------------------------------------------------------------------------- result
 @dataclass
-class AttributionResult:
+class AttributionResult(Result):
     """Per-node patching scores for one sequence.
 
     Attributes:
         scores: Per node type, ``[layer, pos]`` (resid/attn_out/mlp_out) or
-            ``[layer, pos, head]`` (z): the estimated (AtP, IG) or exact change of the metric
-            when the node is replaced by its baseline.
+            ``[layer, pos, head]`` (z): the estimated (AtP, IG, QK-fix) or exact change of the
+            metric when the node is replaced by its baseline.
         node_types: The node types in ``scores``.
         tokens: The sequence's token ids.
         str_tokens: Each token decoded.
         metric_clean: The metric on the clean run.
-        method: ``"atp"``, ``"ig"`` or ``"exact"``.
-        baseline: ``"mean"``, ``"zero"`` or ``"corrupted"``.
+        method: The estimator (``"atp"``, ``"ig"``, ``"qkfix"``) or ``"exact"``.
+        baseline: ``"mean"``, ``"zero"``, ``"corrupted"`` or ``"custom"``.
         positions: For exact patching, the positions that were patched (others are NaN).
+        config: The call's settings (estimator, IG steps, layers, model name).
     """
 
     scores: dict[str, Tensor]
@@ -424,8 +464,8 @@ class AttributionResult:
 
         Args:
             node: Node type.
-            reduce: ``"max"`` (the ARBOR #22 choice), ``"abs_max"`` (signed value of largest
-                magnitude), ``"sum"`` or ``"mean"`` over layers.
+            reduce: ``"max"`` (the wj210/cot_backtrack choice), ``"abs_max"`` (signed value of
+                largest magnitude), ``"sum"`` or ``"mean"`` over layers.
             sign: Multiply scores first; ``-1`` ranks tokens whose ablation lowers the metric.
         """
         s = self[node].float() * sign
@@ -460,9 +500,9 @@ class AttributionResult:
                         rows.append((node, L, p, h, self.str_tokens[p], float(s[L, p, hi])))
         return pd.DataFrame(rows, columns=["node", "layer", "pos", "head", "token", "score"])
 
-    def to_json(self) -> str:
-        """JSON with scores as nested lists, tokens and metadata."""
-        return json.dumps(
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON with scores as nested lists, tokens and metadata (also written to ``path``)."""
+        text = json.dumps(
             {
                 "method": self.method,
                 "baseline": self.baseline,
@@ -475,13 +515,16 @@ class AttributionResult:
                 "scores": {k: v.float().cpu().tolist() for k, v in self.scores.items()},
             }
         )
+        if path is not None:
+            Path(path).write_text(text)
+        return text
 
-    def plot(self, node: str = "resid_pre", kind: str = "heatmap", **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, node: str = "resid_pre", kind: str = "heatmap", **kwargs: Any) -> Any:
         """``kind="heatmap"``: layer × position figure; ``"tokens"``: circuitsvis colored tokens."""
         from mechthink.plotting import attribution as plot_attr
 
         if kind == "heatmap":
-            return plot_attr.plot_attribution_heatmap(self, node=node, **kwargs)
+            return plot_attr.plot_attribution_heatmap(self, node=node, ax=ax, **kwargs)
         if kind == "tokens":
             return plot_attr.colored_tokens_html(self.str_tokens, self.token_importance(node), **kwargs)
         raise ValueError(f"kind={kind!r}; use 'heatmap' or 'tokens'")
@@ -498,9 +541,95 @@ def _split_nodes(nodes: str | Sequence[str]) -> tuple[str, ...]:
     return nodes
 
 
-def _dot(diff: Tensor, grad: Tensor, node: str) -> Tensor:
+def _dot(diff: Tensor, grad: Tensor) -> Tensor:
     """Σ over the last (feature) axis: ``[pos, d]`` -> ``[pos]``, ``[pos, head, d_head]`` -> ``[pos, head]``."""
     return (diff * grad).sum(-1)
+
+
+Baseline = str | Tensor | Sequence[int] | dict[str, Tensor]
+Scores = tuple[dict[str, Tensor], float]
+
+
+def _estimate_atp(
+    model: "ThinkingModel", row: Tensor, metric: Metric, names: dict[str, list[str]], baseline: Baseline,
+    means: MeanActivations | None,
+) -> Scores:
+    """Plain AtP: activations kept as leaves in one forward, ``∂m/∂a`` from one backward."""
+    all_names = [h for hs in names.values() for h in hs]
+    acts: dict[str, Tensor] = {}
+
+    def make(name: str) -> Callable[..., Tensor]:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            if not act.requires_grad:
+                act = act.detach().requires_grad_(True)
+            acts[name] = act
+            return act
+
+        return hook
+
+    logits = model.bridge.run_with_hooks(row, fwd_hooks=[(h, make(h)) for h in all_names])
+    m = _per_row(metric, logits).sum()
+    grads = torch.autograd.grad(m, [acts[h] for h in all_names], allow_unused=True)
+    metric_clean = float(m.detach())
+    grad_of = {
+        h: (g[0].float() if g is not None else torch.zeros_like(acts[h][0], dtype=torch.float32))
+        for h, g in zip(all_names, grads)
+    }
+    act_of = {h: acts[h][0].detach().float() for h in all_names}
+    del acts, logits, grads
+    base = _baselines(model, row, all_names, baseline, means, act_of)
+    scores = {n: torch.stack([_dot(base[h] - act_of[h], grad_of[h]) for h in hs]).detach() for n, hs in names.items()}
+    return scores, metric_clean
+
+
+def _estimate_qkfix(
+    model: "ThinkingModel", row: Tensor, metric: Metric, names: dict[str, list[str]], baseline: Baseline,
+    means: MeanActivations | None,
+) -> Scores:
+    """AtP* QK-fix: its own functional forward + backward (:mod:`mechthink._qkfix`)."""
+    from mechthink._qkfix import qkfix_scores
+
+    all_names = [h for hs in names.values() for h in hs]
+    clean = _run_cache(model, row, all_names)
+    base = _baselines(model, row, all_names, baseline, means, clean)
+    jobs = [(n, L) for n, hs in names.items() for L in range(len(hs))]
+    fixed, metric_clean = qkfix_scores(
+        model, row, lambda lg: _per_row(metric, lg), [(n, L, base[names[n][L]]) for n, L in jobs]
+    )
+    scores = {n: torch.stack([f for (nn, _), f in zip(jobs, fixed) if nn == n]) for n in names}
+    return scores, metric_clean
+
+
+def _estimate_ig(
+    model: "ThinkingModel", row: Tensor, metric: Metric, names: dict[str, list[str]], baseline: Baseline,
+    means: MeanActivations | None, steps: int, batch_size: int,
+) -> Scores:
+    """Layer-wise integrated gradients (module docstring), one batched pass per node type."""
+    all_names = [h for hs in names.values() for h in hs]
+    clean = _run_cache(model, row, all_names)
+    base = _baselines(model, row, all_names, baseline, means, clean)
+    with torch.no_grad():
+        metric_clean = float(_per_row(metric, model.bridge(row)).sum())
+    scores = {n: _ig_scores(model, row, metric, hs, clean, base, steps, batch_size) for n, hs in names.items()}
+    return scores, metric_clean
+
+
+def _estimator_options(estimator: str, ig_steps: int | None, ig_batch_size: int | None) -> dict[str, int]:
+    """Validate ``estimator`` and its options; the keyword arguments of its estimator function."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not accepted; use one of {ESTIMATORS}")
+    if estimator != "ig":
+        if ig_steps is not None or ig_batch_size is not None:
+            raise ValueError(f"ig_steps/ig_batch_size apply to estimator='ig' only, not estimator={estimator!r}")
+        return {}
+    steps = DEFAULT_IG_STEPS if ig_steps is None else ig_steps
+    batch = 64 if ig_batch_size is None else ig_batch_size
+    if steps < 1 or batch < 1:
+        raise ValueError(f"ig_steps={ig_steps!r}, ig_batch_size={ig_batch_size!r}; use integers >= 1")
+    return {"steps": steps, "batch_size": batch}
+
+
+_ESTIMATE: dict[str, Callable[..., Scores]] = {"atp": _estimate_atp, "ig": _estimate_ig, "qkfix": _estimate_qkfix}
 
 
 def attribution_patching(
@@ -510,81 +639,39 @@ def attribution_patching(
     baseline: str | Int[Tensor, "pos"] | Sequence[int] | dict[str, Tensor] = "mean",
     nodes: str | Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
     means: MeanActivations | None = None,
-    ig_steps: int = 0,
-    ig_batch_size: int = 64,
-    qk_fix: bool = False,
+    estimator: Estimator = "atp",
+    ig_steps: int | None = None,
+    ig_batch_size: int | None = None,
 ) -> AttributionResult:
-    """Attribution patching for every (layer, position[, head]) node from one forward + backward.
+    """Estimated patching scores for every (layer, position[, head]) node without a forward per node.
 
     Args:
         model: The loaded model (its parameters are left untouched; gradients are taken with
             ``torch.autograd.grad`` with respect to the activations only).
         tokens: One sequence (1-D, or ``[1, pos]``).
-        metric: ``logits [batch, pos, vocab] -> [batch]`` or a scalar (see :func:`logit_metric`).
+        metric: ``logits [batch, pos, d_vocab] -> [batch]`` or a scalar (see :func:`logit_metric`).
         baseline: ``"mean"`` (needs ``means``), ``"zero"``, corrupted token ids of the same
             length (their activations at the same positions), or a dict from hook name to a
             baseline activation (``[pos, ...]`` or one position's shape, broadcast).
         nodes: Node types among ``resid_pre, resid_post, attn_out, mlp_out, z``.
         means: Mean activations for ``baseline="mean"``.
-        ig_steps: 0 for plain AtP; ``n > 0`` for layer-wise integrated gradients with ``n``
-            midpoint steps (module docstring).
-        ig_batch_size: Rows per batched IG forward.
-        qk_fix: Score every node type with the AtP* QK-fix (module docstring); needs a metric
-            of the last position's logits only (e.g. ``logit_metric(-1, ...)``) and a Llama /
-            Qwen2 / Qwen3 / GLM-4 layout. Costs O(layers² · rows · pos · d) arithmetic, with
-            ``pos`` rows per layer for resid/attn_out/mlp_out and ``pos · heads`` for ``z``.
+        estimator: ``"atp"`` (one forward + backward), ``"ig"`` (layer-wise integrated
+            gradients) or ``"qkfix"`` (AtP* QK-fix; needs a metric of the last position's logits
+            only, e.g. ``logit_metric(-1, ...)``, and a Llama / Qwen2 / Qwen3 / GLM-4 layout;
+            costs O(layers² · rows · pos · d), ``pos`` rows per layer for resid/attn_out/mlp_out
+            and ``pos · heads`` for ``z``). See the module docstring.
+        ig_steps: Midpoints of the IG path (default :data:`DEFAULT_IG_STEPS`); ``"ig"`` only.
+        ig_batch_size: Rows per batched IG forward (default 64); ``"ig"`` only.
 
     Returns:
-        An :class:`AttributionResult` with ``method="atp"``, ``"atp+qkfix"`` or ``"ig"``.
+        An :class:`AttributionResult` whose ``method`` is the estimator.
     """
     node_types = _split_nodes(nodes)
-    if qk_fix and ig_steps > 0:
-        raise ValueError("qk_fix=True and ig_steps > 0 are exclusive; choose one estimator")
+    options = _estimator_options(estimator, ig_steps, ig_batch_size)
     row = _as_row(tokens, model.device)
-    n_layers = model.n_layers
-    names = {n: [hook_name(n, L) for L in range(n_layers)] for n in node_types}
-    all_names = [h for n in node_types for h in names[n]]
-
+    names = {n: [hook_name(n, L) for L in range(model.n_layers)] for n in node_types}
     with torch.inference_mode(False), torch.enable_grad():
-        clean = _run_cache(model, row, all_names) if (ig_steps > 0 or qk_fix) else {}
-        if qk_fix:  # its own functional forward + backward replaces the AtP gradients
-            from mechthink._qkfix import qkfix_scores
-
-            base = _baselines(model, row, all_names, baseline, means, clean)
-            jobs = [(n, L) for n in node_types for L in range(n_layers)]
-            fixed, metric_clean = qkfix_scores(
-                model, row, lambda lg: _per_row(metric, lg), [(n, L, base[hook_name(n, L)]) for n, L in jobs]
-            )
-            scores = {n: torch.stack([f for (nn, _), f in zip(jobs, fixed) if nn == n]) for n in node_types}
-        elif ig_steps <= 0:
-            acts: dict[str, Tensor] = {}
-
-            def make(name: str) -> Callable[..., Tensor]:
-                def hook(act: Tensor, hook: Any) -> Tensor:
-                    if not act.requires_grad:
-                        act = act.detach().requires_grad_(True)
-                    acts[name] = act
-                    return act
-
-                return hook
-
-            logits = model.bridge.run_with_hooks(row, fwd_hooks=[(h, make(h)) for h in all_names])
-            m = _per_row(metric, logits).sum()
-            grads = torch.autograd.grad(m, [acts[h] for h in all_names], allow_unused=True)
-            metric_clean = float(m.detach())
-            grad_of = {h: (g[0].float() if g is not None else torch.zeros_like(acts[h][0], dtype=torch.float32)) for h, g in zip(all_names, grads)}
-            act_of = {h: acts[h][0].detach().float() for h in all_names}
-            del acts, logits, grads
-            base = _baselines(model, row, all_names, baseline, means, act_of)
-            scores = {
-                n: torch.stack([_dot(base[h] - act_of[h], grad_of[h], n) for h in names[n]]).detach() for n in node_types
-            }
-        else:
-            base = _baselines(model, row, all_names, baseline, means, clean)
-            with torch.no_grad():
-                metric_clean = float(_per_row(metric, model.bridge(row)).sum())
-            scores = {n: _ig_scores(model, row, metric, names[n], clean, base, ig_steps, ig_batch_size) for n in node_types}
-
+        scores, metric_clean = _ESTIMATE[estimator](model, row, metric, names, baseline, means, **options)
     tok = row[0].detach().cpu()
     return AttributionResult(
         scores=scores,
@@ -592,9 +679,9 @@ def attribution_patching(
         tokens=tok,
         str_tokens=model.to_str_tokens(tok),
         metric_clean=metric_clean,
-        method="ig" if ig_steps > 0 else ("atp+qkfix" if qk_fix else "atp"),
+        method=estimator,
         baseline=_baseline_label(baseline),
-        config={"ig_steps": ig_steps, "qk_fix": qk_fix, "model": model.spec.name},
+        config={"estimator": estimator, "ig_steps": options.get("steps"), "model": model.spec.name},
     )
 
 
@@ -645,7 +732,7 @@ def _ig_scores(
             if g is not None:
                 grad_sum[names[i]] += g.float().sum(0)
         del logits, grads, leaves
-    return torch.stack([_dot(base[h] - clean[h], grad_sum[h] / steps, "") for h in names]).detach()
+    return torch.stack([_dot(base[h] - clean[h], grad_sum[h] / steps) for h in names]).detach()
 
 
 # ------------------------------------------------------------------------------ exact patching
@@ -659,7 +746,6 @@ def activation_patching(
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-    progress: bool = False,
 ) -> AttributionResult:
     """Exact activation patching: each node replaced by its baseline, the metric re-measured.
 
@@ -673,8 +759,6 @@ def activation_patching(
         layers: Layers to patch (default all).
         Other arguments as in :func:`attribution_patching`.
     """
-    from tqdm.auto import tqdm
-
     node_types = _split_nodes(nodes)
     row = _as_row(tokens, model.device)
     T = row.shape[1]
@@ -699,7 +783,7 @@ def activation_patching(
     }
     with torch.no_grad():
         m_clean = float(_per_row(metric, model.bridge(row))[0])
-        for c0 in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="exact patching"):
+        for c0 in track(range(0, len(jobs), batch_size), "exact patching"):
             chunk = jobs[c0 : c0 + batch_size]
             groups: dict[str, list[tuple[int, int, int]]] = {}
             for r, (n, L, p, h) in enumerate(chunk):
@@ -741,3 +825,227 @@ def activation_patching(
         positions=pos_list,
         config={"layers": layer_list, "model": model.spec.name},
     )
+
+
+# --------------------------------------------------------------------------- estimator comparison
+@dataclass
+class SpearmanTable(Result):
+    """Spearman ρ of each estimator's scores against exact patching, per node type and sequence.
+
+    Attributes:
+        estimators: The estimators compared (rows).
+        nodes: The node types (columns).
+        rho: ``[estimator, node, sample]`` rank correlation over all (layer, pos[, head]) cells.
+    """
+
+    estimators: list[str]
+    nodes: list[str]
+    rho: Float[Tensor, "estimator node sample"]
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.rho.shape[-1])
+
+    def per_sample(self, node: str) -> dict[str, list[float]]:
+        """Per estimator, the ρ of every sequence for one node type."""
+        j = self._node_index(node)
+        return {e: self.rho[i, j].tolist() for i, e in enumerate(self.estimators)}
+
+    def mean(self, node: str | None = None) -> dict[str, float]:
+        """Mean ρ over sequences: per estimator for one ``node`` (0.0 without sequences), else
+        keyed ``"estimator/node"`` in node-major order (empty without sequences)."""
+        if node is not None:
+            return {e: stats.mean(v) for e, v in self.per_sample(node).items()}
+        if self.n_samples == 0:
+            return {}
+        return {f"{e}/{n}": stats.mean(self.rho[i, j].tolist()) for j, n in enumerate(self.nodes) for i, e in enumerate(self.estimators)}
+
+    def _node_index(self, node: str) -> int:
+        if node not in self.nodes:
+            raise ValueError(f"node={node!r} is not in this table; use one of {self.nodes}")
+        return self.nodes.index(node)
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per (estimator, node, sample): ``rho``."""
+        import pandas as pd
+
+        rows = [
+            (e, n, s, float(self.rho[i, j, s]))
+            for i, e in enumerate(self.estimators)
+            for j, n in enumerate(self.nodes)
+            for s in range(self.n_samples)
+        ]
+        return pd.DataFrame(rows, columns=["estimator", "node", "sample", "rho"])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Grouped bars of the mean ρ per node type, one bar per estimator."""
+        from mechthink.plotting.attribution import plot_spearman_table
+
+        return plot_spearman_table(self, ax=ax)
+
+
+@dataclass
+class EstimatorComparison(Result):
+    """Several estimators and exact patching, run on the same sequences.
+
+    Attributes:
+        results: Per method (the estimators, then ``"exact"``), one :class:`AttributionResult`
+            per sequence in order; ``"exact"`` covers only the first ``n_exact`` sequences.
+        exact_nodes: The node types exact patching scored.
+    """
+
+    results: dict[str, list[AttributionResult]]
+    exact_nodes: tuple[str, ...] = ("resid_pre",)
+
+    @property
+    def methods(self) -> list[str]:
+        """The estimators and ``"exact"``, in the order they were run."""
+        return list(self.results)
+
+    @property
+    def estimators(self) -> list[str]:
+        return [m for m in self.results if m != "exact"]
+
+    def importances(
+        self, method: str, node: str = "resid_pre", reduce: str = "max", sign: float | int = -1
+    ) -> list[Float[Tensor, "_pos"]]:
+        """:meth:`AttributionResult.token_importance` of every sequence scored by ``method``
+        (default: max over layers of ``−score``, the wj210/cot_backtrack importance)."""
+        if method not in self.results:
+            raise ValueError(f"method={method!r} was not run; use one of {self.methods}")
+        return [r.token_importance(node, reduce=reduce, sign=sign) for r in self.results[method]]
+
+    def spearman(self, nodes: Sequence[str] | None = None) -> SpearmanTable:
+        """Spearman ρ of each estimator against exact patching, on the sequences exact covers."""
+        nodes = list(self.exact_nodes if nodes is None else nodes)
+        exact = self.results.get("exact", [])
+        rho = torch.tensor(
+            [[[stats.spearman(r[n], x[n]) for r, x in zip(self.results[e], exact)] for n in nodes] for e in self.estimators],
+            dtype=torch.float64,
+        ).reshape(len(self.estimators), len(nodes), len(exact))
+        return SpearmanTable(estimators=self.estimators, nodes=nodes, rho=rho)
+
+    def to_frame(self) -> "pd.DataFrame":
+        """Every result's :meth:`AttributionResult.to_frame` with ``method`` and ``sample`` columns."""
+        import pandas as pd
+
+        frames = [r.to_frame().assign(method=m, sample=i) for m, rs in self.results.items() for i, r in enumerate(rs)]
+        return pd.concat(frames, ignore_index=True)
+
+    def plot(self, ax: Any = None, sample: int = 0, node: str = "resid_pre") -> Any:
+        """Layer × position heatmaps of one sequence, one panel per method (``ax``: one axes per
+        method, or None for a new figure)."""
+        from mechthink.plotting.attribution import plot_estimator_heatmaps
+
+        return plot_estimator_heatmaps(self, sample=sample, node=node, axes=ax)
+
+
+def compare_estimators(
+    model: "ThinkingModel",
+    sequences: Sequence[Sequence[int] | Tensor],
+    metric: Metric,
+    baseline: str | dict[str, Tensor] = "mean",
+    means: MeanActivations | None = None,
+    estimators: Mapping[str, Sequence[str]] | None = None,
+    exact_nodes: Sequence[str] = ("resid_pre",),
+    n_exact: int | None = None,
+    exact_batch_size: int = 64,
+) -> EstimatorComparison:
+    """Run estimators and exact patching on each sequence (for ρ tables and ground-truth checks).
+
+    Args:
+        model: The loaded model.
+        sequences: Token sequences (1-D each).
+        metric: As in :func:`attribution_patching`.
+        baseline: ``"mean"`` (needs ``means``), ``"zero"`` or a dict of baseline activations.
+        means: Mean activations for ``baseline="mean"``.
+        estimators: Estimator name -> node types it scores (default AtP and QK-fix on
+            ``resid_pre``); run in this order on every sequence, before exact patching.
+        exact_nodes: Node types exact patching scores.
+        n_exact: Exact patching only on the first ``n_exact`` sequences (None: all; 0: none).
+        exact_batch_size: Patched nodes per forward of exact patching.
+
+    Returns:
+        An :class:`EstimatorComparison`.
+    """
+    estimators = {"atp": ("resid_pre",), "qkfix": ("resid_pre",)} if estimators is None else dict(estimators)
+    bad = [e for e in estimators if e not in ESTIMATORS]
+    if bad:
+        raise ValueError(f"estimators {bad} are not accepted; use names among {ESTIMATORS}")
+    if n_exact is not None and n_exact < 0:
+        raise ValueError(f"n_exact={n_exact}; use None (all) or an integer >= 0")
+    results: dict[str, list[AttributionResult]] = {e: [] for e in estimators}
+    results["exact"] = []
+    for i, seq in enumerate(track(sequences, "attribution estimators")):
+        ids = torch.as_tensor(seq)
+        for e, nodes in estimators.items():
+            results[e].append(attribution_patching(model, ids, metric, baseline, nodes=nodes, means=means, estimator=e))
+        if n_exact is None or i < n_exact:
+            results["exact"].append(
+                activation_patching(model, ids, metric, baseline, nodes=exact_nodes, means=means, batch_size=exact_batch_size)
+            )
+    return EstimatorComparison(results=results, exact_nodes=tuple(exact_nodes))
+
+
+# ---------------------------------------------------------------------------------- head ranking
+@dataclass
+class HeadRanking(Result):
+    """Attention heads ranked by their summed ``z`` scores over sequences.
+
+    Attributes:
+        support: ``[layer, head]``: ``sign ·`` (mean over sequences of the head's ``z`` score
+            summed over positions). With a mean baseline and ``sign=-1``: how much ablating the
+            head everywhere lowers the metric, to first order.
+        heads: The top ``(layer, head)`` pairs, best first.
+        sign: The sign applied.
+    """
+
+    support: Float[Tensor, "layer head"]
+    heads: list[tuple[int, int]]
+    sign: float = -1.0
+
+    @property
+    def labels(self) -> list[str]:
+        """``"L{layer}H{head}"`` of each top head."""
+        return [f"L{L}H{h}" for L, h in self.heads]
+
+    @property
+    def top_support(self) -> list[float]:
+        """The support of each top head."""
+        return [float(self.support[L, h]) for L, h in self.heads]
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per head: layer, head, support, rank among all heads (0 = best)."""
+        import pandas as pd
+
+        n_layers, n_heads = self.support.shape
+        order = self.support.flatten().argsort(descending=True).tolist()
+        rank = {i: r for r, i in enumerate(order)}
+        return pd.DataFrame(
+            [(L, h, float(self.support[L, h]), rank[L * n_heads + h]) for L in range(n_layers) for h in range(n_heads)],
+            columns=["layer", "head", "support", "rank"],
+        )
+
+    def plot(self, ax: Any = None) -> Any:
+        """Layer × head heatmap of the support with the top heads marked."""
+        from mechthink.plotting.attribution import plot_head_ranking
+
+        return plot_head_ranking(self, ax=ax)
+
+
+def rank_heads(results: Sequence[AttributionResult], k: int = 3, sign: float = -1.0) -> HeadRanking:
+    """The ``k`` heads with the largest ``sign ·`` mean over ``results`` of the summed ``z`` scores.
+
+    Args:
+        results: Attribution results that scored the ``z`` node type.
+        k: How many heads to keep.
+        sign: ``-1`` (default) ranks heads whose ablation lowers the metric first.
+    """
+    if not results or any("z" not in r.scores for r in results):
+        raise ValueError("results: pass at least one AttributionResult that scored nodes=('z', ...)")
+    if k < 1:
+        raise ValueError(f"k={k}; use an integer >= 1")
+    support = sign * torch.stack([r.scores["z"].sum(1) for r in results]).mean(0)
+    order = support.flatten().argsort(descending=True)[:k].tolist()
+    n_heads = support.shape[1]
+    return HeadRanking(support=support, heads=[(i // n_heads, i % n_heads) for i in order], sign=float(sign))

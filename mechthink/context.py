@@ -4,7 +4,8 @@ Method: token scores (e.g. :meth:`AttributionResult.token_importance`) are summe
 through the tokenizer's character offsets; per sample they are min-max normalised and averaged
 into the question region and ``n_bins`` equal bins of the thinking; the top-k words are compared
 with the next words of the trace; the attention of chosen heads from a query position is summed
-into the same bins. Source: ARBOR #22 (wj210/cot_backtrack; seed review ``shared/seeds/003``).
+into the same bins. Source: the public repository wj210/cot_backtrack (understanding
+backtracking in R1-distilled models).
 Receiver heads: Bogdan et al. 2025, "Thought Anchors" (arXiv 2506.19143) — the kurtosis over key
 units of the mean attention each unit receives from later queries (see :func:`receiver_heads`).
 
@@ -25,6 +26,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechthink import stats
+from mechthink.results import Result
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -35,13 +39,15 @@ __all__ = [
     "BinnedAttention",
     "BinnedImportance",
     "ReceiverHeads",
+    "FutureWordOverlap",
     "TopWordOverlap",
     "WordScores",
     "binned_attention",
     "binned_importance",
     "bin_edges",
+    "future_word_overlap",
     "receiver_heads",
-    "token_offsets",
+    "token_char_spans",
     "top_word_overlap",
     "word_scores",
     "words_of",
@@ -62,13 +68,18 @@ STOPWORDS: frozenset[str] = frozenset(
 
 
 # ------------------------------------------------------------------------------------ words
-def token_offsets(
+def token_char_spans(
     tokenizer: Any, token_ids: Sequence[int] | Int[Tensor, "pos"]
 ) -> tuple[str, list[tuple[int, int]]]:
     """The decoded text of ``token_ids`` and each token's ``(start, end)`` character span in it.
 
+    Every token that helps spell a character gets that character's span: the byte pieces of a
+    multi-byte character all cover the whole character, so no token's score is lost when scores
+    are summed into words (:func:`mechthink.traces.token_offsets`, made for locating positions
+    in a trace, gives the leading byte pieces empty spans instead).
+
     Uses ``return_offsets_mapping`` when re-tokenizing the decoded text gives back the same ids;
-    otherwise spans come from decoding growing prefixes (exact for any tokenizer, slower).
+    otherwise the spans come from decoding growing prefixes (exact for any tokenizer, slower).
     """
     ids = [int(i) for i in (token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids)]
     text = tokenizer.decode(ids)
@@ -78,13 +89,26 @@ def token_offsets(
             return text, [(int(a), int(b)) for a, b in enc["offset_mapping"]]
     except (NotImplementedError, TypeError, ValueError):
         pass
-    spans: list[tuple[int, int]] = []
+    return text, _prefix_spans(tokenizer, ids)
+
+
+def _prefix_spans(tokenizer: Any, ids: list[int]) -> list[tuple[int, int]]:
+    """Token spans by decoding growing prefixes; a token that leaves a character incomplete
+    (the prefix ends in U+FFFD) gets the span of the characters the next tokens complete."""
+    spans: list[tuple[int, int]] = [(0, 0)] * len(ids)
+    pending: list[int] = []
     prev = 0
     for i in range(len(ids)):
-        cur = len(tokenizer.decode(ids[: i + 1]))
-        spans.append((min(prev, cur), cur))
-        prev = cur
-    return text, spans
+        cur = tokenizer.decode(ids[: i + 1])
+        if cur.endswith("\ufffd") and i + 1 < len(ids):
+            pending.append(i)
+            continue
+        end = len(cur)
+        for j in [*pending, i]:
+            spans[j] = (min(prev, end), end)
+        pending = []
+        prev = end
+    return spans
 
 
 def words_of(text: str) -> list[tuple[str, int, int]]:
@@ -93,7 +117,7 @@ def words_of(text: str) -> list[tuple[str, int, int]]:
 
 
 @dataclass
-class WordScores:
+class WordScores(Result):
     """Token scores summed into words.
 
     Attributes:
@@ -121,11 +145,18 @@ class WordScores:
         return sorted(best.items(), key=lambda kv: -kv[1])[:k]
 
     def to_frame(self) -> "pd.DataFrame":
+        """One row per word: word, start, end, score."""
         import pandas as pd
 
         return pd.DataFrame(
             {"word": self.words, "start": [a for a, _ in self.spans], "end": [b for _, b in self.spans], "score": self.scores.tolist()}
         )
+
+    def plot(self, ax: Any = None, k: int = 20) -> Any:
+        """Horizontal bars of the :meth:`top` ``k`` words."""
+        from mechthink.plotting.attribution import plot_word_bars
+
+        return plot_word_bars(self.top(k), ax=ax, title=f"top {k} words by summed token score")
 
 
 def word_scores(
@@ -135,7 +166,7 @@ def word_scores(
     ids = token_ids.tolist() if isinstance(token_ids, Tensor) else list(token_ids)
     if len(ids) != scores.shape[0]:
         raise ValueError(f"{len(ids)} tokens but {scores.shape[0]} scores")
-    text, spans = token_offsets(tokenizer, ids)
+    text, spans = token_char_spans(tokenizer, ids)
     words = words_of(text)
     starts = np.array([s for _, s, _ in words], dtype=np.int64)
     token_word = []
@@ -165,13 +196,26 @@ def bin_edges(span: tuple[int, int], n_bins: int) -> list[tuple[int, int]]:
     return [(int(cuts[i]), int(cuts[i + 1])) for i in range(n_bins)]
 
 
+def _spans_per_sample(
+    n: int,
+    question_span: tuple[int, int] | Sequence[tuple[int, int]],
+    thinking_span: tuple[int, int] | Sequence[tuple[int, int]],
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """One question and one thinking span per sample (a single span is shared by all)."""
+    qs = [question_span] * n if isinstance(question_span[0], int) else list(question_span)
+    ts = [thinking_span] * n if isinstance(thinking_span[0], int) else list(thinking_span)
+    if not (len(qs) == len(ts) == n):
+        raise ValueError(f"{n} samples but {len(qs)} question spans and {len(ts)} thinking spans; pass one span or one per sample")
+    return [(int(q[0]), int(q[1])) for q in qs], [(int(t[0]), int(t[1])) for t in ts]
+
+
 def _bin_labels(n_bins: int) -> list[str]:
     w = 100 / n_bins
     return ["question"] + [f"{round(i * w)}-{round((i + 1) * w)}%" for i in range(n_bins)]
 
 
 @dataclass
-class BinnedImportance:
+class BinnedImportance(Result):
     """Importance of the question and of ``n_bins`` bins of the thinking, per sample and averaged.
 
     Attributes:
@@ -187,15 +231,17 @@ class BinnedImportance:
     normalize: str
 
     def to_frame(self) -> "pd.DataFrame":
+        """One row per (sample, bin): value."""
         import pandas as pd
 
         rows = [(s, lab, float(self.values[s, j])) for s in range(self.values.shape[0]) for j, lab in enumerate(self.labels)]
         return pd.DataFrame(rows, columns=["sample", "bin", "value"])
 
-    def plot(self, **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """Bars per region: mean ± s.e.m. over samples."""
         from mechthink.plotting.attribution import plot_binned
 
-        return plot_binned(self.labels, self.values, ylabel="importance", **kwargs)
+        return plot_binned(self.labels, self.values, ylabel="importance", ax=ax, **kwargs)
 
 
 def binned_importance(
@@ -213,7 +259,7 @@ def binned_importance(
             ``token_importance()`` is used) or a list of them (one per sample).
         question_span: ``(start, end)`` token positions of the question (one, or one per sample).
         thinking_span: ``(start, end)`` of the thinking (typically up to the query position).
-        n_bins: Number of thinking bins (5 = 20% bins as in ARBOR #22).
+        n_bins: Number of thinking bins (5 = 20% bins as in wj210/cot_backtrack).
         normalize: ``"minmax"`` (per sample over question ∪ thinking positions) or ``"none"``.
         reduce: ``"mean"`` or ``"sum"`` of the normalised scores within a region.
 
@@ -222,10 +268,7 @@ def binned_importance(
     """
     single = not isinstance(scores, (list, tuple))
     samples = [scores] if single else list(scores)
-    qs = [question_span] * len(samples) if isinstance(question_span[0], int) else list(question_span)
-    ts = [thinking_span] * len(samples) if isinstance(thinking_span[0], int) else list(thinking_span)
-    if not (len(qs) == len(ts) == len(samples)):
-        raise ValueError(f"{len(samples)} samples but {len(qs)} question spans and {len(ts)} thinking spans")
+    qs, ts = _spans_per_sample(len(samples), question_span, thinking_span)
     if normalize not in ("minmax", "none") or reduce not in ("mean", "sum"):
         raise ValueError(f"normalize={normalize!r} (use 'minmax'|'none'), reduce={reduce!r} (use 'mean'|'sum')")
     rows = []
@@ -245,13 +288,14 @@ def binned_importance(
 
 # ------------------------------------------------------------------------------- word overlap
 @dataclass
-class TopWordOverlap:
+class TopWordOverlap(Result):
     """Overlap of the top-k important words with the next words of the trace.
 
     Attributes:
         top_words: The k words (lower-cased) with their scores.
         hits: Whether each appears among the next ``horizon`` words.
-        overlap: Fraction of hits.
+        overlap: Fraction of hits (NaN when there are no top words).
+        horizon: How many future words were searched.
     """
 
     top_words: list[tuple[str, float]]
@@ -260,11 +304,18 @@ class TopWordOverlap:
     horizon: int
 
     def to_frame(self) -> "pd.DataFrame":
+        """One row per top word: word, score, in_future."""
         import pandas as pd
 
         return pd.DataFrame(
             {"word": [w for w, _ in self.top_words], "score": [s for _, s in self.top_words], "in_future": self.hits}
         )
+
+    def plot(self, ax: Any = None) -> Any:
+        """Horizontal bars of the top words, coloured by whether they appear in the future."""
+        from mechthink.plotting.attribution import plot_word_bars
+
+        return plot_word_bars(self.top_words, hits=self.hits, ax=ax, title=f"top words: {self.overlap:.0%} among the next {self.horizon}")
 
 
 def top_word_overlap(
@@ -276,7 +327,7 @@ def top_word_overlap(
     horizon: int = 100,
 ) -> TopWordOverlap:
     """Fraction of the top-k words (stopwords and punctuation removed, lower-cased, distinct)
-    that appear among the first ``horizon`` words of ``future_words`` (ARBOR #22: ≈41%).
+    that appear among the first ``horizon`` words of ``future_words`` (wj210/cot_backtrack: ≈41%).
 
     Args:
         words: Context words (or a :class:`WordScores`, then ``scores`` may be None).
@@ -299,9 +350,67 @@ def top_word_overlap(
     return TopWordOverlap(top_words=top, hits=hits, overlap=float(np.mean(hits)) if hits else float("nan"), horizon=horizon)
 
 
+@dataclass
+class FutureWordOverlap(Result):
+    """:func:`top_word_overlap` of many samples against what the model writes next.
+
+    Attributes:
+        overlaps: One :class:`TopWordOverlap` per sample.
+        continuations: The generated text after each sample's last position.
+    """
+
+    overlaps: list[TopWordOverlap]
+    continuations: list[str]
+
+    @property
+    def mean(self) -> float:
+        """Mean overlap over samples (0.0 without samples)."""
+        return stats.mean([o.overlap for o in self.overlaps])
+
+    def to_frame(self) -> "pd.DataFrame":
+        """Every sample's :meth:`TopWordOverlap.to_frame` with a ``sample`` column."""
+        import pandas as pd
+
+        frames = [o.to_frame().assign(sample=i) for i, o in enumerate(self.overlaps)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["word", "score", "in_future", "sample"])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Histogram of the per-sample overlap with its mean marked."""
+        from mechthink.plotting.attribution import plot_overlap_histogram
+
+        return plot_overlap_histogram(self, ax=ax)
+
+
+def future_word_overlap(
+    model: "ThinkingModel",
+    sequences: Sequence[Sequence[int]],
+    importances: Sequence[Float[Tensor, "_pos"]],
+    max_new_tokens: int = 120,
+    k: int = 10,
+    horizon: int = 100,
+) -> FutureWordOverlap:
+    """Top-k important words of each sequence vs the next ``horizon`` words the model writes.
+
+    Token importances are summed into words (:func:`word_scores`), each sequence is continued
+    greedily for ``max_new_tokens`` tokens (:func:`mechthink.interventions.continue_greedy`) and
+    :func:`top_word_overlap` compares the two (wj210/cot_backtrack: ≈ 41% for k=10, horizon 100).
+    """
+    from mechthink.interventions import continue_greedy
+
+    if len(sequences) != len(importances):
+        raise ValueError(f"{len(sequences)} sequences but {len(importances)} importance vectors; pass one per sequence")
+    rows = [[int(t) for t in s] for s in sequences]
+    texts = [model.to_string(f) for f in continue_greedy(model, rows, max_new_tokens)]
+    overlaps = [
+        top_word_overlap(word_scores(model.tokenizer, ids, imp), None, text, k=k, horizon=horizon)
+        for ids, imp, text in zip(rows, importances, texts)
+    ]
+    return FutureWordOverlap(overlaps=overlaps, continuations=texts)
+
+
 # ------------------------------------------------------------------------------ attention bins
 @dataclass
-class BinnedAttention:
+class BinnedAttention(Result):
     """Attention from one query position onto the question and the thinking bins, per head.
 
     Attributes:
@@ -309,23 +418,29 @@ class BinnedAttention:
         labels: ``["question", "0-20%", …]``.
         values: ``[head, bin]``: attention mass per region after dropping the first and the
             query position and renormalising (regions need not cover every key, so rows may
-            sum to less than 1).
+            sum to less than 1); the mean over samples when several were given.
+        n_samples: How many sequences were averaged.
     """
 
     heads: list[tuple[int, int]]
     labels: list[str]
     values: Float[Tensor, "head bin"]
+    n_samples: int = 1
 
     def to_frame(self) -> "pd.DataFrame":
+        """One row per (head, bin): layer, head, bin, attention."""
         import pandas as pd
 
         rows = [(L, h, lab, float(self.values[i, j])) for i, (L, h) in enumerate(self.heads) for j, lab in enumerate(self.labels)]
         return pd.DataFrame(rows, columns=["layer", "head", "bin", "attention"])
 
-    def plot(self, **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """Grouped bars per region, one bar per head."""
         from mechthink.plotting.attribution import plot_binned
 
-        return plot_binned(self.labels, self.values, ylabel="attention", row_labels=[f"L{L}H{h}" for L, h in self.heads], **kwargs)
+        return plot_binned(
+            self.labels, self.values, ylabel="attention", row_labels=[f"L{L}H{h}" for L, h in self.heads], ax=ax, **kwargs
+        )
 
 
 def _query_patterns(
@@ -348,12 +463,19 @@ def _query_patterns(
     return out
 
 
+def _is_many(tokens: Any) -> bool:
+    """Whether ``tokens`` is a list of sequences rather than one sequence."""
+    return isinstance(tokens, (list, tuple)) and len(tokens) > 0 and not isinstance(tokens[0], int) and (
+        not isinstance(tokens[0], Tensor) or tokens[0].dim() > 0
+    )
+
+
 def binned_attention(
     model: "ThinkingModel",
-    tokens: Int[Tensor, "pos"] | Sequence[int],
+    tokens: Int[Tensor, "pos"] | Sequence[int] | Sequence[Sequence[int] | Int[Tensor, "_"]],
     heads: Sequence[tuple[int, int]],
-    question_span: tuple[int, int],
-    thinking_span: tuple[int, int],
+    question_span: tuple[int, int] | Sequence[tuple[int, int]],
+    thinking_span: tuple[int, int] | Sequence[tuple[int, int]],
     n_bins: int = 5,
     query_pos: int = -1,
 ) -> BinnedAttention:
@@ -361,7 +483,23 @@ def binned_attention(
 
     The first position (attention sink) and the query position itself are dropped and the
     remaining attention renormalised to 1 before summing into regions.
+
+    Args:
+        model: The loaded model.
+        tokens: One sequence, or a list of sequences (then ``values`` is the mean over them).
+        heads: ``(layer, head)`` pairs.
+        question_span: ``(start, end)`` of the question: one, or one per sequence.
+        thinking_span: ``(start, end)`` of the thinking: one, or one per sequence.
+        n_bins: Number of thinking bins.
+        query_pos: The attending position (negative counts from the end).
     """
+    if _is_many(tokens):
+        qs, ts = _spans_per_sample(len(tokens), question_span, thinking_span)
+        each = [binned_attention(model, t, heads, q, s, n_bins, query_pos).values for t, q, s in zip(tokens, qs, ts)]
+        return BinnedAttention(
+            heads=[(int(L), int(h)) for L, h in heads], labels=_bin_labels(n_bins), values=torch.stack(each).mean(0),
+            n_samples=len(each),
+        )
     tokens = torch.as_tensor(tokens)
     T = tokens.shape[-1]
     q = query_pos % T
@@ -380,7 +518,7 @@ def binned_attention(
 
 # ------------------------------------------------------------------------------ receiver heads
 @dataclass
-class ReceiverHeads:
+class ReceiverHeads(Result):
     """Receiver-head scores (Thought Anchors): kurtosis of the attention each key unit receives.
 
     Attributes:
@@ -401,12 +539,19 @@ class ReceiverHeads:
         return [(int(i) // H, int(i) % H) for i in idx]
 
     def to_frame(self) -> "pd.DataFrame":
+        """One row per (layer, head): its kurtosis."""
         import pandas as pd
 
         L, H = self.kurtosis.shape
         return pd.DataFrame(
             [(l, h, float(self.kurtosis[l, h])) for l in range(L) for h in range(H)], columns=["layer", "head", "kurtosis"]
         )
+
+    def plot(self, ax: Any = None, k: int = 5) -> Any:
+        """Layer × head heatmap of the kurtosis with the top ``k`` heads marked."""
+        from mechthink.plotting.attribution import plot_head_heatmap
+
+        return plot_head_heatmap(self.kurtosis, marked=self.top(k), label="kurtosis", title="receiver heads", ax=ax)
 
 
 def receiver_heads(

@@ -16,8 +16,12 @@ Optionally the identity is replaced by a *tuned lens* (Belrose et al. 2023): one
 translator per layer, trained so that the translated residual's lens matches the model's final
 distribution (KL), saved as safetensors (:class:`TunedLens`, :func:`train_tuned_lens`).
 
-Source: ARBOR #22 "Understanding backtracking — logit lens" (wj210/cot_backtrack) on
-R1-Distill-Llama-8B, following ajyl's MLP value-vector post; TransformerLens's
+:func:`summarize_lens` reduces an accumulated lens and a DLA at many positions to the numbers
+of one target (:class:`LensSummary`); :func:`compare_tuned_lens` trains a tuned lens on part of
+the sequences and compares it with the plain lens on the rest (:class:`TunedLensComparison`).
+
+Source: the public repository wj210/cot_backtrack ("understanding backtracking — logit lens",
+R1-Distill-Llama-8B), following ajyl's MLP value-vector post; TransformerLens's
 ``ActivationCache.accumulated_resid`` / ``decompose_resid`` / ``apply_ln_to_stack``.
 """
 
@@ -36,15 +40,24 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.models.thinking_model import ThinkingModel
+from mechthink.results import Result
 
 __all__ = [
     "LensResult",
+    "LensSummary",
     "TunedLens",
+    "TunedLensComparison",
+    "as_token_row",
+    "compare_tuned_lens",
     "component_names",
+    "dla_bias",
     "final_norm",
     "logit_lens",
     "resolve_targets",
+    "sum_check",
+    "summarize_lens",
     "train_tuned_lens",
+    "tuned_lens_kl",
     "unembed",
 ]
 
@@ -127,7 +140,7 @@ def resolve_targets(model: ThinkingModel, targets: Sequence[str | int] | str | i
 
 # --------------------------------------------------------------------------- result
 @dataclass
-class LensResult:
+class LensResult(Result):
     """Logit-lens / DLA result for several samples and positions.
 
     Attributes:
@@ -201,7 +214,7 @@ class LensResult:
             out.append(self.components[int(hits[0])] if len(hits) else None)
         return out
 
-    def to_json(self, path: str | None = None) -> str:
+    def to_json(self, path: str | Path | None = None) -> str:
         """JSON with the labels, the mean target logits per component and the full frame."""
         payload: dict[str, Any] = {
             "mode": self.mode,
@@ -218,13 +231,15 @@ class LensResult:
                 fh.write(text)
         return text
 
-    def plot(self, kind: Literal["heatmap", "dla"] = "heatmap", row: int = 0, **kwargs: Any) -> Any:
+    def plot(self, ax: Any = None, kind: Literal["heatmap", "dla"] = "heatmap", row: int = 0, **kwargs: Any) -> Any:
         """Draw the lens (``heatmap``: layers × components with top tokens) or the DLA line chart."""
         from mechthink.plotting import lens as lens_plots
 
         if kind == "heatmap":
-            return lens_plots.plot_lens_heatmap(self, row=row, **kwargs)
-        return lens_plots.plot_dla(self, **kwargs)
+            return lens_plots.plot_lens_heatmap(self, row=row, ax=ax, **kwargs)
+        if kind == "dla":
+            return lens_plots.plot_dla(self, ax=ax, **kwargs)
+        raise ValueError(f"kind={kind!r}; use 'heatmap' or 'dla'")
 
 
 # --------------------------------------------------------------------------- computation
@@ -393,7 +408,7 @@ def sum_check(result: LensResult, model: ThinkingModel) -> Float[Tensor, "row ta
 
 # --------------------------------------------------------------------------- tuned lens
 @dataclass
-class TunedLens:
+class TunedLens(Result):
     """Per-layer affine translators ``x ↦ x + x @ weight[L] + bias[L]`` for ``resid_pre_L``.
 
     Initialised at zero (= the plain logit lens). Train with :func:`train_tuned_lens`.
@@ -417,6 +432,30 @@ class TunedLens:
         w = self.weight.to(stack.device, stack.dtype)
         b = self.bias.to(stack.device, stack.dtype)
         return stack + einsum(stack, w, "n layer d, layer d e -> n layer e") + b
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: the Frobenius norm of its translator's weight and its bias norm."""
+        return pd.DataFrame(
+            {
+                "layer": list(range(self.n_layers)),
+                "weight_norm": self.weight.float().flatten(1).norm(dim=1).tolist(),
+                "bias_norm": self.bias.float().norm(dim=1).tolist(),
+            }
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON of the model name, the training config and the per-layer norms (not the weights;
+        :meth:`save` writes those)."""
+        text = json.dumps({"model_name": self.model_name, "meta": self.meta, "layers": self.to_frame().to_dict(orient="records")})
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def plot(self, ax: Any = None) -> Any:
+        """The translators' weight and bias norms per layer."""
+        from mechthink.plotting.lens import plot_translator_norms
+
+        return plot_translator_norms(self, ax=ax)
 
     def save(self, path: str | Path) -> None:
         """Save as safetensors (metadata: model name and training config as JSON)."""
@@ -499,3 +538,155 @@ def train_tuned_lens(
     tuned.bias = bias.detach().cpu()
     tuned.meta = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "n_sequences": len(seqs)}
     return tuned
+
+
+# --------------------------------------------------------------------------- summaries
+@dataclass
+class TunedLensComparison(Result):
+    """A tuned lens trained on some sequences, compared with the plain lens on held-out ones.
+
+    Attributes:
+        kl_plain: Held-out mean KL(final ‖ plain lens of ``resid_pre_L``) per layer.
+        kl_tuned: The same for the tuned lens.
+        top1_fraction: Per accumulated component, the fraction of held-out rows where the first
+            target is the tuned lens's top-1 token.
+        components: The accumulated components (:func:`component_names`).
+        tuned: The trained lens.
+        n_train: Sequences it was trained on (the first ones).
+        n_heldout: Sequences it was evaluated on (the rest).
+    """
+
+    kl_plain: Float[Tensor, "layer"]
+    kl_tuned: Float[Tensor, "layer"]
+    top1_fraction: Float[Tensor, "component"]
+    components: list[str]
+    tuned: TunedLens
+    n_train: int
+    n_heldout: int
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: held-out KL of the plain and the tuned lens."""
+        return pd.DataFrame(
+            {"layer": list(range(len(self.kl_plain))), "kl_plain": self.kl_plain.tolist(), "kl_tuned": self.kl_tuned.tolist()}
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON of the per-layer KLs, the top-1 fractions and the lens's training config."""
+        text = json.dumps(
+            {
+                "kl": self.to_frame().to_dict(orient="records"),
+                "top1_fraction": dict(zip(self.components, self.top1_fraction.tolist())),
+                "n_train": self.n_train,
+                "n_heldout": self.n_heldout,
+                "meta": self.tuned.meta,
+            }
+        )
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def plot(self, ax: Any = None) -> Any:
+        """Held-out KL per layer, plain vs tuned."""
+        from mechthink.plotting.lens import plot_tuned_lens_kl
+
+        return plot_tuned_lens_kl(self, ax=ax)
+
+
+def compare_tuned_lens(
+    model: ThinkingModel,
+    sequences: Sequence[Sequence[int] | Tensor],
+    targets: Sequence[str | int] | str | int,
+    steps: int = 100,
+    lr: float = 3e-3,
+    batch_size: int = 4,
+    n_train: int | None = None,
+) -> TunedLensComparison:
+    """Train a tuned lens on the first ``n_train`` sequences (default half) and compare it with
+    the plain lens on the rest: per-layer KL to the final distribution, and how often the first
+    target is top-1 at each sequence's last position under the tuned lens."""
+    n_train = len(sequences) // 2 if n_train is None else n_train
+    if not 0 < n_train < len(sequences):
+        raise ValueError(f"n_train={n_train} with {len(sequences)} sequences; leave at least one to train on and one held out")
+    train, held = list(sequences[:n_train]), list(sequences[n_train:])
+    tuned = train_tuned_lens(model, train, steps=steps, lr=lr, batch_size=batch_size)
+    lens = logit_lens(model, held, targets, mode="accumulated", tuned=tuned)
+    return TunedLensComparison(
+        kl_plain=tuned_lens_kl(model, None, held),
+        kl_tuned=tuned_lens_kl(model, tuned, held),
+        top1_fraction=(lens.target_ranks[:, :, 0] == 0).float().mean(0),
+        components=lens.components,
+        tuned=tuned,
+        n_train=len(train),
+        n_heldout=len(held),
+    )
+
+
+@dataclass
+class LensSummary(Result):
+    """The logit lens and the DLA of one target, reduced over many positions.
+
+    Attributes:
+        target: The target token string.
+        n_positions: Rows (sample, position pairs) summarised.
+        p_target_final_mean: Mean probability of the target in the model's output.
+        components: The accumulated lens components.
+        top1_fraction: Per accumulated component, how often the target is top-1.
+        first_top1_counts: How many rows first have the target top-1 at each component
+            (``"None"``: never).
+        dla_components: The decomposed components.
+        mean_dla: Mean direct logit contribution of each decomposed component.
+        top_dla_components: The components with the largest mean contribution, best first.
+        dla_sum_error: Max |Σ contributions + bias − model logit| (the DLA identity, ≈ 0).
+    """
+
+    target: str
+    n_positions: int
+    p_target_final_mean: float
+    components: list[str]
+    top1_fraction: Float[Tensor, "component"]
+    first_top1_counts: dict[str, int]
+    dla_components: list[str]
+    mean_dla: Float[Tensor, "dla_component"]
+    top_dla_components: list[str]
+    dla_sum_error: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per decomposed component: its mean DLA and its rank (0 = largest)."""
+        order = self.mean_dla.argsort(descending=True).tolist()
+        rank = {c: r for r, c in enumerate(order)}
+        return pd.DataFrame(
+            {"component": self.dla_components, "mean_dla": self.mean_dla.tolist(), "rank": [rank[i] for i in range(len(order))]}
+        )
+
+    def plot(self, ax: Any = None) -> Any:
+        """Bars of the mean DLA per component, the top ones highlighted."""
+        from mechthink.plotting.lens import plot_lens_summary
+
+        return plot_lens_summary(self, ax=ax)
+
+
+def summarize_lens(
+    model: ThinkingModel, accumulated: LensResult, decomposed: LensResult, target: int = 0, n_top: int = 5
+) -> LensSummary:
+    """Summarise an ``accumulated`` lens and a ``decomposed``/``frozen`` DLA of the same rows
+    for target index ``target``: top-1 rates per layer, where the target first becomes top-1,
+    the mean DLA per component and its ``n_top`` components, and the DLA sum identity."""
+    if accumulated.mode != "accumulated" or decomposed.mode != "decomposed":
+        raise ValueError(
+            f"summarize_lens: pass an accumulated and a decomposed lens, got {accumulated.mode!r} and {decomposed.mode!r}"
+        )
+    first = accumulated.first_top1_component(target)
+    mean_dla = decomposed.target_logits[:, :, target].mean(0)
+    order = mean_dla.argsort(descending=True)
+    return LensSummary(
+        target=accumulated.targets[target],
+        n_positions=len(accumulated.positions),
+        p_target_final_mean=float(accumulated.target_probs[:, -1, target].mean()),
+        components=accumulated.components,
+        top1_fraction=(accumulated.target_ranks[:, :, target] == 0).float().mean(0),
+        first_top1_counts={str(k): first.count(k) for k in sorted(set(first), key=str)},
+        dla_components=decomposed.components,
+        mean_dla=mean_dla,
+        top_dla_components=[decomposed.components[i] for i in order[:n_top].tolist()],
+        dla_sum_error=float(sum_check(decomposed, model).abs().max()),
+    )

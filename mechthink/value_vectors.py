@@ -2,11 +2,14 @@
 
 A neuron ``n`` of layer ``L`` writes ``act · W_out[L][n]`` into the residual stream; projecting
 that row (its *value vector*) through the unembedding shows which tokens the neuron promotes
-(Geva et al. 2022). ARBOR #22 (after ajyl's "MLP value vectors" post) finds, on
+(Geva et al. 2022). The public repository wj210/cot_backtrack (after ajyl's "MLP value
+vectors" post) finds, on
 R1-Distill-Llama-8B, neurons whose value vectors promote "wait" (L24 #11117) or "therefore"
 (L17 #13623) by training per-layer linear probes that separate backtracking from wrap-up
 positions (≥ 0.99 accuracy from layer 6 on) and ranking value vectors by cosine with the probe
-direction; ablating them (zeroing ``mlp.hook_post``) tests their effect.
+direction; ablating them (zeroing ``mlp.hook_post``) tests their effect. :func:`compare_ablations`
+ablates several neuron sets (e.g. :meth:`NeuronHits.plan`, :func:`neuron_plan` of the DLA
+ranking, :func:`random_plan` as the control) on the same positions.
 
 Compatibility mode folds the final norm's weight into ``W_U`` and centres it, so
 ``W_out[L][n] @ W_U`` is the value vector's direct effect on the (centred) logits up to the
@@ -28,21 +31,29 @@ from torch import Tensor
 
 from mechthink.lens import as_token_row, resolve_targets
 from mechthink.models.thinking_model import ThinkingModel
+from mechthink.results import Result
 
 __all__ = [
     "value_vector_logits",
     "top_tokens",
     "NeuronHits",
     "search_neurons",
-    "ProbeResult",
+    "LayerProbeResult",
     "collect_activations",
     "layer_probes",
     "rank_by_probe",
     "ablate_neurons",
     "ablation_effect",
+    "AblationComparison",
     "AblationEffect",
+    "compare_ablations",
     "neuron_dla",
+    "neuron_plan",
+    "random_plan",
 ]
+
+#: Neurons to ablate, ``{layer: [neuron, …]}``.
+NeuronPlan = dict[int, list[int]]
 
 
 def _w_out(model: ThinkingModel, layer: int) -> Float[Tensor, "d_mlp d_model"]:
@@ -90,7 +101,7 @@ def top_tokens(
 
 
 @dataclass
-class NeuronHits:
+class NeuronHits(Result):
     """Neurons whose value vectors most promote a target token set.
 
     Attributes:
@@ -124,6 +135,16 @@ class NeuronHits:
                 row["top_tokens"] = list(tt["token"])
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def plan(self) -> NeuronPlan:
+        """The hits as ``{layer: [neuron, …]}`` (for :func:`ablate_neurons`)."""
+        return neuron_plan(self.layers, self.neurons)
+
+    def plot(self, ax: Any = None) -> Any:
+        """Bars of the hits' scores, labelled ``L{layer}N{neuron}``."""
+        from mechthink.plotting.value_vectors import plot_neuron_hits
+
+        return plot_neuron_hits(self, ax=ax)
 
 
 @torch.no_grad()
@@ -241,7 +262,7 @@ def collect_activations(
 
 
 @dataclass
-class ProbeResult:
+class LayerProbeResult(Result):
     """Per-layer logistic-regression probes separating two labelled position sets.
 
     Attributes:
@@ -260,6 +281,7 @@ class ProbeResult:
     label_names: tuple[str, str]
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per layer: cross-validated and training accuracy."""
         return pd.DataFrame(
             {
                 "layer": self.layers,
@@ -268,13 +290,19 @@ class ProbeResult:
             }
         )
 
-    def to_json(self) -> str:
-        return json.dumps({"hook": self.hook, "folds": self.folds, "labels": list(self.label_names), "rows": self.to_frame().to_dict(orient="records")})
+    def to_json(self, path: str | None = None) -> str:
+        """JSON of the hook, folds, labels and per-layer accuracies (not the directions)."""
+        text = json.dumps({"hook": self.hook, "folds": self.folds, "labels": list(self.label_names), "rows": self.to_frame().to_dict(orient="records")})
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text)
+        return text
 
-    def plot(self) -> Any:
-        from mechthink.plotting.lens import plot_probe_accuracy
+    def plot(self, ax: Any = None) -> Any:
+        """Cross-validated accuracy per layer."""
+        from mechthink.plotting.value_vectors import plot_probe_accuracy
 
-        return plot_probe_accuracy(self)
+        return plot_probe_accuracy(self, ax=ax)
 
 
 def _fit_logreg(x: Tensor, y: Tensor, l2: float, steps: int) -> tuple[Tensor, Tensor]:
@@ -304,7 +332,7 @@ def layer_probes(
     steps: int = 100,
     seed: int = 0,
     label_names: tuple[str, str] = ("wrap-up", "backtrack"),
-) -> ProbeResult:
+) -> LayerProbeResult:
     """Train one linear probe per layer on activations (from :func:`collect_activations`).
 
     Features are standardised per layer (mean/std from the training fold); the returned
@@ -338,7 +366,7 @@ def layer_probes(
         train_accs.append(float(((((x - mu) / sd) @ w + b > 0) == y.bool()).double().mean()))
         d = w / sd
         dirs.append((d / d.norm().clamp_min(1e-12)).float())
-    return ProbeResult(
+    return LayerProbeResult(
         accuracy=torch.tensor(accs),
         train_accuracy=torch.tensor(train_accs),
         directions=torch.stack(dirs),
@@ -350,7 +378,7 @@ def layer_probes(
 
 
 @torch.no_grad()
-def rank_by_probe(model: ThinkingModel, probe: ProbeResult, layer: int, k: int = 20) -> pd.DataFrame:
+def rank_by_probe(model: ThinkingModel, probe: LayerProbeResult, layer: int, k: int = 20) -> pd.DataFrame:
     """Value vectors of ``layer`` ranked by cosine with that layer's probe direction.
 
     Positive cosine = the neuron writes toward the probe's positive class (``label_names[1]``).
@@ -401,8 +429,15 @@ def ablate_neurons(model: ThinkingModel, neurons: Mapping[int, Sequence[int]]) -
 
 
 @dataclass
-class AblationEffect:
-    """Target probability before and after ablating a set of neurons, per example."""
+class AblationEffect(Result):
+    """Target probability before and after ablating one set of neurons, per example.
+
+    Attributes:
+        prob_clean: P(any target token) at each example's position, clean.
+        prob_ablated: The same with the neurons ablated.
+        targets: The target token strings.
+        neurons: The ablated neurons ``{layer: [neuron, …]}``.
+    """
 
     prob_clean: Float[Tensor, "example"]
     prob_ablated: Float[Tensor, "example"]
@@ -414,10 +449,113 @@ class AblationEffect:
         return float((self.prob_clean - self.prob_ablated).mean())
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per example: prob_clean, prob_ablated."""
         return pd.DataFrame({"prob_clean": self.prob_clean.tolist(), "prob_ablated": self.prob_ablated.tolist()})
+
+    def plot(self, ax: Any = None) -> Any:
+        """Clean vs ablated probability per example (one point each, the diagonal = no effect)."""
+        from mechthink.plotting.value_vectors import plot_ablation_scatter
+
+        return plot_ablation_scatter(self, ax=ax)
+
+
+@dataclass
+class AblationComparison(Result):
+    """Several neuron sets ablated on the same examples.
+
+    Attributes:
+        prob_clean: P(any target token) at each example's position, clean.
+        prob_ablated: Per plan name, the same with that plan's neurons ablated.
+        plans: Per plan name, the ablated neurons ``{layer: [neuron, …]}``.
+        targets: The target token strings.
+    """
+
+    prob_clean: Float[Tensor, "example"]
+    prob_ablated: dict[str, Float[Tensor, "example"]]
+    plans: dict[str, NeuronPlan]
+    targets: list[str]
+
+    def mean_prob(self) -> dict[str, float]:
+        """Mean probability over examples: ``"clean"`` and each plan."""
+        return {"clean": float(self.prob_clean.mean()), **{k: float(v.mean()) for k, v in self.prob_ablated.items()}}
+
+    def effect(self, plan: str) -> AblationEffect:
+        """One plan's :class:`AblationEffect`."""
+        if plan not in self.plans:
+            raise ValueError(f"plan={plan!r} was not ablated; use one of {list(self.plans)}")
+        return AblationEffect(self.prob_clean, self.prob_ablated[plan], self.targets, self.plans[plan])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (plan, example): prob_clean, prob_ablated."""
+        return pd.concat([self.effect(k).to_frame().assign(plan=k, example=range(len(self.prob_clean))) for k in self.plans],
+                         ignore_index=True)
+
+    def plot(self, ax: Any = None, labels: Mapping[str, str] | None = None) -> Any:
+        """Bars of the mean probability, clean and under each plan (``labels``: bar names)."""
+        from mechthink.plotting.value_vectors import plot_ablation_bars
+
+        return plot_ablation_bars(self, labels=labels, ax=ax)
+
+
+def neuron_plan(layers: Sequence[int] | Tensor, neurons: Sequence[int] | Tensor) -> NeuronPlan:
+    """``{layer: [neuron, …]}`` from parallel layer and neuron lists (order kept)."""
+    layers = layers.tolist() if isinstance(layers, Tensor) else [int(x) for x in layers]
+    neurons = neurons.tolist() if isinstance(neurons, Tensor) else [int(x) for x in neurons]
+    if len(layers) != len(neurons):
+        raise ValueError(f"neuron_plan: {len(layers)} layers but {len(neurons)} neurons; pass one layer per neuron")
+    plan: NeuronPlan = {}
+    for L, n in zip(layers, neurons):
+        plan.setdefault(int(L), []).append(int(n))
+    return plan
+
+
+def random_plan(model: ThinkingModel, layers: Sequence[int] | Tensor, seed: int = 0) -> NeuronPlan:
+    """A control plan: for each entry of ``layers`` (in order) one uniformly random neuron of that
+    layer, drawn from a generator seeded with ``seed`` (repeats are possible)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = layers.tolist() if isinstance(layers, Tensor) else [int(x) for x in layers]
+    neurons = [int(torch.randint(_w_out(model, L).shape[0], (1,), generator=g)) for L in layers]
+    return neuron_plan(layers, neurons)
+
+
+def _target_probs(model: ThinkingModel, examples: Sequence[tuple[Sequence[int] | Tensor, int]], tid: Tensor) -> Tensor:
+    """P(any of the token ids ``tid``) at each example's position."""
+    out = []
+    for toks, pos in examples:
+        t = as_token_row(toks, model.device)
+        lp = model.bridge(t[None])[0, pos].float().log_softmax(-1)
+        out.append(lp[tid].exp().sum())
+    return torch.stack(out).cpu()
 
 
 @torch.no_grad()
+def compare_ablations(
+    model: ThinkingModel,
+    examples: Sequence[tuple[Sequence[int] | Tensor, int]],
+    plans: Mapping[str, Mapping[int, Sequence[int]]],
+    targets: Sequence[str | int] | str | int,
+) -> AblationComparison:
+    """P(any target token) at each (tokens, position) example, clean and under each plan.
+
+    Args:
+        model: The loaded model.
+        examples: ``(token ids, position)`` pairs.
+        plans: Plan name -> neurons ``{layer: [neuron, …]}`` zeroed together.
+        targets: Words (all their single-token variants) or token ids.
+    """
+    if not examples:
+        raise ValueError("compare_ablations: examples is empty; pass (token ids, position) pairs")
+    ids, strs = resolve_targets(model, targets)
+    tid = torch.tensor(ids, device=model.device)
+    clean = _target_probs(model, examples, tid)
+    ablated = {}
+    for name, neurons in plans.items():
+        with ablate_neurons(model, neurons):
+            ablated[name] = _target_probs(model, examples, tid)
+    fixed = {name: {int(k): [int(n) for n in v] for k, v in plan.items()} for name, plan in plans.items()}
+    return AblationComparison(prob_clean=clean, prob_ablated=ablated, plans=fixed, targets=strs)
+
+
 def ablation_effect(
     model: ThinkingModel,
     examples: Sequence[tuple[Sequence[int] | Tensor, int]],
@@ -425,18 +563,4 @@ def ablation_effect(
     targets: Sequence[str | int] | str | int,
 ) -> AblationEffect:
     """P(any target token) at each example's position, clean vs with ``neurons`` ablated."""
-    ids, strs = resolve_targets(model, targets)
-    tid = torch.tensor(ids, device=model.device)
-
-    def probs() -> Tensor:
-        out = []
-        for toks, pos in examples:
-            t = as_token_row(toks, model.device)
-            lp = model.bridge(t[None])[0, pos].float().log_softmax(-1)
-            out.append(lp[tid].exp().sum())
-        return torch.stack(out).cpu()
-
-    clean = probs()
-    with ablate_neurons(model, neurons):
-        ablated = probs()
-    return AblationEffect(clean, ablated, strs, {int(k): [int(n) for n in v] for k, v in neurons.items()})
+    return compare_ablations(model, examples, {"ablated": neurons}, targets).effect("ablated")

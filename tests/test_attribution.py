@@ -13,6 +13,7 @@ import mechthink as mt
 from conftest import TYPE_ERRORS
 from mechthink import attribution as A
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "LlamaForCausalLM"
 TEXT = "Hmm, the answer is 12. Alternatively, we could add"
 DATA = [
@@ -61,7 +62,6 @@ def _rho(model, nodes=("resid_pre", "attn_out", "mlp_out", "z")):
 
 def test_atp_matches_exact_near_linear(near_linear):
     rho, atp, ex = _rho(near_linear)
-    print("near-linear model (weights x0.1) Spearman rho AtP vs exact:", {k: round(v, 3) for k, v in rho.items()})
     # measured here: resid_pre 0.77, attn_out 1.00, mlp_out 1.00, z 1.00. Small weights make
     # attention and MLPs near-linear, but RMSNorm is scale-invariant, so replacing a whole
     # residual vector by the mean stays nonlinear: resid_pre gets a looser bound.
@@ -87,28 +87,31 @@ def test_atp_is_first_order_exact(normal):
     ex = A.activation_patching(normal, toks, metric, base, nodes=A.NODE_TYPES, batch_size=64)
     assert atp.baseline == "custom"
     rho = {n: float(spearmanr(atp[n].flatten(), ex[n].flatten())[0]) for n in A.NODE_TYPES}
-    print("small-perturbation baseline Spearman rho:", {k: round(v, 3) for k, v in rho.items()})
     for n in A.NODE_TYPES:
         assert rho[n] >= 0.95, (n, rho[n])
         err = (atp[n] - ex[n]).abs().max() / ex[n].abs().max()
         assert err < 0.1, (n, float(err))
 
 
-def test_atp_vs_exact_normal_model_report(normal):
+def test_atp_vs_exact_normal_model(normal):
+    """A random model with widened weights is strongly nonlinear (ρ per node type measured
+    0.5-0.95; benchmarks/bench_attribution_rho.py prints them): AtP still ranks positively."""
     rho, _, _ = _rho(normal)
-    print("normal tiny model (conftest weights) Spearman rho AtP vs exact:", {k: round(v, 3) for k, v in rho.items()})
-    # a random model with widened weights is strongly nonlinear; measured ~0.5-0.95
     assert all(v > 0.3 for v in rho.values()), rho
 
 
 def test_ig_runs_and_tracks_exact(near_linear):
     means, toks, metric = _setup(near_linear)
-    ig = A.attribution_patching(near_linear, toks, metric, "mean", nodes=("resid_pre", "z"), means=means, ig_steps=4, ig_batch_size=5)
+    ig = A.attribution_patching(
+        near_linear, toks, metric, "mean", nodes=("resid_pre", "z"), means=means, estimator="ig", ig_steps=4, ig_batch_size=5
+    )
     ex = A.activation_patching(near_linear, toks, metric, "mean", nodes=("resid_pre",), means=means, batch_size=64)
-    assert ig.method == "ig" and ig["z"].dim() == 3
+    assert ig.method == "ig" and ig["z"].dim() == 3 and ig.config["ig_steps"] == 4
     rho = spearmanr(ig["resid_pre"].flatten(), ex["resid_pre"].flatten())[0]
-    print("IG(4) resid_pre rho:", round(float(rho), 3))
     assert rho >= 0.85
+    # the batch size only chunks the rows: one chunk per layer gives the same scores
+    one = A.attribution_patching(near_linear, toks, metric, "mean", nodes=("z",), means=means, estimator="ig", ig_steps=4, ig_batch_size=64)
+    torch.testing.assert_close(one["z"], ig["z"], atol=1e-5, rtol=1e-4)
 
 
 def test_zero_when_baseline_is_the_clean_run(normal):
@@ -119,7 +122,7 @@ def test_zero_when_baseline_is_the_clean_run(normal):
         assert torch.count_nonzero(atp[n]) == 0, n
     ex = A.activation_patching(normal, toks, metric, baseline=toks, nodes=("resid_pre", "z"), positions=[-1, 2], batch_size=8)
     assert torch.nanmean(ex["resid_pre"].abs()) < 1e-5 and torch.nanmean(ex["z"].abs()) < 1e-5
-    ig = A.attribution_patching(normal, toks, metric, baseline=toks, nodes=("mlp_out",), ig_steps=2)
+    ig = A.attribution_patching(normal, toks, metric, baseline=toks, nodes=("mlp_out",), estimator="ig", ig_steps=2)
     assert torch.count_nonzero(ig["mlp_out"]) == 0
 
 
@@ -236,10 +239,10 @@ def test_other_architectures(tiny_loaded, arch):
     atp = A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre", "z"))
     ex = A.activation_patching(model, toks, metric, "zero", nodes=("z",), layers=[model.n_layers - 1], batch_size=64)
     rho = spearmanr(atp["z"][-1].flatten(), ex["z"][-1].flatten())[0]
-    print(arch, "last-layer z rho:", round(float(rho), 3))
     assert rho > 0.5
 
 
+@pytest.mark.slow
 def test_smollm2_resid_pre_rho(smollm2):
     """SmolLM2-135M, 16-token prompt, resid_pre, mean-over-prompt baseline; every 3rd layer."""
     model = smollm2[0]
@@ -251,22 +254,23 @@ def test_smollm2_resid_pre_rho(smollm2):
     atp = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means)
     ex = A.activation_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, layers=layers, batch_size=40)
     a, e = atp["resid_pre"][layers].flatten(), ex["resid_pre"][layers].flatten()
-    rho = float(spearmanr(a, e)[0])
-    print(f"SmolLM2 resid_pre Spearman rho AtP vs exact ({len(layers)} layers x {len(toks)} positions): {rho:.3f}")
-    # Plain AtP is reported, not asserted: replacing a whole residual vector of a real model by the
-    # mean is far outside its linear regime (measured rho ~ -0.1 here; AtP overshoots exact ~10x at
-    # the query position). The QK-fix keeps the pattern and metric-stream effects exact.
+    # Plain AtP's ρ is not asserted (benchmarks/bench_attribution_rho.py prints it): replacing a
+    # whole residual vector of a real model by the mean is far outside its linear regime (measured
+    # ρ ~ -0.1 here; AtP overshoots exact ~10x at the query position). The QK-fix keeps the
+    # pattern and metric-stream effects exact.
     assert atp.metric_clean == pytest.approx(ex.metric_clean, rel=1e-4, abs=1e-4)
     assert torch.isfinite(a).all() and torch.isfinite(e).all()
-    qk = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)
+    qk = A.attribution_patching(model, toks, metric, "mean", nodes=("resid_pre",), means=means, estimator="qkfix")
     rho_qk = float(spearmanr(qk["resid_pre"][layers].flatten(), e)[0])
-    print(f"SmolLM2 resid_pre Spearman rho QK-fix vs exact: {rho_qk:.3f}")
     assert rho_qk >= 0.8, rho_qk  # measured 0.87 over all 30 layers
     assert torch.allclose(qk["resid_pre"][layers, -1], ex["resid_pre"][layers, -1], atol=1e-4)
 
 
-def test_smollm2_rho_per_node_type_report(smollm2):
-    """Reported per node type (issue #6): AtP vs exact on SmolLM2, 16 tokens, every 5th layer."""
+@pytest.mark.slow
+def test_smollm2_rho_per_node_type(smollm2):
+    """Per node type on SmolLM2 (16 tokens, every 5th layer): single heads are near-linear for
+    AtP, and the QK-fix ranks attn_out / mlp_out at least as well as AtP. The ρ values are
+    printed by benchmarks/bench_attribution_rho.py."""
     model = smollm2[0]
     toks = model.to_tokens("Tom has 3 apples and buys 5 more. So he has 8 apples. Wait")[0][:16]
     nodes = ("attn_out", "mlp_out", "z")
@@ -276,13 +280,11 @@ def test_smollm2_rho_per_node_type_report(smollm2):
     atp = A.attribution_patching(model, toks, metric, "mean", nodes=nodes, means=means)
     ex = A.activation_patching(model, toks, metric, "mean", nodes=nodes, means=means, layers=layers, batch_size=48)
     rho = {n: float(spearmanr(atp[n][layers].flatten(), ex[n][layers].flatten())[0]) for n in nodes}
-    print("SmolLM2 AtP vs exact Spearman rho per node type:", {k: round(v, 3) for k, v in rho.items()})
     assert all(torch.isfinite(atp[n]).all() for n in nodes)
     assert rho["z"] > 0.5, rho  # single heads are near-linear
     # QK-fix for the sublayer outputs (z is ~4x dearer; measured 0.98 vs AtP's 0.95)
-    qk = A.attribution_patching(model, toks, metric, "mean", nodes=("attn_out", "mlp_out"), means=means, qk_fix=True)
+    qk = A.attribution_patching(model, toks, metric, "mean", nodes=("attn_out", "mlp_out"), means=means, estimator="qkfix")
     rho_qk = {n: float(spearmanr(qk[n][layers].flatten(), ex[n][layers].flatten())[0]) for n in ("attn_out", "mlp_out")}
-    print("SmolLM2 QK-fix vs exact Spearman rho:", {k: round(v, 3) for k, v in rho_qk.items()})
     assert rho_qk["attn_out"] >= rho["attn_out"] and rho_qk["mlp_out"] >= rho["mlp_out"], (rho, rho_qk)
 
 
@@ -310,9 +312,9 @@ def test_qkfix_exact_where_nothing_is_linearised(tiny_loaded, arch):
     toks = model.to_tokens(TEXT)[0]
     other = _corrupted(model, toks)
     metric = A.logit_metric(-1, model.token_ids("Wait"))
-    q = A.attribution_patching(model, toks, metric, other, nodes=ALL, qk_fix=True)
+    q = A.attribution_patching(model, toks, metric, other, nodes=ALL, estimator="qkfix")
     ex = A.activation_patching(model, toks, metric, other, nodes=ALL, batch_size=64)
-    assert q.method == "atp+qkfix" and q.config["qk_fix"] is True
+    assert q.method == "qkfix" and q.config["estimator"] == "qkfix" and q.config["ig_steps"] is None
     assert q["z"].shape == ex["z"].shape == (model.n_layers, len(toks), model.cfg.n_heads)
     for n in ALL:
         tol = 1e-4 * max(1.0, float(ex[n].abs().max()))
@@ -322,7 +324,7 @@ def test_qkfix_exact_where_nothing_is_linearised(tiny_loaded, arch):
     assert torch.allclose(q["resid_post"][:-1], q["resid_pre"][1:], atol=1e-4)
     # the final resid_post reaches the metric only at the last position
     assert torch.count_nonzero(q["resid_post"][-1, :-1]) == 0
-    q2 = A.attribution_patching(model, toks[:2], metric, other[:2], nodes=ALL, qk_fix=True)
+    q2 = A.attribution_patching(model, toks[:2], metric, other[:2], nodes=ALL, estimator="qkfix")
     ex2 = A.activation_patching(model, toks[:2], metric, other[:2], nodes=ALL, batch_size=64)
     for n in ALL:
         assert torch.allclose(q2[n], ex2[n], atol=1e-4 * max(1.0, float(ex2[n].abs().max()))), n
@@ -337,18 +339,17 @@ def test_qkfix_first_order_exact_and_better_than_atp(normal):
     _, cache = normal.bridge.run_with_cache(toks.unsqueeze(0), names_filter=names)
     g = torch.Generator().manual_seed(0)
     base = {h: cache[h][0] + 1e-2 * cache[h][0].abs().mean() * torch.randn(cache[h][0].shape, generator=g) for h in names}
-    q = A.attribution_patching(normal, toks, metric, base, nodes=ALL, qk_fix=True)
+    q = A.attribution_patching(normal, toks, metric, base, nodes=ALL, estimator="qkfix")
     ex = A.activation_patching(normal, toks, metric, base, nodes=ALL, batch_size=64)
     for n in ALL:
         err = (q[n] - ex[n]).abs().max() / ex[n].abs().max()
         assert err < 0.05, (n, float(err))
     means, toks, metric = _setup(normal)
-    q = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)
+    q = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, estimator="qkfix")
     a = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means)
     ex = A.activation_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, batch_size=64)
     rq = float(spearmanr(q["resid_pre"].flatten(), ex["resid_pre"].flatten())[0])
     ra = float(spearmanr(a["resid_pre"].flatten(), ex["resid_pre"].flatten())[0])
-    print(f"normal tiny Llama, mean ablation, resid_pre rho: AtP {ra:.3f}, QK-fix {rq:.3f}")
     assert rq >= max(ra, 0.8), (ra, rq)
 
 
@@ -361,7 +362,7 @@ def test_qkfix_saturated_columns_recomputed_consistently(normal, monkeypatch):
     out = {}
     for thr in (2.0, -1.0):
         monkeypatch.setattr(_qkfix, "_RECOMPUTE_ABOVE", thr)
-        out[thr] = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, qk_fix=True)["resid_pre"]
+        out[thr] = A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means, estimator="qkfix")["resid_pre"]
     assert torch.allclose(out[2.0], out[-1.0], atol=1e-3 * float(out[-1.0].abs().max()))
 
 
@@ -370,23 +371,23 @@ def test_qkfix_errors(tiny_loaded):
     toks = model.to_tokens(TEXT)[0]
     metric = A.logit_metric(-1, model.token_ids("Wait"))
     with pytest.raises(ValueError, match="last position"):
-        A.attribution_patching(model, toks, A.logit_metric(-2, model.token_ids("Wait")), "zero", nodes=("resid_pre",), qk_fix=True)
-    with pytest.raises(ValueError, match="exclusive"):
-        A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre",), qk_fix=True, ig_steps=2)
+        A.attribution_patching(model, toks, A.logit_metric(-2, model.token_ids("Wait")), "zero", nodes=("resid_pre",), estimator="qkfix")
+    with pytest.raises(ValueError, match="apply to estimator='ig' only"):
+        A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre",), estimator="qkfix", ig_steps=2)
     cfg = model.bridge.original_model.config
     cfg.use_sliding_window = True
     try:
         with pytest.raises(ValueError, match="does not support .*sliding-window"):
-            A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre",), qk_fix=True)
+            A.attribution_patching(model, toks, metric, "zero", nodes=("resid_pre",), estimator="qkfix")
     finally:
         cfg.use_sliding_window = False
-    with pytest.raises(ValueError, match="qk_fix needs a metric"):  # a scalar metric over all positions
-        A.attribution_patching(model, toks, lambda lg: lg[:, :, 5].sum(), "zero", nodes=("z",), qk_fix=True)
+    with pytest.raises(ValueError, match="estimator='qkfix' needs a metric"):  # a scalar metric over all positions
+        A.attribution_patching(model, toks, lambda lg: lg[:, :, 5].sum(), "zero", nodes=("z",), estimator="qkfix")
 
 
 def test_qkfix_organism_rho_goal():
-    """Issue #6 goal: ρ ≥ 0.8 for resid nodes on tiny-thinker (planted-error examples, " Wait"
-    logit, dataset-mean baseline). Plain AtP measures ~0.3 here."""
+    """ρ ≥ 0.8 for resid nodes on tiny-thinker (planted-error examples, " Wait" logit,
+    dataset-mean baseline). Plain AtP measures ~0.3 here."""
     from mechthink.models.organism import HELD_OUT_SEED, held_out_examples
 
     model = mt.load_model("tiny-thinker")
@@ -396,10 +397,99 @@ def test_qkfix_organism_rho_goal():
     rhos = {n: [] for n in ALL}
     for e in [e for e in ex if e.is_error][:4]:
         ids = torch.tensor(e.input_ids)
-        q = A.attribution_patching(model, ids, metric, "mean", nodes=ALL, means=means, qk_fix=True)
+        q = A.attribution_patching(model, ids, metric, "mean", nodes=ALL, means=means, estimator="qkfix")
         x = A.activation_patching(model, ids, metric, "mean", nodes=ALL, means=means, batch_size=128)
         for n in ALL:
             rhos[n].append(float(spearmanr(q[n].flatten(), x[n].flatten())[0]))
     mean = {n: sum(v) / len(v) for n, v in rhos.items()}
-    print("tiny-thinker QK-fix rho vs exact:", {n: [round(r, 3) for r in v] for n, v in rhos.items()}, mean)
     assert mean["resid_pre"] >= 0.8 and mean["resid_post"] >= 0.8, mean
+
+
+# ------------------------------------------------------------------ estimators, comparison, heads
+def test_estimator_dispatch_and_bad_combinations(normal):
+    means, toks, metric = _setup(normal)
+    toks = toks[:6]
+    kw = dict(nodes=("resid_pre",), means=means)
+    plain = A.attribution_patching(normal, toks, metric, "mean", **kw)
+    assert plain.method == "atp" and plain.config["estimator"] == "atp"
+    default_ig = A.attribution_patching(normal, toks, metric, "mean", estimator="ig", **kw)
+    explicit = A.attribution_patching(normal, toks, metric, "mean", estimator="ig", ig_steps=A.DEFAULT_IG_STEPS, **kw)
+    assert default_ig.config["ig_steps"] == A.DEFAULT_IG_STEPS
+    torch.testing.assert_close(default_ig["resid_pre"], explicit["resid_pre"])
+    with pytest.raises(TYPE_ERRORS):  # a ValueError naming the estimators, or the Literal check
+        A.attribution_patching(normal, toks, metric, "mean", estimator="exact", **kw)
+    with pytest.raises(ValueError, match="estimator='exact' is not accepted"):
+        A._estimator_options("exact", None, None)
+    for bad, match in [
+        (dict(estimator="atp", ig_steps=4), "apply to estimator='ig' only"),
+        (dict(estimator="atp", ig_batch_size=4), "apply to estimator='ig' only"),
+        (dict(estimator="ig", ig_steps=0), "ig_steps=0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            A.attribution_patching(normal, toks, metric, "mean", **kw, **bad)
+
+
+def test_compare_estimators_matches_direct_calls(normal):
+    """compare_estimators = the same attribution_patching / activation_patching calls; its ρ
+    table = scipy's spearmanr on those results."""
+    means, toks, metric = _setup(normal)
+    seqs = [toks, normal.to_tokens(DATA[2])[0]]
+    comp = A.compare_estimators(
+        normal, seqs, metric, means=means, estimators={"atp": ("resid_pre", "z"), "qkfix": ("resid_pre",)}, n_exact=1
+    )
+    assert comp.methods == ["atp", "qkfix", "exact"] and comp.estimators == ["atp", "qkfix"]
+    assert [len(comp.results[m]) for m in comp.methods] == [2, 2, 1]
+    for i, seq in enumerate(seqs):
+        ref = A.attribution_patching(normal, seq, metric, "mean", nodes=("resid_pre", "z"), means=means)
+        torch.testing.assert_close(comp.results["atp"][i]["z"], ref["z"])
+    ex = A.activation_patching(normal, seqs[0], metric, "mean", nodes=("resid_pre",), means=means, batch_size=64)
+    torch.testing.assert_close(comp.results["exact"][0]["resid_pre"], ex["resid_pre"])
+    table = comp.spearman()
+    assert table.rho.shape == (2, 1, 1) and table.n_samples == 1
+    want = float(spearmanr(comp.results["qkfix"][0]["resid_pre"].flatten(), ex["resid_pre"].flatten())[0])
+    assert table.per_sample("resid_pre")["qkfix"] == [pytest.approx(want, abs=1e-12)]
+    assert table.mean("resid_pre")["qkfix"] == pytest.approx(want, abs=1e-12)
+    assert set(table.mean()) == {"atp/resid_pre", "qkfix/resid_pre"}
+    imp = comp.importances("atp")
+    torch.testing.assert_close(imp[1], (-comp.results["atp"][1]["resid_pre"]).max(0).values)
+    assert len(table.to_frame()) == 2 and table.plot().axes
+    frame = comp.to_frame()
+    assert set(frame["method"]) == {"atp", "qkfix", "exact"} and set(frame["sample"]) == {0, 1}
+    assert len(comp.plot().axes) >= 3
+    empty = A.compare_estimators(normal, seqs[:1], metric, means=means, n_exact=0).spearman()
+    assert empty.mean() == {} and empty.mean("resid_pre") == {"atp": 0.0, "qkfix": 0.0}
+    with pytest.raises(ValueError, match="not accepted"):
+        A.compare_estimators(normal, seqs, metric, means=means, estimators={"exact": ("resid_pre",)})
+    with pytest.raises(ValueError, match="node='z'"):
+        table.per_sample("z")
+
+
+def test_rank_heads_matches_manual_ranking(normal):
+    means, toks, metric = _setup(normal)
+    results = [A.attribution_patching(normal, normal.to_tokens(t)[0], metric, "mean", nodes=("z",), means=means) for t in DATA[:3]]
+    ranking = A.rank_heads(results, k=4)
+    # reference: the mean over sequences of each head's summed z score, negated, sorted by hand
+    support = {}
+    for L in range(normal.n_layers):
+        for h in range(normal.cfg.n_heads):
+            support[(L, h)] = -sum(float(r["z"][L, :, h].sum()) for r in results) / len(results)
+    want = sorted(support, key=lambda lh: -support[lh])[:4]
+    assert ranking.heads == want
+    assert ranking.labels == [f"L{L}H{h}" for L, h in want]
+    assert ranking.top_support == [pytest.approx(support[lh], rel=1e-5, abs=1e-6) for lh in want]
+    frame = ranking.to_frame()
+    assert len(frame) == normal.n_layers * normal.cfg.n_heads
+    assert [tuple(r) for r in frame.sort_values("rank")[["layer", "head"]].head(4).itertuples(index=False)] == want
+    assert ranking.plot().axes and json.loads(ranking.to_json())["heads"] == [list(lh) for lh in want]
+    with pytest.raises(ValueError, match="nodes=\\('z'"):
+        A.rank_heads([A.attribution_patching(normal, toks, metric, "mean", nodes=("resid_pre",), means=means)])
+
+
+def test_mean_activations_views(normal):
+    means = A.mean_activations(normal, [normal.to_tokens(t)[0] for t in DATA], hooks=("resid_pre",))
+    frame = means.to_frame()
+    assert len(frame) == normal.n_layers
+    assert frame["mean_norm"].iloc[1] == pytest.approx(float(means["blocks.1.hook_resid_pre"].norm()), rel=1e-6)
+    js = json.loads(means.to_json())
+    assert js["count"] == means.count and len(js["means"]["blocks.0.hook_resid_pre"]) == normal.d_model
+    assert means.plot().axes

@@ -13,6 +13,7 @@ from mechthink import attribution as A
 from mechthink import context as C
 from mechthink.plotting.attribution import colored_tokens_html, save_colored_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "LlamaForCausalLM"
 TEXT = "Compute 3 + 5 - 2 + 7. First 3 + 5 = 8. Then 8 - 2 = 6. So 6 + 7 = 13. Wait, let me check"
 
@@ -38,9 +39,51 @@ def test_word_scores_sum_tokens(model):
     assert len(ws.to_frame()) == len(ws.words)
     top = ws.top(3)
     assert all(w not in C.STOPWORDS and re.search(r"\w", w) for w, _ in top)
-    # the slow decode path gives the same spans
-    _, spans = C.token_offsets(model.tokenizer, ids)
-    assert len(spans) == len(ids)
+    assert ws.plot().axes
+
+
+class _NoOffsets:
+    """A tokenizer that decodes but cannot re-tokenize with offsets: forces the prefix-decoding path."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls = 0
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        raise NotImplementedError("no offsets mapping")
+
+
+class _Counting(_NoOffsets):
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+
+@pytest.mark.parametrize("text", [TEXT, "Héllo wörld — naïve café x², so  two  spaces\n\nend. But wait"])
+def test_word_scores_fast_and_slow_paths_agree(model, text):
+    """Offsets from the tokenizer (fast) and from decoding prefixes (slow, forced by a tokenizer
+    without offsets) give the same words, token-to-word map and word scores, including byte
+    pieces of multi-byte characters (none of their score may be lost)."""
+    ids = model.to_tokens(text)[0]
+    scores = torch.arange(1, len(ids) + 1, dtype=torch.float32)
+    fast_tok, slow_tok = _Counting(model.tokenizer), _NoOffsets(model.tokenizer)
+    fast = C.word_scores(fast_tok, ids, scores)
+    slow = C.word_scores(slow_tok, ids, scores)
+    _, fast_spans = C.token_char_spans(fast_tok, ids)
+    assert fast_tok.calls == 2 and slow_tok.calls == 1  # each path really ran
+    assert slow.text == fast.text and slow.words == fast.words
+    assert slow.token_word.tolist() == fast.token_word.tolist()
+    torch.testing.assert_close(slow.scores, fast.scores)
+    if text.isascii():  # one character per byte: the spans themselves agree too
+        assert C._prefix_spans(model.tokenizer, ids.tolist()) == fast_spans
+    # every token that is not whitespace-only or special lands in a word
+    for i, (a, b) in enumerate(fast_spans):
+        if fast.text[a:b].strip() and int(ids[i]) not in model.tokenizer.all_special_ids:
+            assert int(fast.token_word[i]) >= 0, (i, fast.text[a:b])
 
 
 def test_words_of_punctuation():
@@ -99,6 +142,33 @@ def test_binned_attention(model):
     a = a / a.sum()
     torch.testing.assert_close(out.values[1, 0], a[1:6].sum())
     assert len(out.to_frame()) == 12 and out.plot().axes
+    # several sequences: per-sequence spans, values = the mean of the single-sequence results
+    ids2 = model.to_tokens(TEXT[:60])[0]
+    spans_q, spans_t = [(1, 6), (1, 4)], [(6, T - 1), (4, len(ids2) - 1)]
+    many = C.binned_attention(model, [ids, ids2.tolist()], heads, spans_q, spans_t, n_bins=5)
+    two = C.binned_attention(model, ids2, heads, (1, 4), (4, len(ids2) - 1), n_bins=5)
+    torch.testing.assert_close(many.values, torch.stack([out.values, two.values]).mean(0))
+    assert many.n_samples == 2 and out.n_samples == 1
+    with pytest.raises(ValueError, match="2 samples but 1 question spans"):
+        C.binned_attention(model, [ids, ids2], heads, [(1, 6)], spans_t)
+
+
+def test_future_word_overlap(model):
+    """= continue_greedy + word_scores + top_word_overlap per sequence."""
+    from mechthink.interventions import continue_greedy
+
+    seqs = [model.to_tokens(TEXT)[0].tolist(), model.to_tokens(TEXT[:50])[0].tolist()]
+    imps = [torch.linspace(0, 1, len(s)) for s in seqs]
+    out = C.future_word_overlap(model, seqs, imps, max_new_tokens=12, k=4, horizon=20)
+    futures = continue_greedy(model, seqs, 12)
+    for s, imp, fut, got in zip(seqs, imps, futures, out.overlaps):
+        want = C.top_word_overlap(C.word_scores(model.tokenizer, s, imp), None, model.to_string(fut), k=4, horizon=20)
+        assert got == want
+    assert out.continuations == [model.to_string(f) for f in futures]
+    assert out.mean == pytest.approx(sum(o.overlap for o in out.overlaps) / 2, nan_ok=True)
+    assert set(out.to_frame()["sample"]) <= {0, 1} and out.plot().axes and out.overlaps[0].plot().axes
+    with pytest.raises(ValueError, match="2 sequences but 1 importance"):
+        C.future_word_overlap(model, seqs, imps[:1])
 
 
 def test_receiver_heads(model):
@@ -116,6 +186,7 @@ def test_receiver_heads(model):
     sents = [(0, 8), (8, 15), (15, 22), (22, 29), (29, len(ids))]
     rs = C.receiver_heads(model, ids, units=sents, proximity_ignore=1, skip_first=False)
     assert rs.vertical.shape[-1] == 5 and torch.isfinite(rs.kurtosis).all()
+    assert r.plot().axes and "kurtosis" in r.to_json()
 
 
 def test_colored_tokens_html_self_contained(tmp_path):

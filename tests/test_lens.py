@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 import mechthink as mt
+from conftest import TYPE_ERRORS
 from mechthink import lens as L
 from mechthink import value_vectors as vv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
 TEXTS = ["Compute 3 + 5 - 2. First 3 + 5 = 8. Wait, let me check.", "So the answer is 42. Hmm, wait"]
 
@@ -54,12 +57,10 @@ def test_accumulated_matches_transformerlens_cache(tiny_loaded):
     res = L.logit_lens(model, seq, ["Wait"], mode="accumulated")
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(seq[None])
-        try:
-            acc = cache.accumulated_resid(layer=None, incl_mid=False, apply_ln=True, pos_slice=-1)
-        except Exception as exc:  # pragma: no cover - depends on TL internals
-            pytest.skip(f"TL accumulated_resid unavailable on the bridge cache: {exc}")
+        acc = cache.accumulated_resid(layer=None, incl_mid=False, apply_ln=True, pos_slice=-1)
         tl_logits = acc[:, 0] @ model.bridge.W_U + model.bridge.b_U
     ours = res.target_logits[0, :, 0]
+    assert acc.shape[0] == len(res.components) == model.n_layers + 1
     assert torch.allclose(ours, tl_logits[:, res.target_ids[0]].float(), atol=1e-3)
 
 
@@ -70,9 +71,10 @@ def test_decomposed_recompute_and_frame(tiny_loaded):
     assert {"component", "target", "logit", "prob", "rank"} <= set(df.columns)
     assert set(df.component) == {"embed"} | {f"{k}_{i}" for i in range(model.n_layers) for k in ("attn", "mlp")}
     assert len(df) == len(res.components) * len(res.targets)
-    res.plot("heatmap")
-    res.plot("dla")
-    res.to_json()
+    assert res.plot(kind="heatmap").axes and res.plot(kind="dla").axes
+    assert json.loads(res.to_json())["components"] == res.components
+    with pytest.raises(TYPE_ERRORS):  # the Literal check, or the ValueError naming the kinds
+        res.plot(kind="bars")
 
 
 def test_lens_bad_input(tiny_loaded):
@@ -142,7 +144,9 @@ def test_probe_separates_and_ranks(planted):
     assert probe.accuracy.min().item() >= 0.95  # the last token differs: trivially separable
     ranked = vv.rank_by_probe(model, probe, layer=1, k=5)
     assert len(ranked) == 5 and ranked["cosine"].is_monotonic_decreasing
-    probe.plot()
+    assert isinstance(probe, vv.LayerProbeResult) and not hasattr(vv, "ProbeResult")
+    assert probe.plot().axes and len(probe.to_frame()) == model.n_layers
+    assert json.loads(probe.to_json())["folds"] == 4
     assert len(tok.decode(examples[0][0])) > 0
 
 
@@ -180,6 +184,35 @@ def test_ablation_effect_of_planted_neuron(planted):
     strong = acts.abs() > 0.05
     assert strong.any()
     assert (torch.sign(drop[strong]) == torch.sign(acts[strong])).all()
+    assert eff.plot().axes and len(eff.to_frame()) == 7
+
+
+def test_compare_ablations_plans(planted):
+    """compare_ablations = ablation_effect per plan on the same examples; plans from hits, from
+    layer/neuron lists and a seeded random control."""
+    model, _ = planted
+    examples = [(model.to_tokens(f"Now {a} + 1 = {a + 1}.")[0], -1) for a in range(1, 5)]
+    hits = vv.search_neurons(model, [" Wait"], k=3)
+    assert hits.plan() == vv.neuron_plan(hits.layers.tolist(), hits.neurons.tolist())
+    assert vv.neuron_plan([1, 0, 1], [7, 2, 9]) == {1: [7, 9], 0: [2]}
+    rand = vv.random_plan(model, [1, 0, 1], seed=3)
+    assert rand == vv.random_plan(model, [1, 0, 1], seed=3) and sorted(rand) == [0, 1] and len(rand[1]) == 2
+    d_mlp = model.bridge.blocks[0].mlp.W_out.shape[0]
+    assert all(0 <= n < d_mlp for ns in rand.values() for n in ns)
+    plans = {"top": hits.plan(), "random": rand}
+    comp = vv.compare_ablations(model, examples, plans, [" Wait"])
+    for name, plan in plans.items():
+        ref = vv.ablation_effect(model, examples, plan, [" Wait"])
+        torch.testing.assert_close(comp.prob_clean, ref.prob_clean)
+        torch.testing.assert_close(comp.prob_ablated[name], ref.prob_ablated)
+    means = comp.mean_prob()
+    assert list(means) == ["clean", "top", "random"]
+    assert means["top"] == pytest.approx(float(comp.prob_ablated["top"].mean()))
+    assert len(comp.to_frame()) == 2 * len(examples) and comp.plot().axes and hits.plot().axes
+    with pytest.raises(ValueError, match="one layer per neuron"):
+        vv.neuron_plan([1, 2], [3])
+    with pytest.raises(ValueError, match="plan='x'"):
+        comp.effect("x")
 
 
 def test_neuron_dla_sums_to_component_dla(tiny_loaded):
@@ -218,3 +251,29 @@ def test_tuned_lens_identity_training_and_roundtrip(tmp_path):
     res = L.logit_lens(model, held[:2], ["Wait"], tuned=back)
     assert res.mode == "tuned"
     assert all(p.grad is None for p in model.bridge.parameters())
+    assert len(back.to_frame()) == model.n_layers and back.plot().axes
+    assert json.loads(back.to_json())["meta"]["steps"] == 60
+
+
+def test_summarize_lens_and_compare_tuned_lens(tiny_loaded):
+    model, _ = tiny_loaded("LlamaForCausalLM")
+    seqs = _tokens(model) + [model.to_tokens(model.prompt("What is 2 + 2?", thinking="on"))[0]]
+    acc = L.logit_lens(model, seqs, ["Wait"], mode="accumulated")
+    dec = L.logit_lens(model, seqs, ["Wait"], mode="decomposed")
+    summ = L.summarize_lens(model, acc, dec, n_top=3)
+    torch.testing.assert_close(summ.mean_dla, dec.target_logits[:, :, 0].mean(0))
+    assert summ.top_dla_components == [dec.components[i] for i in dec.target_logits[:, :, 0].mean(0).topk(3).indices]
+    assert sum(summ.first_top1_counts.values()) == len(seqs) and summ.n_positions == len(seqs)
+    assert summ.top1_fraction[-1] == pytest.approx(float((acc.target_ranks[:, -1, 0] == 0).float().mean()))
+    assert summ.dla_sum_error < 1e-4 and summ.p_target_final_mean == pytest.approx(float(acc.target_probs[:, -1, 0].mean()))
+    assert len(summ.to_frame()) == len(dec.components) and summ.plot().axes
+    with pytest.raises(ValueError, match="accumulated and a decomposed"):
+        L.summarize_lens(model, dec, acc)
+    cmp = L.compare_tuned_lens(model, seqs, ["Wait"], steps=3, batch_size=2, n_train=1)
+    torch.testing.assert_close(cmp.kl_plain, L.tuned_lens_kl(model, None, seqs[1:]))
+    torch.testing.assert_close(cmp.kl_tuned, L.tuned_lens_kl(model, cmp.tuned, seqs[1:]))
+    tl = L.logit_lens(model, seqs[1:], ["Wait"], tuned=cmp.tuned)
+    torch.testing.assert_close(cmp.top1_fraction, (tl.target_ranks[:, :, 0] == 0).float().mean(0))
+    assert (cmp.n_train, cmp.n_heldout) == (1, 2) and cmp.plot().axes and len(cmp.to_frame()) == model.n_layers
+    with pytest.raises(ValueError, match="n_train=3"):
+        L.compare_tuned_lens(model, seqs, ["Wait"], steps=1, n_train=3)

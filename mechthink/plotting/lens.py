@@ -1,4 +1,4 @@
-"""Figures for logit-lens / DLA results (`mechthink.lens`) and value-vector probes.
+"""Figures for logit-lens / DLA results, their summaries and tuned lenses (`mechthink.lens`).
 
 Plotting never recomputes: every function draws from a result object. Figures are built on an
 Agg canvas without pyplot, so importing this module does not touch global matplotlib state.
@@ -7,16 +7,33 @@ Agg canvas without pyplot, so importing this module does not touch global matplo
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_figure
 
-__all__ = ["plot_lens_heatmap", "plot_dla", "plot_probe_accuracy", "new_figure"]
+if TYPE_CHECKING:
+    from mechthink.lens import LensResult, LensSummary, TunedLens, TunedLensComparison
+
+__all__ = [
+    "new_figure",
+    "plot_dla",
+    "plot_lens_heatmap",
+    "plot_lens_summary",
+    "plot_logit_lens_overview",
+    "plot_translator_norms",
+    "plot_tuned_lens_kl",
+]
 
 
+def _axes(ax: Any, width: float, height: float) -> tuple[FigureBase, Any]:
+    """The given axes and its figure, or a new figure with one axes."""
+    if ax is None:
+        fig = new_figure(width, height)
+        return fig, fig.add_subplot(1, 1, 1)
+    return ax.figure, ax
 
 
 def _layer_of(comp: str) -> tuple[str, int]:
@@ -51,11 +68,7 @@ def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int
             r, col = kinds.index(kind), layer
         grid[r, col] = float(result.target_logits[row, c, target])
         labels[r, col] = result.top_tokens(row, c)[0][:max_label]
-    if ax is None:
-        fig = new_figure(max(6.0, 0.55 * grid.shape[1] + 2), 1.2 + 0.7 * len(kinds))
-        ax = fig.add_subplot(1, 1, 1)
-    else:
-        fig = ax.figure
+    fig, ax = _axes(ax, max(6.0, 0.55 * grid.shape[1] + 2), 1.2 + 0.7 * len(kinds))
     vmax = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
     im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     for (r, col), text in np.ndenumerate(labels):
@@ -77,11 +90,7 @@ def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> F
     """Direct logit attribution to each target per component, averaged over rows (± s.e.m.)."""
     targets = targets if targets is not None else list(range(len(result.targets)))
     x = np.arange(len(result.components))
-    if ax is None:
-        fig = new_figure(max(7.0, 0.18 * len(x) + 3), 3.5)
-        ax = fig.add_subplot(1, 1, 1)
-    else:
-        fig = ax.figure
+    fig, ax = _axes(ax, max(7.0, 0.18 * len(x) + 3), 3.5)
     data = result.target_logits.float().cpu().numpy()
     for t in targets:
         mean = data[:, :, t].mean(0)
@@ -97,18 +106,51 @@ def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> F
     return fig
 
 
-def plot_probe_accuracy(result: Any, ax: Any = None) -> FigureBase:
-    """Per-layer probe accuracy (cross-validated) for a value-vector probe result."""
-    if ax is None:
-        fig = new_figure(6.0, 3.0)
-        ax = fig.add_subplot(1, 1, 1)
-    else:
-        fig = ax.figure
-    acc = result.accuracy.float().cpu().numpy()
-    ax.plot(result.layers, acc, marker="o")
-    ax.axhline(0.5, color="grey", lw=0.5, ls="--")
-    ax.set_ylim(0.4, 1.02)
+def plot_logit_lens_overview(accumulated: "LensResult", decomposed: "LensResult", title: str) -> FigureBase:
+    """The logit-lens figure: the accumulated lens and the DLA of row 0, and the mean DLA."""
+    fig = new_figure(13, 7.5)
+    axes = fig.subplots(3, 1, height_ratios=[1.0, 1.6, 2.0])
+    plot_lens_heatmap(accumulated, row=0, ax=axes[0])
+    plot_lens_heatmap(decomposed, row=0, ax=axes[1])
+    plot_dla(decomposed, ax=axes[2])
+    fig.suptitle(title)
+    return fig
+
+
+def plot_lens_summary(summary: "LensSummary", ax: Any = None) -> FigureBase:
+    """Bars of the mean direct logit contribution per component; the top components in red."""
+    fig, ax = _axes(ax, max(7.0, 0.18 * len(summary.dla_components) + 3), 3.5)
+    top = set(summary.top_dla_components)
+    colors = ["#c44e52" if c in top else "#4c72b0" for c in summary.dla_components]
+    x = np.arange(len(summary.dla_components))
+    ax.bar(x, summary.mean_dla.float().cpu().numpy(), color=colors)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(x, summary.dla_components, rotation=90, fontsize=6)
+    ax.set_ylabel(f"mean DLA to {summary.target!r}")
+    ax.set_title(f"direct logit attribution over {summary.n_positions} positions (identity error {summary.dla_sum_error:.1e})")
+    return fig
+
+
+def plot_tuned_lens_kl(result: "TunedLensComparison", ax: Any = None) -> FigureBase:
+    """Held-out KL to the final distribution per layer, plain vs tuned lens."""
+    fig, ax = _axes(ax, 6.0, 3.0)
+    layers = np.arange(len(result.kl_plain))
+    ax.plot(layers, result.kl_plain.float().cpu().numpy(), marker="o", label="logit lens")
+    ax.plot(layers, result.kl_tuned.float().cpu().numpy(), marker="o", label="tuned lens")
+    ax.set_xlabel("layer (resid_pre)")
+    ax.set_ylabel("KL(final ‖ lens), nats")
+    ax.set_title(f"held-out KL ({result.n_heldout} sequences; trained on {result.n_train})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_translator_norms(tuned: "TunedLens", ax: Any = None) -> FigureBase:
+    """Weight (Frobenius) and bias norms of a tuned lens's translators per layer."""
+    frame = tuned.to_frame()
+    fig, ax = _axes(ax, 6.0, 3.0)
+    ax.plot(frame["layer"], frame["weight_norm"], marker="o", label="‖weight‖")
+    ax.plot(frame["layer"], frame["bias_norm"], marker="o", label="‖bias‖")
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"{result.folds}-fold accuracy")
-    ax.set_title(f"linear probe on {result.hook}: {result.label_names[1]} vs {result.label_names[0]}")
+    ax.set_title(f"tuned-lens translators ({tuned.model_name or 'model'})")
+    ax.legend(fontsize=7)
     return fig

@@ -49,6 +49,7 @@ __all__ = [
     "HELD_OUT_SEED",
     "MAX_TOTAL",
     "PAD_TOKEN",
+    "GroundTruthHits",
     "Problem",
     "SPECIAL_TOKENS",
     "StepExample",
@@ -60,6 +61,8 @@ __all__ = [
     "USER_TOKEN",
     "WEIGHTS_DIR",
     "build_hf_tokenizer",
+    "context_spans",
+    "ground_truth_hits",
     "held_out_examples",
     "is_organism",
     "organism_problems",
@@ -76,6 +79,7 @@ __all__ = [
 
 from .examples import is_organism, organism_problems, problems_for, step_examples  # noqa: E402
 from .events import EVENT_KINDS, token_events  # noqa: E402
+from .scoring import GroundTruthHits, context_spans, ground_truth_hits  # noqa: E402
 
 #: Directory of the shipped model (safetensors) and tokenizer files.
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
