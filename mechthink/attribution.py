@@ -51,6 +51,7 @@ from torch import Tensor
 
 from mechthink import stats
 from mechthink.progress import track
+from mechthink.hooks import hook_name
 from mechthink.results import Result
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ __all__ = [
     "activation_patching",
     "attribution_patching",
     "compare_estimators",
-    "hook_name",
+    
     "logit_diff_metric",
     "logit_metric",
     "mean_activations",
@@ -90,13 +91,11 @@ Metric = Callable[[Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------------------------- hooks
-def hook_name(node: str, layer: int) -> str:
-    """The TransformerLens hook name of a node type at a layer (``z`` -> ``blocks.L.attn.hook_z``)."""
-    from transformer_lens.utilities import get_act_name
-
+def _node_hook(node: str, layer: int) -> str:
+    """The hook of a node type at a layer (``z`` -> ``blocks.L.attn.hook_z``), via :func:`mechthink.hooks.hook_name`."""
     if node not in NODE_TYPES:
         raise ValueError(f"unknown node type {node!r}; use one of {NODE_TYPES}")
-    return str(get_act_name(node, layer))
+    return hook_name(layer, node)
 
 
 def node_hooks(model: "ThinkingModel", nodes: str | Sequence[str]) -> list[str]:
@@ -105,7 +104,7 @@ def node_hooks(model: "ThinkingModel", nodes: str | Sequence[str]) -> list[str]:
         nodes = [nodes]
     out: list[str] = []
     for n in nodes:
-        names = [hook_name(n, L) for L in range(model.n_layers)] if n in NODE_TYPES else [n]
+        names = [_node_hook(n, L) for L in range(model.n_layers)] if n in NODE_TYPES else [n]
         for name in names:
             if name not in model.bridge.hook_dict:
                 raise ValueError(f"hook {name!r} does not exist on {model.spec.name}; see model.bridge.hook_dict")
@@ -372,18 +371,11 @@ def _hook_shapes(model: "ThinkingModel", names: Sequence[str]) -> dict[str, tupl
 
 # ------------------------------------------------------------------------------------- baselines
 def _run_cache(model: "ThinkingModel", row: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """Activations ``[pos, ...]`` of the named hooks for one row (no gradients)."""
-    cache: dict[str, Tensor] = {}
+    """Activations ``[pos, ...]`` of the named hooks for one row (no gradients), float32."""
+    from mechthink.hooks import gather
 
-    def make(name: str) -> Callable[..., None]:
-        def hook(act: Tensor, hook: Any) -> None:
-            cache[name] = act[0].detach().float().clone()
-
-        return hook
-
-    with torch.no_grad():
-        model.bridge.run_with_hooks(row, fwd_hooks=[(n, make(n)) for n in names], return_type=None)
-    return cache
+    cache = gather(model, row.reshape(-1), list(names), device=row.device)
+    return {n: cache[n][0].float() for n in names}
 
 
 def _baselines(
@@ -669,7 +661,7 @@ def attribution_patching(
     node_types = _split_nodes(nodes)
     options = _estimator_options(estimator, ig_steps, ig_batch_size)
     row = _as_row(tokens, model.device)
-    names = {n: [hook_name(n, L) for L in range(model.n_layers)] for n in node_types}
+    names = {n: [_node_hook(n, L) for L in range(model.n_layers)] for n in node_types}
     with torch.inference_mode(False), torch.enable_grad():
         scores, metric_clean = _ESTIMATE[estimator](model, row, metric, names, baseline, means, **options)
     tok = row[0].detach().cpu()
@@ -764,7 +756,7 @@ def activation_patching(
     T = row.shape[1]
     pos_list = list(range(T)) if positions is None else sorted({p % T for p in positions})
     layer_list = list(range(model.n_layers)) if layers is None else list(layers)
-    all_names = [hook_name(n, L) for n in node_types for L in layer_list]
+    all_names = [_node_hook(n, L) for n in node_types for L in layer_list]
     clean = _run_cache(model, row, all_names)
     base = _baselines(model, row, all_names, baseline, means, clean)
     n_heads = int(model.cfg.n_heads)
@@ -787,7 +779,7 @@ def activation_patching(
             chunk = jobs[c0 : c0 + batch_size]
             groups: dict[str, list[tuple[int, int, int]]] = {}
             for r, (n, L, p, h) in enumerate(chunk):
-                groups.setdefault(hook_name(n, L), []).append((r, p, h))
+                groups.setdefault(_node_hook(n, L), []).append((r, p, h))
 
             def make(h_name: str) -> Callable[..., Tensor]:
                 rows = torch.tensor([r for r, _, _ in groups[h_name]])

@@ -27,6 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink import stats
+from mechthink.hooks import hook_names
 from mechthink.results import Result
 
 if TYPE_CHECKING:
@@ -446,21 +447,15 @@ class BinnedAttention(Result):
 def _query_patterns(
     model: "ThinkingModel", row: Tensor, layers: Sequence[int], query_pos: int
 ) -> dict[int, Tensor]:
-    """Per layer, ``[head, key]`` attention of the query position (only that row is kept)."""
+    """Per layer, ``[head, key]`` attention of the query position (only that row is gathered)."""
     from mechthink.attribution import _as_row
+    from mechthink.hooks import gather
 
     row = _as_row(row, model.device)
-    out: dict[int, Tensor] = {}
-
-    def make(L: int) -> Any:
-        def hook(pattern: Tensor, hook: Any) -> None:
-            out[L] = pattern[0, :, query_pos, :].detach().float().cpu()
-
-        return hook
-
-    with torch.no_grad():
-        model.bridge.run_with_hooks(row, fwd_hooks=[(f"blocks.{L}.attn.hook_pattern", make(L)) for L in sorted(set(layers))], return_type=None)
-    return out
+    ls = sorted(set(int(L) for L in layers))
+    names = hook_names(model, "pattern", ls)
+    cache = gather(model, row, names, positions=[int(query_pos)])
+    return {L: cache[n][0, :, 0, :].float() for L, n in zip(ls, names)}
 
 
 def _is_many(tokens: Any) -> bool:
@@ -601,7 +596,9 @@ def receiver_heads(
         return hook
 
     with torch.no_grad():
-        model.bridge.run_with_hooks(row, fwd_hooks=[(f"blocks.{L}.attn.hook_pattern", make(L)) for L in range(n_layers)], return_type=None)
+        # a streaming reduction per layer (never all [head, pos, pos] patterns at once)
+        model.bridge.run_with_hooks(row, fwd_hooks=[(n, make(L)) for L, n in enumerate(hook_names(model, "pattern"))],
+                                    return_type=None)
     vertical[:, :, ~valid] = float("nan")
     if int(valid.sum()) < 4:
         raise ValueError(f"only {int(valid.sum())} key units have queries ≥{proximity_ignore} units later; use a longer text or smaller proximity_ignore")

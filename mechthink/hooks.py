@@ -44,6 +44,7 @@ __all__ = [
     "ActivationCache",
     "gather",
     "hook_kind",
+    "suffix_kind",
     "hook_name",
     "hook_names",
     "is_pattern_hook",
@@ -133,6 +134,17 @@ def hook_kind(name: str) -> tuple[int, str] | None:
     if m is None:
         return None
     return (int(m.group(1)), _SUFFIX_KIND[m.group(2)]) if m.group(2) in _SUFFIX_KIND else None
+
+
+def suffix_kind(suffix: str) -> str:
+    """The kind of a per-block TransformerLens suffix (``"hook_resid_post"`` -> ``"resid_post"``,
+    ``"mlp.hook_post"`` -> ``"mlp_post"``), or a kind given as is; one-line error otherwise."""
+    if suffix in HOOK_KINDS:
+        return suffix
+    if suffix in _SUFFIX_KIND:
+        return _SUFFIX_KIND[suffix]
+    raise ValueError(f"unknown hook {suffix!r}; pass a kind ({', '.join(HOOK_KINDS)}) or its suffix "
+                     f"({', '.join(sorted(_SUFFIX_KIND))})")
 
 
 def is_pattern_hook(name: str) -> bool:

@@ -39,6 +39,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechthink.hooks import gather, hook_name, hook_names
 from mechthink.models.thinking_model import ThinkingModel
 from mechthink.results import Result
 
@@ -323,14 +324,13 @@ def logit_lens(
     n_layers = model.n_layers
     comps = component_names(n_layers, mode)
     if mode == "accumulated":
-        hooks = [f"blocks.{L}.hook_resid_pre" for L in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+        hooks = [hook_name(L, "resid_pre") for L in range(n_layers)] + [hook_name(n_layers - 1, "resid_post")]
     else:
         hooks = (
-            ["blocks.0.hook_resid_pre"]
-            + [f"blocks.{L}.{h}" for L in range(n_layers) for h in ("hook_attn_out", "hook_mlp_out")]
+            [hook_name(0, "resid_pre")]
+            + [hook_name(L, k) for L in range(n_layers) for k in ("attn_out", "mlp_out")]
             + ["ln_final.hook_scale"]
         )
-    wanted = set(hooks)
     tid = torch.tensor(target_ids, device=model.device)
 
     all_tl, all_tp, all_tr, all_ti, all_tv, all_ml = [], [], [], [], [], []
@@ -338,15 +338,16 @@ def logit_lens(
     positions_out: list[int] = []
     pos_tokens: list[str] = []
     for i, (seq, pos) in enumerate(_normalise_inputs(model, tokens, positions)):
-        logits, cache = model.bridge.run_with_cache(seq[None], names_filter=lambda n: n in wanted)
-        p = torch.tensor(pos, device=model.device)
-        stack = torch.stack([cache[h][0, p] for h in hooks if h != "ln_final.hook_scale"], dim=1)  # [npos, comp, d]
+        cache = gather(model, seq, hooks, positions=[int(x) for x in pos], logits=True, device=model.device)
+        logits = cache.logits  # [1, npos, vocab]: only the gathered positions are kept
+        p = torch.arange(len(pos), device=model.device)
+        stack = torch.stack([cache[h][0] for h in hooks if h != "ln_final.hook_scale"], dim=1)  # [npos, comp, d]
         if mode == "accumulated":
             if tuned is not None:
                 stack = torch.cat([tuned.translate_stack(stack[:, :-1]), stack[:, -1:]], dim=1)
             comp_logits = unembed(model, final_norm(model, stack))
         else:
-            scale = cache["ln_final.hook_scale"][0, p]  # [npos, 1]
+            scale = cache["ln_final.hook_scale"][0]  # [npos, 1]
             if norm == "frozen":
                 normed = final_norm(model, stack, scale=rearrange(scale, "n one -> n 1 one"))
             else:
@@ -478,14 +479,13 @@ def tuned_lens_kl(
 ) -> Float[Tensor, "layer"]:
     """Mean KL(final ‖ lens of resid_pre_L) per layer over all positions (``tuned=None``: plain lens)."""
     tuned = tuned or TunedLens.identity(model.n_layers, model.d_model)
-    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.n_layers)]
+    names = hook_names(model, "resid_pre")
     total = torch.zeros(model.n_layers)
     count = 0
     with torch.no_grad():
         for seq in sequences:
-            t = as_token_row(seq, model.device)
-            logits, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in names)
-            target = logits[0].float().log_softmax(-1)
+            cache = gather(model, as_token_row(seq, "cpu"), names, logits=True, device=model.device)
+            target = cache.logits[0].float().log_softmax(-1)
             stack = torch.stack([cache[n][0] for n in names], dim=1).float()
             lp = unembed(model, final_norm(model, tuned.translate_stack(stack))).float().log_softmax(-1)
             kl = (target.exp()[:, None] * (target[:, None] - lp)).sum(-1)  # [pos, layer]
@@ -513,7 +513,7 @@ def train_tuned_lens(
     weight = tuned.weight.to(model.device).float().requires_grad_(True)
     bias = tuned.bias.to(model.device).float().requires_grad_(True)
     opt = torch.optim.Adam([weight, bias], lr=lr)
-    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.n_layers)]
+    names = hook_names(model, "resid_pre")
     seqs = [as_token_row(s) for s in sequences]
     if not seqs:
         raise ValueError("train_tuned_lens: no training sequences")
@@ -522,10 +522,9 @@ def train_tuned_lens(
         stacks, targets = [], []
         with torch.no_grad():
             for i in idx:
-                t = seqs[i].to(model.device)
-                logits, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in names)
+                cache = gather(model, seqs[i], names, logits=True, device=model.device)
                 stacks.append(torch.stack([cache[n][0] for n in names], dim=1).float())
-                targets.append(logits[0].float().log_softmax(-1))
+                targets.append(cache.logits[0].float().log_softmax(-1))
         stack, target = torch.cat(stacks), torch.cat(targets)
         with torch.enable_grad():
             translated = stack + einsum(stack, weight, "n layer d, layer d e -> n layer e") + bias

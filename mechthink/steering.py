@@ -164,9 +164,9 @@ class SteeringVector(Result):
 # ============================================================================ activations
 def _hook_name(layer: int, hook: str) -> str:
     """The hook name of a vector's TransformerLens suffix (``"hook_resid_post"``) at ``layer``."""
-    from mechthink.hooks import hook_name
+    from mechthink.hooks import hook_name, suffix_kind
 
-    return hook_name(layer, hook.removeprefix("hook_"))
+    return hook_name(layer, suffix_kind(hook))
 
 
 def _layers(model: "ThinkingModel", layers: Sequence[int] | None) -> list[int]:

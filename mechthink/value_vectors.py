@@ -213,20 +213,22 @@ def neuron_dla(
     Returns:
         ``layer, neuron, dla, mean_act`` for the top-k neurons, best first.
     """
+    from mechthink.hooks import gather, hook_name
+
     ids, _ = resolve_targets(model, targets)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    names = [f"blocks.{L}.mlp.hook_post" for L in layers] + ["ln_final.hook_scale"]
-    wanted = set(names)
+    posts = [hook_name(L, "mlp_post") for L in layers]
     W_U = model.bridge.W_U[:, torch.tensor(ids, device=model.device)]
     per_layer_vv = [(_w_out(model, L) @ W_U).float().mean(-1) for L in layers]  # [d_mlp]
     total = [torch.zeros_like(v) for v in per_layer_vv]
     acts_sum = [torch.zeros_like(v) for v in per_layer_vv]
+    examples = list(examples)
     for toks, pos in examples:
-        t = as_token_row(toks, model.device)
-        _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
-        scale = cache["ln_final.hook_scale"][0, pos].float()
-        for i, L in enumerate(layers):
-            act = cache[f"blocks.{L}.mlp.hook_post"][0, pos].float()
+        cache = gather(model, [int(i) for i in as_token_row(toks, "cpu")], [*posts, "ln_final.hook_scale"],
+                       positions=[int(pos)], device=model.device)
+        scale = cache["ln_final.hook_scale"][0, 0].float()
+        for i, name in enumerate(posts):
+            act = cache[name][0, 0].float()
             total[i] += act * per_layer_vv[i] / scale
             acts_sum[i] += act
     n = max(1, len(examples))
@@ -247,18 +249,21 @@ def collect_activations(
     hook: str = "hook_resid_post",
     layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "example layer d"]:
-    """Activations of ``blocks.{L}.{hook}`` at one position per example (token ids, position)."""
+    """Activations of ``blocks.{L}.{hook}`` at one position per example (token ids, position),
+    gathered only there (:func:`mechthink.hooks.gather`)."""
+    from mechthink.hooks import gather, hook_name, suffix_kind
+
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    names = [f"blocks.{L}.{hook}" for L in layers]
-    wanted = set(names)
-    rows = []
+    names = [hook_name(L, suffix_kind(hook)) for L in layers]
+    seqs, positions = [], []
     for toks, pos in examples:
-        t = as_token_row(toks, model.device)
+        t = [int(i) for i in as_token_row(toks, "cpu")]
         if not -len(t) <= pos < len(t):
             raise ValueError(f"collect_activations: position {pos} outside a sequence of length {len(t)}")
-        _, cache = model.bridge.run_with_cache(t[None], names_filter=lambda n: n in wanted)
-        rows.append(torch.stack([cache[n][0, pos].float().cpu() for n in names]))
-    return torch.stack(rows)
+        seqs.append(t)
+        positions.append([int(pos)])
+    cache = gather(model, seqs, names, positions=positions, batch_size=1)
+    return torch.stack([cache[n][:, 0].float() for n in names], dim=1)
 
 
 @dataclass
@@ -412,6 +417,8 @@ def ablate_neurons(model: ThinkingModel, neurons: Mapping[int, Sequence[int]]) -
     A context manager on ``bridge.hooks``: exactly the hooks it added are removed on exit,
     also after an exception.
     """
+    from mechthink.hooks import hook_name
+
     fwd_hooks = []
     for layer, ns in neurons.items():
         idx = torch.tensor(list(ns), dtype=torch.long, device=model.device)
@@ -423,7 +430,7 @@ def ablate_neurons(model: ThinkingModel, neurons: Mapping[int, Sequence[int]]) -
             act[..., idx] = 0.0
             return act
 
-        fwd_hooks.append((f"blocks.{layer}.mlp.hook_post", zero))
+        fwd_hooks.append((hook_name(layer, "mlp_post", model), zero))
     with model.bridge.hooks(fwd_hooks=fwd_hooks):
         yield
 

@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 import mechthink as mt
 from conftest import TYPE_ERRORS
 from mechthink import attribution as A
+from mechthink.hooks import hook_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "LlamaForCausalLM"
@@ -75,7 +76,7 @@ def test_atp_is_first_order_exact(normal):
     """Baseline = clean activation + a small perturbation: AtP equals exact patching to first order."""
     toks = normal.to_tokens(TEXT)[0]
     metric = A.logit_metric(-1, normal.token_ids("Wait"))
-    names = [A.hook_name(n, L) for n in A.NODE_TYPES for L in range(normal.n_layers)]
+    names = [hook_name(L, n) for n in A.NODE_TYPES for L in range(normal.n_layers)]
     _, cache = normal.bridge.run_with_cache(toks.unsqueeze(0), names_filter=names)
     g = torch.Generator().manual_seed(0)
     eps = 1e-2
@@ -335,7 +336,7 @@ def test_qkfix_first_order_exact_and_better_than_atp(normal):
     column terms use the right gradients); mean ablation: it ranks nodes at least as well as AtP."""
     toks = normal.to_tokens(TEXT)[0]
     metric = A.logit_metric(-1, normal.token_ids("Wait"))
-    names = [A.hook_name(n, L) for n in ALL for L in range(normal.n_layers)]
+    names = [hook_name(L, n) for n in ALL for L in range(normal.n_layers)]
     _, cache = normal.bridge.run_with_cache(toks.unsqueeze(0), names_filter=names)
     g = torch.Generator().manual_seed(0)
     base = {h: cache[h][0] + 1e-2 * cache[h][0].abs().mean() * torch.randn(cache[h][0].shape, generator=g) for h in names}
