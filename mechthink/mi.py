@@ -621,7 +621,9 @@ class MITrajectory(Result):
 
 
 def _default_hook(bridge: Any) -> str:
-    return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
+    from mechthink.hooks import hook_name
+
+    return hook_name(int(bridge.cfg.n_layers) - 1, "resid_post")
 
 
 def _resid(model: Any, tokens: Int[Tensor, "pos"], hook: str, positions: Any = None) -> Float[Tensor, "kept d_model"]:
@@ -717,14 +719,14 @@ def mi_trajectory(
     Because the model is causal, the representation at position ``t - 1`` of one teacher-forced
     forward over the whole trace equals the last-position representation of greedy generation
     at that step (what the paper's hook records on each ``generate`` call), so a single
-    ``run_with_cache`` replaces the step-by-step capture.  Each step is labelled by the token it
+    one forward (:func:`mechthink.hooks.gather`) replaces the step-by-step capture.  Each step is labelled by the token it
     generated, as in the paper's notebook.
 
     ``h_y`` comes from a separate forward over ``answer_tokens`` alone (the paper forwards the
     reference solution text without the question); ``answer_repr="last"`` takes its last
     token (the paper), ``"mean"`` the mean over its tokens.
 
-    The trace is run in one ``run_with_cache`` caching only ``hook``; for very long traces on big
+    The trace is run once, gathering only ``hook`` at the step positions; for very long traces on big
     models, collect the activations with a chunked prefill and call
     :func:`mi_trajectory_from_acts` instead.
 
