@@ -718,16 +718,16 @@ def mi_trajectory(
     step ``t`` produced token ``t`` from the representation at the last input position, ``t - 1``.
     Because the model is causal, the representation at position ``t - 1`` of one teacher-forced
     forward over the whole trace equals the last-position representation of greedy generation
-    at that step (what the paper's hook records on each ``generate`` call), so a single
-    one forward (:func:`mechthink.hooks.gather`) replaces the step-by-step capture.  Each step is labelled by the token it
-    generated, as in the paper's notebook.
+    at that step (what the paper's hook records on each ``generate`` call), so one
+    forward (:func:`mechthink.hooks.gather`) replaces the step-by-step capture. Each step is
+    labelled by the token it generated, as in the paper's notebook.
 
     ``h_y`` comes from a separate forward over ``answer_tokens`` alone (the paper forwards the
     reference solution text without the question); ``answer_repr="last"`` takes its last
     token (the paper), ``"mean"`` the mean over its tokens.
 
-    The trace is run once, gathering only ``hook`` at the step positions; for very long traces on big
-    models, collect the activations with a chunked prefill and call
+    The trace is run once, gathering only ``hook`` at the step positions; for very long traces
+    on big models, collect the activations with a chunked prefill and call
     :func:`mi_trajectory_from_acts` instead.
 
     Args:
