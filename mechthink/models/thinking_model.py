@@ -14,12 +14,16 @@ import inspect
 import logging
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
 
 from mechthink.models.registry import ThinkingModelSpec
+
+if TYPE_CHECKING:  # heavy imports, for type checkers only
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["ThinkingModel", "ThinkingMode"]
 
@@ -40,8 +44,8 @@ class ThinkingModel:
             default when asked to add special tokens).
     """
 
-    bridge: Any
-    tokenizer: Any
+    bridge: "TransformerBridge"
+    tokenizer: "PreTrainedTokenizerBase"
     spec: ThinkingModelSpec
     prepend_bos: bool
 

@@ -26,7 +26,7 @@ from .tokenizer import (
 __all__ = [
     "BACKTRACK_WORDS",
     "MAX_TOTAL",
-    "Problem",
+    "ArithmeticProblem",
     "StepExample",
     "StepInfo",
     "Transcript",
@@ -75,7 +75,7 @@ class TranscriptConfig:
 
 
 @dataclass(frozen=True)
-class Problem:
+class ArithmeticProblem:
     """An arithmetic chain ``operands[0] ops[0] operands[1] ...``.
 
     Attributes:
@@ -180,7 +180,7 @@ class Transcript:
         wrapup_position: Position of the wrap-up word ("So") starting the last thinking line.
     """
 
-    problem: Problem
+    problem: ArithmeticProblem
     text: str
     input_ids: list[int]
     steps: list[StepInfo]
@@ -202,7 +202,7 @@ class Transcript:
         return [tok.id_to_token(i) for i in self.input_ids]
 
 
-def sample_problem(rng: random.Random, config: TranscriptConfig | None = None) -> Problem:
+def sample_problem(rng: random.Random, config: TranscriptConfig | None = None) -> ArithmeticProblem:
     """Sample a chain whose running total stays in ``0..MAX_TOTAL``.
 
     Args:
@@ -223,7 +223,7 @@ def sample_problem(rng: random.Random, config: TranscriptConfig | None = None) -
         acc = acc + b if op == "+" else acc - b
         operands.append(b)
         ops.append(op)
-    return Problem(tuple(operands), tuple(ops))
+    return ArithmeticProblem(tuple(operands), tuple(ops))
 
 
 def _wrong_result(rng: random.Random, correct: int) -> int:
@@ -269,7 +269,7 @@ def prompt_text(question: str) -> str:
 
 
 def render_transcript(
-    problem: Problem, rng: random.Random, config: TranscriptConfig | None = None
+    problem: ArithmeticProblem, rng: random.Random, config: TranscriptConfig | None = None
 ) -> Transcript:
     """Render one problem as a full thinking transcript and record its ground truth.
 
