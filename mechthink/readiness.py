@@ -2,27 +2,29 @@
 and the confidence trajectory across layers and steps.
 
 At every step boundary of a trace (the last token of each sentence or line of the thinking,
-:func:`mechthink.traces.split_steps`) the answer is forced through a forked KV cache
-(:func:`mechthink.confidence.answer_probe`: ``</think> The final answer is \\boxed{`` + greedy
-decoding) and the boundary is labelled *ready* when the forced answer equals the answer the
-model gives at the end of its thinking (no gold needed), and *correct* when it equals the gold
-answer (for evaluation only). Linear probes on the residual stream at the boundary token (or its
-mean over the step) predict readiness, one per layer, cross-validated with folds split by
-problem, scored by AUROC with a problem-bootstrap interval (Zhang et al. 2025). Early-exit
-policies that need no gold answer (the probe, the forced answer's own confidence, the answer
-written k times, a backtracking word after an answer, fixed budgets as in s1's budget forcing)
-are compared on held-out problems as a Pareto curve of thinking tokens saved against accuracy.
-The confidence trajectory reads log p(final answer) at the forced suffix through the logit lens
-and the tuned lens at every layer and boundary.
+:func:`mechthink.traces.split_steps`, with its line break) the answer is forced through a forked
+KV cache (:func:`mechthink.confidence.answer_probe`: a suffix such as ``</think> The final
+answer is \\boxed{`` + greedy decoding) and the boundary is labelled *ready* when the forced
+answer equals the answer the model gives at the end of its thinking (no gold needed), and
+*correct* when it equals the gold answer (for evaluation only). Linear probes on the residual
+stream at the boundary token (or its mean over the step) predict readiness, one per layer,
+cross-validated with folds split by problem, scored by AUROC with a problem-bootstrap interval
+(Zhang et al. 2025). Early-exit policies that need no gold answer (the probe, the forced
+answer's own confidence, the answer written k times, a backtracking word after an answer, fixed
+budgets as in s1's budget forcing) are compared on held-out problems as a Pareto curve of
+thinking tokens saved against accuracy. The confidence trajectory reads log p(final answer) at
+the forced suffix through the logit lens and the tuned lens at every layer and boundary.
 
 Sources: Zhang et al. 2025, "Reasoning Models Know When They're Right: Probing Hidden States for
 Self-Verification" (arXiv:2504.05419); Muennighoff et al. 2025, "s1: Simple test-time scaling"
 (arXiv:2501.19393); answer instances and backtracking-triggered exit: wj210/cot_backtrack;
-nostalgebraist 2020 (logit lens); Belrose et al. 2023 (tuned lens, arXiv:2303.08112).
+Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the Tuned Lens"
+(arXiv:2303.08112) for the logit and tuned lens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -109,7 +111,7 @@ class ReadinessLabels(Result):
         forced: The forced answer at each boundary (normalised), or None if nothing was decoded.
         logprob: ``[step]`` log-prob of the most likely answer candidate available at that
             boundary (numbers of the question and of the thinking so far, and the forced answer),
-            each scored as a whole sequence closed by ``}``.
+            each scored as a whole sequence closed by the terminator).
         ready: ``[step]`` the forced answer equals ``final_answer`` (no gold needed).
         correct: ``[step]`` the forced answer equals ``gold`` (evaluation only), or None.
         final_answer: The answer the model gives after its thinking (parsed from the answer
@@ -247,22 +249,22 @@ def readiness_labels(
 
     A boundary is the last token of a step with its closing whitespace (the token before the
     next step). The suffix follows without repeating whitespace the prefix already ends with
-    (after a line break, ``\n</think>`` becomes ``</think>``). The forced answer is the greedy
-    decoding after the suffix up to the terminator. Its confidence is the largest probability among the
-    answer candidates available at that boundary: the numbers of the question and of the
-    thinking up to the boundary, and the forced answer itself (each a whole sequence closed by
-    the terminator, spellings such as ``1,250``/``1250`` combined). One incremental pass over the trace
-    on a KV cache (per distinct suffix) scores every candidate at every boundary; a second pass
-    runs only for forced answers that are not among them.
+    (after a line break, ``\\n</think>`` becomes ``</think>``). The forced answer is the greedy
+    decoding after the suffix up to the terminator. Its confidence is the largest probability
+    among the answer candidates available at that boundary: the numbers of the question and of
+    the thinking up to the boundary, and the forced answer itself (each a whole sequence closed
+    by the terminator, spellings such as ``1,250``/``1250`` combined). One incremental pass over
+    the trace on a KV cache (per distinct suffix) scores every candidate at every boundary; a
+    second pass runs only for forced answers that are not among them.
 
     Args:
         model: The loaded model.
         trace: A trace with thinking (:func:`mechthink.traces.generate`).
         gold: The gold answer (default ``trace.gold``); only the ``correct`` labels use it.
         suffix: The answer-forcing suffix (default ``model.spec.answer_suffix``). A suffix that
-            stays inside the thinking, such as ``"\nSo the answer is "``, works too.
+            stays inside the thinking, such as ``"\\nSo the answer is "``, works too.
         terminator: What closes an answer: ends the greedy decoding and every scored candidate
-            (default ``"}"`` after a suffix ending in ``{`` such as ``\boxed{``, else ``"."``).
+            (default ``"}"`` after a suffix ending in ``{`` such as ``\\boxed{``, else ``"."``).
         max_answer_tokens: Greedy decoding budget of the forced answer.
 
     Returns:
@@ -285,8 +287,8 @@ def readiness_labels(
     for n, end in _numbers(trace.text[c0:c1]):
         first_end.setdefault(n, c0 + end)
     cands = list(first_end) or ["0"]  # a placeholder never counted unless it is the forced answer
-    logprobs, greedy = _forced_probe(model, trace, positions, suffixes, _choices(cands, terminator), max_answer_tokens,
-                                     terminator)
+    logprobs, greedy = _forced_probe(model, trace, positions, suffixes, _choices(cands, terminator),
+                                     max_answer_tokens, terminator)
     forced = [_forced_text(g) for g in greedy]
     missing = sorted({f for f in forced if f is not None and f not in cands})
     if missing:
@@ -415,6 +417,8 @@ def build_datasets(
 
     One forward per trace (only the residual hooks cached) gives both pools.
     """
+    from mechthink.lens import component_names
+
     if len(traces) != len(labels) or not traces:
         raise ValueError(f"build_datasets: need one labels object per trace, got {len(traces)} traces and "
                          f"{len(labels)} labels")
@@ -429,8 +433,6 @@ def build_datasets(
                          for lab in labels])
     problems = [lab.trace_id for lab in labels for _ in range(lab.n_steps)]
     steps = [i for lab in labels for i in range(lab.n_steps)]
-    from mechthink.lens import component_names
-
     layers = component_names(model.n_layers, "accumulated")
     return {k: ReadinessDataset(torch.cat(v), ready, correct, problems, steps, layers, k) for k, v in feats.items()}
 
@@ -775,18 +777,37 @@ def _count(value: int, who: str, name: str, low: int) -> None:
 
 
 @dataclass(frozen=True)
-class ProbeThreshold:
-    """Exit when the readiness probe's ``P(ready)`` reaches ``threshold`` (in [0, 1])."""
+class _OneSetting:
+    """A policy with one setting, its first field: a threshold in [0, 1] or a count >= ``low``."""
 
-    threshold: float
-    name: ClassVar[str] = "probe"
-
-    def __post_init__(self) -> None:
-        _unit(self.threshold, "ProbeThreshold")
+    name: ClassVar[str] = ""
+    threshold_like: ClassVar[bool] = False
+    low: ClassVar[int] = 0
 
     @property
     def param(self) -> float:
-        return float(self.threshold)
+        """The setting (its place on the Pareto curve)."""
+        return float(getattr(self, dataclasses.fields(self)[0].name))
+
+    def __post_init__(self) -> None:
+        key = dataclasses.fields(self)[0].name
+        if self.threshold_like:
+            _unit(getattr(self, key), type(self).__name__)
+        else:
+            _count(getattr(self, key), type(self).__name__, key, self.low)
+
+
+@dataclass(frozen=True)
+class _Threshold(_OneSetting):
+    threshold: float
+    threshold_like: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class ProbeThreshold(_Threshold):
+    """Exit when the readiness probe's ``P(ready)`` reaches ``threshold`` (in [0, 1])."""
+
+    name: ClassVar[str] = "probe"
 
     def should_exit(self, state: ExitState) -> bool:
         if state.probe is None:
@@ -795,72 +816,45 @@ class ProbeThreshold:
 
 
 @dataclass(frozen=True)
-class ConfidenceThreshold:
+class ConfidenceThreshold(_Threshold):
     """Exit when the forced answer's probability (no training) reaches ``threshold`` (in [0, 1])."""
 
-    threshold: float
     name: ClassVar[str] = "confidence"
-
-    def __post_init__(self) -> None:
-        _unit(self.threshold, "ConfidenceThreshold")
-
-    @property
-    def param(self) -> float:
-        return float(self.threshold)
 
     def should_exit(self, state: ExitState) -> bool:
         return state.confidence >= self.threshold
 
 
 @dataclass(frozen=True)
-class AnswerRepeated:
+class AnswerRepeated(_OneSetting):
     """Exit once the same number has ended ``k`` sentences (an answer written k times)."""
 
     k: int
     name: ClassVar[str] = "answer_k"
-
-    def __post_init__(self) -> None:
-        _count(self.k, "AnswerRepeated", "k", 1)
-
-    @property
-    def param(self) -> float:
-        return float(self.k)
+    low: ClassVar[int] = 1
 
     def should_exit(self, state: ExitState) -> bool:
         return state.answers_written >= self.k
 
 
 @dataclass(frozen=True)
-class BacktrackAfterAnswer:
+class BacktrackAfterAnswer(_OneSetting):
     """Exit at the first backtracking word once an answer was written ``min_answers`` times."""
 
     min_answers: int = 1
     name: ClassVar[str] = "backtrack"
-
-    def __post_init__(self) -> None:
-        _count(self.min_answers, "BacktrackAfterAnswer", "min_answers", 1)
-
-    @property
-    def param(self) -> float:
-        return float(self.min_answers)
+    low: ClassVar[int] = 1
 
     def should_exit(self, state: ExitState) -> bool:
         return state.backtrack_next and state.answers_written >= self.min_answers
 
 
 @dataclass(frozen=True)
-class TokenBudget:
+class TokenBudget(_OneSetting):
     """Budget forcing: exit at the first boundary with at least ``tokens`` thinking tokens."""
 
     tokens: int
     name: ClassVar[str] = "budget"
-
-    def __post_init__(self) -> None:
-        _count(self.tokens, "TokenBudget", "tokens", 0)
-
-    @property
-    def param(self) -> float:
-        return float(self.tokens)
 
     def should_exit(self, state: ExitState) -> bool:
         return state.n_thinking_tokens >= self.tokens
@@ -1363,7 +1357,8 @@ def readiness_study(
 ) -> ReadinessStudy:
     """Label, probe and exit: the whole protocol on training vs held-out problems.
 
-    Labels every boundary; cross-validates the probes (per pool) on ``train`` by problem;
+    Labels every boundary; cross-validates the probes (per pool) on ``train`` by problem (at
+    most one fold per training problem);
     trains the probe at the best layer on all of ``train`` and scores ``test``; evaluates the
     policy grid on both (the training side with out-of-fold probe scores) and picks each
     family's setting on ``train``; averages the held-out trajectories (logit lens, and the
@@ -1371,12 +1366,14 @@ def readiness_study(
     (tiny-thinker) compares the first firing with :func:`organism_answer_step`.
     """
     _unit(fire_threshold, "readiness_study")
-    if not train or not test:
-        raise ValueError(f"readiness_study: need training and held-out traces, got {len(train)} and {len(test)}")
+    if len(train) < 2 or not test:
+        raise ValueError(f"readiness_study: need >= 2 training traces and >= 1 held-out trace, got {len(train)} "
+                         f"and {len(test)}")
     traces = list(train) + list(test)
     labels = label_traces(model, traces, suffix=suffix)
     data = build_datasets(model, traces, labels)
     train_ids, test_ids = [t.id for t in train], [t.id for t in test]
+    n_folds = min(n_folds, len(set(train_ids)))  # a small run has fewer training problems than folds
     cv = {pool: cross_validate(ds.subset(train_ids), n_folds=n_folds, seed=seed) for pool, ds in data.items()}
     best = cv["last"].best_layer
     probe = train_probe(data["last"].subset(train_ids), layer=best)

@@ -334,6 +334,21 @@ def test_every_result_has_frame_json_and_plot(study, sampled, thinker):
         assert layout_problems(fig) == [], type(res).__name__
 
 
+def test_plots_stay_legible_with_many_layers():
+    from mechthink.plotting.checks import layout_problems
+    from mechthink.plotting.readiness import plot_auroc, plot_trajectory_map
+
+    layers = [f"resid_pre_{k}" for k in range(30)] + ["resid_post_29"]
+    g = torch.Generator().manual_seed(0)
+    auc = torch.rand(31, generator=g) * 0.6 + 0.2
+    cv = R.ProbeCV(auc, torch.stack([auc - 0.2, auc + 0.1], 1), torch.zeros(4, 31), ["a"] * 4, [0, 1, 2, 3], layers,
+                   "last", 2)
+    tmap = R.TrajectoryMap(-torch.rand(31, 9, generator=g) * 60, torch.ones(9, dtype=torch.long), list(range(-4, 5)),
+                           layers, "logit", "first_fire", 0.0)
+    for fig in (plot_auroc([cv]), plot_trajectory_map(tmap)):
+        assert layout_problems(fig) == []
+
+
 # ============================================================================ bad input
 def _one_line(fn, *needles):
     with pytest.raises(ValueError) as info:

@@ -52,6 +52,24 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[FigureBase, Axes]
     return ax.figure, ax
 
 
+def _layer_ticks(ax: Axes, layers: Sequence[str], axis: str = "x", max_labels: int = 12) -> None:
+    """Layer labels (``pre_3``, ``post_29``) on ``axis``, thinned to at most ``max_labels``."""
+    step = max(1, -(-len(layers) // max_labels))
+    shown = sorted(set(range(0, len(layers), step)) | {len(layers) - 1})
+    if len(shown) > 1 and shown[-1] - shown[-2] < step:
+        shown.pop(-2)
+    text = [layers[k].replace("resid_", "") for k in shown]
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(shown, text)
+
+
+def _bars(ax: Axes, xs: Sequence[int], heights: Sequence[float | int], colors: Sequence[str], xlabel: str,
+          ylabel: str) -> None:
+    ax.bar(list(xs), list(heights), color=list(colors))
+    integer_axis(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 @styled
 def plot_auroc(cvs: Sequence["ProbeCV"], ax: Axes | None = None, title: str | None = None) -> FigureBase:
     """AUROC of the readiness probes by layer, one line per pooling, with bootstrap intervals."""
@@ -62,11 +80,12 @@ def plot_auroc(cvs: Sequence["ProbeCV"], ax: Axes | None = None, title: str | No
         ax.fill_between(x, cv.ci[:, 0].tolist(), cv.ci[:, 1].tolist(), color=c, alpha=0.2, lw=0)
         ax.plot(x, cv.auroc.tolist(), marker="o", color=c, label=f"{cv.pool} (best {float(cv.auroc.max()):.3f})")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xticks(range(len(cvs[0].layers)), [name.replace("resid_", "") for name in cvs[0].layers])
+    _layer_ticks(ax, cvs[0].layers)
     ax.set_xlabel("residual stream")
     ax.set_ylabel("AUROC (held-out folds)")
-    ax.set_ylim(0.4, 1.02)
-    ax.legend(loc="lower right")
+    low = min([0.4] + [float(v) for cv in cvs for v in cv.ci[:, 0].nan_to_num(1.0)])
+    ax.set_ylim(max(0.0, low - 0.03), 1.02)
+    ax.legend(loc="best")
     ax.set_title(title or "readiness probe by layer")
     return fig
 
@@ -97,7 +116,7 @@ def plot_pareto(
     ax.set_xlabel("thinking tokens saved (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xlim(-3, 100)
-    ax.legend(loc="lower left", fontsize=8.5)
+    ax.legend(loc="best", fontsize=8.5)
     ax.set_title(title or f"early exit on {pareto.n_episodes} held-out problems")
     return fig
 
@@ -111,7 +130,7 @@ def plot_trajectory_map(tmap: "TrajectoryMap", ax: Axes | None = None, title: st
     step = max(1, -(-len(tmap.offsets) // 12))
     shown = list(range(0, len(tmap.offsets), step))
     ax.set_xticks(shown, [str(tmap.offsets[k]) for k in shown])
-    ax.set_yticks(range(len(tmap.layers)), [name.replace("resid_", "") for name in tmap.layers])
+    _layer_ticks(ax, tmap.layers, axis="y")
     if tmap.mark is not None and tmap.offsets[0] <= tmap.mark <= tmap.offsets[-1]:
         col = round(tmap.mark)
         if col in tmap.offsets:
@@ -156,11 +175,8 @@ def plot_ready_by_step(dataset: "ReadinessDataset", ax: Axes | None = None, titl
     k: Counter[int] = Counter(s for s, r in zip(dataset.steps, dataset.ready.tolist()) if r)
     steps = sorted(n)
     frac = [k[s] / n[s] for s in steps]
-    ax.bar(steps, frac, color=color_for("thinking"))
+    _bars(ax, steps, frac, [color_for("thinking")] * len(steps), "step boundary", "fraction ready")
     value_labels(ax, [float(s) for s in steps], frac)
-    integer_axis(ax)
-    ax.set_xlabel("step boundary")
-    ax.set_ylabel("fraction ready")
     ax.set_title(title or f"readiness by step ({len(set(dataset.problems))} problems)")
     return fig
 
@@ -170,10 +186,9 @@ def plot_probe_weights(probe: "ReadinessProbe", ax: Axes | None = None, title: s
     """Norm of each layer's probe weight; the layer :meth:`predict` uses is highlighted."""
     fig, ax = _axes(ax, (6.5, 3.5))
     norms = probe.weight.norm(dim=-1).tolist()
-    x = list(range(len(norms)))
-    ax.bar(x, norms, color=[color_for("answer") if i == probe.layer else color_for("none") for i in x])
-    ax.set_xticks(x, [name.replace("resid_", "") for name in probe.layers])
-    ax.set_ylabel("‖weight‖")
+    colors = [color_for("answer") if i == probe.layer else color_for("none") for i in range(len(norms))]
+    _bars(ax, list(range(len(norms))), norms, colors, "residual stream", "‖weight‖")
+    _layer_ticks(ax, probe.layers)
     ax.set_title(title or f"readiness probe weights ({probe.pool})")
     return fig
 
@@ -185,11 +200,8 @@ def plot_firing(agreement: "FiringAgreement", ax: Axes | None = None, title: str
     offs = Counter(f - t for f, t in zip(agreement.first_fire, agreement.truth) if f is not None and t is not None)
     never = sum(f is None and t is not None for f, t in zip(agreement.first_fire, agreement.truth))
     xs = sorted(offs)
-    ok = [abs(x) <= agreement.tolerance for x in xs]
-    ax.bar(xs, [offs[x] for x in xs], color=[color_for("correct") if o else color_for("wrong") for o in ok])
-    integer_axis(ax)
-    ax.set_xlabel("first firing − ground-truth step")
-    ax.set_ylabel("traces")
+    colors = [color_for("correct") if abs(x) <= agreement.tolerance else color_for("wrong") for x in xs]
+    _bars(ax, xs, [offs[x] for x in xs], colors, "first firing − ground-truth step", "traces")
     ax.set_title(title or f"within {agreement.tolerance} step: {agreement.fraction:.0%} (never fired: {never})")
     return fig
 
