@@ -99,6 +99,9 @@ def hook_name(layer: int, kind: str, model: "ThinkingModel | Any | None" = None)
 
     Returns:
         The hook name, e.g. ``"blocks.3.hook_resid_pre"``.
+
+    >>> hook_name(3, "resid_pre"), hook_name(0, "mlp_post"), hook_name(2, "pattern")
+    ('blocks.3.hook_resid_pre', 'blocks.0.mlp.hook_post', 'blocks.2.attn.hook_pattern')
     """
     from transformer_lens.utilities import get_act_name
 
@@ -138,7 +141,11 @@ def hook_kind(name: str) -> tuple[int, str] | None:
 
 def suffix_kind(suffix: str) -> str:
     """The kind of a per-block TransformerLens suffix (``"hook_resid_post"`` -> ``"resid_post"``,
-    ``"mlp.hook_post"`` -> ``"mlp_post"``), or a kind given as is; one-line error otherwise."""
+    ``"mlp.hook_post"`` -> ``"mlp_post"``), or a kind given as is; one-line error otherwise.
+
+    >>> suffix_kind("hook_resid_post"), suffix_kind("mlp.hook_post"), suffix_kind("z")
+    ('resid_post', 'mlp_post', 'z')
+    """
     if suffix in HOOK_KINDS:
         return suffix
     if suffix in _SUFFIX_KIND:

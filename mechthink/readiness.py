@@ -319,10 +319,9 @@ def label_traces(model: "ThinkingModel", traces: Sequence[Trace], **kwargs: Any)
 
 # ============================================================================ features
 def _layer_hooks(n_layers: int) -> list[str]:
-    from transformer_lens.utilities import get_act_name
+    from mechthink.hooks import hook_name
 
-    pre = [str(get_act_name("resid_pre", L)) for L in range(n_layers)]
-    return pre + [str(get_act_name("resid_post", n_layers - 1))]
+    return [hook_name(L, "resid_pre") for L in range(n_layers)] + [hook_name(n_layers - 1, "resid_post")]
 
 
 @dataclass
@@ -399,10 +398,10 @@ def _group(problems: Sequence[str], steps: Sequence[int], values: Sequence[float
 
 @torch.inference_mode()
 def _boundary_features(model: "ThinkingModel", trace: Trace, labels: ReadinessLabels) -> dict[str, Tensor]:
+    from mechthink.hooks import gather
+
     names = _layer_hooks(model.n_layers)
-    wanted = set(names)
-    ids = torch.tensor([trace.ids[: labels.positions[-1] + 1]], dtype=torch.long, device=model.device)
-    _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in wanted)
+    cache = gather(model, trace.ids[: labels.positions[-1] + 1], names)
     stack = torch.stack([cache[n][0] for n in names], dim=1).float().cpu()  # [pos, layer, d_model]
     last = stack[torch.tensor(labels.positions)]
     mean = torch.stack([reduce(stack[s : p + 1], "pos layer d -> layer d", "mean")
@@ -1034,31 +1033,12 @@ def first_firing(scores: Sequence[float], threshold: float = 0.5) -> int | None:
     return next((i for i, s in enumerate(scores) if s >= threshold), None)
 
 
-_STEP_CALC_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.$")
-
-
 def organism_answer_step(trace: Trace, labels: ReadinessLabels) -> int | None:
-    """tiny-thinker's ground truth: the boundary after which the answer is determined.
+    """tiny-thinker's ground truth for ``trace``: the boundary after which the answer is
+    determined (:func:`mechthink.models.organism.answer_determining_step`), or None."""
+    from mechthink.models.organism import answer_determining_step
 
-    In the organism's generator (:mod:`mechthink.models.organism.tasks`) the answer is the
-    correct result of the last operation; it is determined by the first step that writes that
-    operation with its correct result (a wrongly written last step is followed by a
-    backtracking word and the corrected step). None when the trace never writes it.
-    """
-    m = re.fullmatch(r"Compute (.+)\.", trace.question.strip())
-    if m is None:
-        raise ValueError(f"organism_answer_step: {trace.question!r} is not a tiny-thinker question")
-    parts = m.group(1).split()
-    operands, ops = [int(x) for x in parts[::2]], parts[1::2]
-    totals = [operands[0]]
-    for op, b in zip(ops, operands[1:]):
-        totals.append(totals[-1] + b if op == "+" else totals[-1] - b)
-    want = (totals[-2], ops[-1], operands[-1], totals[-1])
-    for i, text in enumerate(labels.step_texts):
-        c = _STEP_CALC_RE.search(text)
-        if c and (int(c.group(1)), c.group(2), int(c.group(3)), int(c.group(4))) == want:
-            return i
-    return None
+    return answer_determining_step(trace.question, labels.step_texts)
 
 
 @dataclass

@@ -31,6 +31,7 @@ SMALL: dict[str, dict] = {
     "suppression": dict(n_samples=3, n_random=2, n_seeds=2, n_random_sampled=1, n_seeds_control=1, max_new_tokens=30),
     "budget_forcing": dict(n_samples=3, budgets="2,8", extensions="0,1", max_new_tokens=60),
     "mi_peaks": dict(n_samples=3),
+    "readiness": dict(n_samples=12, n_folds=2, n_lens_steps=2, budgets="8,32"),
 }
 #: Keys whose values are not numbers of the analysis (file names).
 IGNORE = {"html_view"}

@@ -17,6 +17,9 @@ MODULES: list[str] = [
     "mechthink.mi",
     "mechthink.confidence",
     "mechthink.models.organism.events",
+    "mechthink.models.organism.scoring",
+    "mechthink.hooks",
+    "mechthink.plotting.style",
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")

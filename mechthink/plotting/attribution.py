@@ -18,15 +18,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 from matplotlib.axes import Axes
-
 from matplotlib.figure import FigureBase
 from torch import Tensor
 
 from mechthink.plotting.base import new_axes as _new_axes
 from mechthink.plotting.base import new_figure
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
-    from mechthink.attribution import AttributionResult, EstimatorComparison, HeadRanking, MeanActivations, SpearmanTable
+    from mechthink.attribution import (
+        AttributionResult,
+        EstimatorComparison,
+        HeadRanking,
+        MeanActivations,
+        SpearmanTable,
+    )
     from mechthink.context import BinnedAttention, BinnedImportance, FutureWordOverlap
     from mechthink.models.organism.scoring import GroundTruthHits
 
@@ -64,6 +70,7 @@ def _finish(fig: FigureBase) -> FigureBase:
     return fig
 
 
+@styled
 def colored_tokens_html(
     str_tokens: Sequence[str],
     values: Float[Tensor, "pos"] | Sequence[float | int],
@@ -89,6 +96,7 @@ def colored_tokens_html(
     return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{_html.escape(title or "token importance")}</title></head>\n<body>\n{head}{body}\n</body></html>\n'
 
 
+@styled
 def save_colored_tokens(path: str | Path, str_tokens: Sequence[str], values: Any, title: str | None = None, **kwargs: Any) -> Path:
     """Write :func:`colored_tokens_html` to ``path`` (UTF-8)."""
     path = Path(path)
@@ -97,6 +105,7 @@ def save_colored_tokens(path: str | Path, str_tokens: Sequence[str], values: Any
     return path
 
 
+@styled
 def plot_attribution_heatmap(
     result: "AttributionResult", node: str = "resid_pre", ax: Axes | None = None, max_xticks: int = 60
 ) -> FigureBase:
@@ -118,6 +127,7 @@ def plot_attribution_heatmap(
     return _finish(fig)
 
 
+@styled
 def plot_binned(
     labels: Sequence[str],
     values: Float[Tensor, "row bin"],
@@ -149,6 +159,7 @@ def plot_binned(
     return _finish(fig)
 
 
+@styled
 def plot_estimator_heatmaps(
     comparison: "EstimatorComparison", sample: int = 0, node: str = "resid_pre", axes: Sequence[Axes] | None = None,
     what: str = "metric",
@@ -174,6 +185,7 @@ def plot_estimator_heatmaps(
     return axes[0].figure
 
 
+@styled
 def plot_attribution_overview(
     comparison: "EstimatorComparison",
     bins: "BinnedImportance",
@@ -201,6 +213,7 @@ def plot_attribution_overview(
     return fig
 
 
+@styled
 def plot_spearman_table(table: "SpearmanTable", ax: Axes | None = None) -> FigureBase:
     """Grouped bars: mean Spearman ρ against exact patching per node type, one bar per estimator."""
     import numpy as np
@@ -221,6 +234,7 @@ def plot_spearman_table(table: "SpearmanTable", ax: Axes | None = None) -> Figur
     return _finish(fig)
 
 
+@styled
 def plot_head_heatmap(
     values: Float[Tensor, "layer head"],
     marked: Sequence[tuple[int, int]] = (),
@@ -244,6 +258,7 @@ def plot_head_heatmap(
     return _finish(fig)
 
 
+@styled
 def plot_head_ranking(ranking: "HeadRanking", ax: Axes | None = None) -> FigureBase:
     """:func:`plot_head_heatmap` of a head ranking's support, the top heads outlined."""
     return plot_head_heatmap(
@@ -251,6 +266,7 @@ def plot_head_ranking(ranking: "HeadRanking", ax: Axes | None = None) -> FigureB
     )
 
 
+@styled
 def plot_word_bars(
     words: Sequence[tuple[str, float]], hits: Sequence[bool] | None = None, ax: Axes | None = None, title: str | None = None
 ) -> FigureBase:
@@ -266,6 +282,7 @@ def plot_word_bars(
     return _finish(fig)
 
 
+@styled
 def plot_overlap_histogram(result: "FutureWordOverlap", ax: Axes | None = None) -> FigureBase:
     """Histogram of per-sample top-word overlaps, the mean as a vertical line."""
     fig, ax = _axes(ax, (5.0, 3.0))
@@ -278,6 +295,7 @@ def plot_overlap_histogram(result: "FutureWordOverlap", ax: Axes | None = None) 
     return _finish(fig)
 
 
+@styled
 def plot_hit_fractions(hits: "dict[str, GroundTruthHits]", ax: Axes | None = None) -> FigureBase:
     """Grouped bars of :meth:`GroundTruthHits.fractions`, one bar per method (the keys)."""
     import numpy as np
@@ -297,6 +315,7 @@ def plot_hit_fractions(hits: "dict[str, GroundTruthHits]", ax: Axes | None = Non
     return _finish(fig)
 
 
+@styled
 def plot_mean_norms(means: "MeanActivations", ax: Axes | None = None) -> FigureBase:
     """Bars of the L2 norm of each hook's mean activation."""
     frame = means.to_frame()

@@ -13,9 +13,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_figure
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
-    from mechthink.confidence import AnswerProbeResult, EarlyExitResult, EarlyExitSummary, GoldConfidenceCurves
+    from mechthink.confidence import (
+        AnswerProbeResult,
+        EarlyExitResult,
+        EarlyExitSummary,
+        GoldConfidenceCurves,
+    )
 
 __all__ = ["plot_confidence_curves", "plot_early_exit", "plot_early_exit_summary", "plot_gold_confidence", "plot_probe"]
 
@@ -28,6 +34,7 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[FigureBase, Ax
     return fig, fig.add_subplot(1, 1, 1)
 
 
+@styled
 def plot_probe(result: "AnswerProbeResult", ax: Axes | None = None, title: str | None = None, show_mass: bool = True) -> FigureBase:
     """Confidence against token position: log-ratio (two choices) or each choice's log-prob.
 
@@ -77,6 +84,7 @@ def plot_probe(result: "AnswerProbeResult", ax: Axes | None = None, title: str |
     return fig
 
 
+@styled
 def plot_early_exit(result: "EarlyExitResult", ax: Axes | None = None, title: str | None = None) -> FigureBase:
     """p(gold) at each answer-reaching instance of one trace; bars green when the forced answer
     was correct, red otherwise.
@@ -102,6 +110,7 @@ def _prefix(model_name: str) -> str:
     return f"{model_name}: " if model_name else ""
 
 
+@styled
 def plot_early_exit_summary(
     summary: "EarlyExitSummary", ax: Axes | None = None, title: str | None = None, model_name: str = ""
 ) -> FigureBase:
@@ -129,6 +138,7 @@ def plot_early_exit_summary(
     return fig
 
 
+@styled
 def plot_confidence_curves(
     results: Sequence["AnswerProbeResult"],
     choice: Sequence[str],
@@ -167,6 +177,7 @@ def plot_confidence_curves(
     return fig
 
 
+@styled
 def plot_gold_confidence(
     result: "GoldConfidenceCurves", ax: Axes | None = None, title: str | None = None, model_name: str = ""
 ) -> FigureBase:

@@ -13,9 +13,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mechthink.plotting.steering import axes_or_new, new_figure, plot_bars, plot_curves
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
-    from mechthink.interventions import ForcingSweep, SampledSuppression, SuppressionSweep
+    from mechthink.interventions import (
+        ForcingSweep,
+        SampledSuppression,
+        SuppressionSweep,
+    )
 
 __all__ = [
     "forcing_figure",
@@ -29,6 +34,7 @@ __all__ = [
 _CONTROL_COLORS = {"random": "tab:blue", "random unused": "tab:green"}
 
 
+@styled
 def plot_suppression_curve(sweep: "SuppressionSweep", ax: Axes | None = None) -> Figure:
     """Accuracy against the number of kinds suppressed (cumulatively), with the same-size controls."""
     ax = axes_or_new(ax, (7, 4.8))
@@ -44,6 +50,7 @@ def plot_suppression_curve(sweep: "SuppressionSweep", ax: Axes | None = None) ->
     return ax.figure
 
 
+@styled
 def plot_suppression_singles(sweep: "SuppressionSweep", ax: Axes | None = None) -> Figure:
     """One bar per single word and per its controls (mean ± sd over draws)."""
     ax = axes_or_new(ax, (7, 4.8))
@@ -61,6 +68,7 @@ def plot_suppression_singles(sweep: "SuppressionSweep", ax: Axes | None = None) 
     return ax.figure
 
 
+@styled
 def plot_sampled_suppression(sampled: "SampledSuppression", ax: Axes | None = None) -> Figure:
     """Accuracy per sampled condition; black: the 95% interval of the change vs none, drawn
     around the unsuppressed bar's value."""
@@ -80,6 +88,7 @@ def plot_sampled_suppression(sampled: "SampledSuppression", ax: Axes | None = No
     return ax.figure
 
 
+@styled
 def suppression_figure(sweep: "SuppressionSweep", sampled: "SampledSuppression") -> Figure:
     """The three panels: cumulative curve, single words vs controls, the sampled comparison."""
     fig = new_figure(20, 4.8)
@@ -90,6 +99,7 @@ def suppression_figure(sweep: "SuppressionSweep", sampled: "SampledSuppression")
     return fig
 
 
+@styled
 def plot_forcing_sweep(sweep: "ForcingSweep", ax: Axes | None = None) -> Figure:
     """Accuracy and the forcing statistics against the budget or the number of extensions."""
     ax = axes_or_new(ax, (5.5, 4))
@@ -106,6 +116,7 @@ def plot_forcing_sweep(sweep: "ForcingSweep", ax: Axes | None = None) -> Figure:
     return ax.figure
 
 
+@styled
 def forcing_figure(*sweeps: "ForcingSweep") -> Figure:
     """One panel per sweep, side by side."""
     fig = new_figure(5.5 * len(sweeps), 4)

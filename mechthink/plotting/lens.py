@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_figure
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
     from mechthink.lens import LensResult, LensSummary, TunedLens, TunedLensComparison
@@ -43,6 +44,7 @@ def _layer_of(comp: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2)) if m.group(2) else -1
 
 
+@styled
 def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int = 8, ax: Any = None) -> FigureBase:
     """Layers × {resid, attn, mlp} heatmap of the target's logit, cells annotated with top-1 tokens.
 
@@ -86,6 +88,7 @@ def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int
     return fig
 
 
+@styled
 def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> FigureBase:
     """Direct logit attribution to each target per component, averaged over rows (± s.e.m.)."""
     targets = targets if targets is not None else list(range(len(result.targets)))
@@ -106,6 +109,7 @@ def plot_dla(result: Any, targets: list[int] | None = None, ax: Any = None) -> F
     return fig
 
 
+@styled
 def plot_logit_lens_overview(accumulated: "LensResult", decomposed: "LensResult", title: str) -> FigureBase:
     """The logit-lens figure: the accumulated lens and the DLA of row 0, and the mean DLA."""
     fig = new_figure(13, 7.5)
@@ -117,6 +121,7 @@ def plot_logit_lens_overview(accumulated: "LensResult", decomposed: "LensResult"
     return fig
 
 
+@styled
 def plot_lens_summary(summary: "LensSummary", ax: Any = None) -> FigureBase:
     """Bars of the mean direct logit contribution per component; the top components in red."""
     fig, ax = _axes(ax, max(7.0, 0.18 * len(summary.dla_components) + 3), 3.5)
@@ -131,6 +136,7 @@ def plot_lens_summary(summary: "LensSummary", ax: Any = None) -> FigureBase:
     return fig
 
 
+@styled
 def plot_tuned_lens_kl(result: "TunedLensComparison", ax: Any = None) -> FigureBase:
     """Held-out KL to the final distribution per layer, plain vs tuned lens."""
     fig, ax = _axes(ax, 6.0, 3.0)
@@ -144,6 +150,7 @@ def plot_tuned_lens_kl(result: "TunedLensComparison", ax: Any = None) -> FigureB
     return fig
 
 
+@styled
 def plot_translator_norms(tuned: "TunedLens", ax: Any = None) -> FigureBase:
     """Weight (Frobenius) and bias norms of a tuned lens's translators per layer."""
     frame = tuned.to_frame()

@@ -13,6 +13,7 @@ from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_axes as _new_axes
 from mechthink.plotting.base import new_figure
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["plot_mi_peaks", "plot_mi_trajectory", "plot_peak_summary", "plot_peak_token_counts"]
 
 
+@styled
 def plot_mi_trajectory(
     traj: "MITrajectory",
     ax: Axes | None = None,
@@ -79,6 +81,7 @@ def plot_mi_trajectory(
     return fig
 
 
+@styled
 def plot_peak_token_counts(
     counts: "pd.Series",
     top: int = 15,
@@ -116,6 +119,7 @@ def plot_peak_token_counts(
     return fig
 
 
+@styled
 def plot_peak_summary(
     summary: "PeakSummary", ax: Axes | None = None, top: int = 15, title: str | None = None
 ) -> FigureBase:
@@ -136,6 +140,7 @@ def plot_peak_summary(
     return plot_peak_token_counts(summary.top_tokens(top), top=top, ax=ax, title=title, ylabel="count at MI peaks")
 
 
+@styled
 def plot_mi_peaks(
     example: "MITrajectory", summary: "PeakSummary", top: int = 15, model_name: str = ""
 ) -> FigureBase:

@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mechthink.plotting.base import new_figure as _base_figure
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
     from mechthink.steering import CoefficientSweep, SteeringVector
@@ -35,6 +36,7 @@ def new_figure(width: float | int, height: float | int) -> Figure:
     return _base_figure(width, height, constrained=False)
 
 
+@styled
 def plot_curves(
     ax: Axes,
     x: Sequence[float | int],
@@ -59,6 +61,7 @@ def plot_curves(
     return ax
 
 
+@styled
 def plot_bars(
     ax: Axes,
     labels: Sequence[str],
@@ -89,6 +92,7 @@ def axes_or_new(ax: Axes | None, figsize: tuple[float | int, float | int]) -> Ax
     return new_figure(*figsize).add_subplot()
 
 
+@styled
 def plot_vector_norms(vector: "SteeringVector", ax: Axes | None = None) -> Figure:
     """Bar chart of a steering vector's norm per layer."""
     ax = axes_or_new(ax, (6, 3.5))
@@ -103,6 +107,7 @@ def _sweep_title(sweep: "CoefficientSweep") -> str:
     return f"{sweep.model}: backtracking vector at layers {sweep.layers}\n({counts} prefixes)"
 
 
+@styled
 def plot_coefficient_sweep(sweep: "CoefficientSweep", ax: Axes | None = None) -> Figure:
     """P(backtracking word next) per group (mix first) and the mix's greedy backtrack rate."""
     ax = axes_or_new(ax, (6, 4))
@@ -112,6 +117,7 @@ def plot_coefficient_sweep(sweep: "CoefficientSweep", ax: Axes | None = None) ->
     return ax.figure
 
 
+@styled
 def plot_sweep_outcomes(sweep: "CoefficientSweep", ax: Axes | None = None) -> Figure:
     """Final accuracy and ``think_close`` rate of the greedy continuations per group."""
     ax = axes_or_new(ax, (6, 4))
@@ -121,6 +127,7 @@ def plot_sweep_outcomes(sweep: "CoefficientSweep", ax: Axes | None = None) -> Fi
     return ax.figure
 
 
+@styled
 def coefficient_sweep_figure(sweeps: Mapping[str, "CoefficientSweep"]) -> Figure:
     """One column per sweep (e.g. per layer set): the probabilities on top, the outcomes below."""
     n = len(sweeps)

@@ -79,7 +79,11 @@ def styled(fn: F) -> F:
 
 
 def color_for(role: str, index: int = 0) -> str:
-    """The fixed colour of a role (method, region, word, group), else the palette's ``index``-th."""
+    """The fixed colour of a role (method, region, word, group), else the palette's ``index``-th.
+
+    >>> color_for("qkfix"), color_for("random(Wait)"), color_for("something else", 1)
+    ('#0072B2', '#56B4E9', '#56B4E9')
+    """
     key = role.strip()
     return COLORS.get(key, COLORS.get(key.split("(")[0].strip(), OKABE_ITO[index % len(OKABE_ITO)]))
 

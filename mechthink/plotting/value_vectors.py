@@ -13,9 +13,15 @@ import numpy as np
 from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_figure
+from mechthink.plotting.style import styled
 
 if TYPE_CHECKING:
-    from mechthink.value_vectors import AblationComparison, AblationEffect, LayerProbeResult, NeuronHits
+    from mechthink.value_vectors import (
+        AblationComparison,
+        AblationEffect,
+        LayerProbeResult,
+        NeuronHits,
+    )
 
 __all__ = [
     "plot_ablation_bars",
@@ -36,6 +42,7 @@ def _axes(ax: Any, width: float, height: float) -> tuple[FigureBase, Any]:
     return ax.figure, ax
 
 
+@styled
 def plot_probe_accuracy(result: "LayerProbeResult", ax: Any = None) -> FigureBase:
     """Per-layer probe accuracy (cross-validated) of a :class:`LayerProbeResult`."""
     fig, ax = _axes(ax, 6.0, 3.0)
@@ -49,6 +56,7 @@ def plot_probe_accuracy(result: "LayerProbeResult", ax: Any = None) -> FigureBas
     return fig
 
 
+@styled
 def plot_ablation_bars(
     result: "AblationComparison", labels: Mapping[str, str] | None = None, ax: Any = None, ylabel: str | None = None
 ) -> FigureBase:
@@ -70,6 +78,7 @@ def plot_ablation_bars(
     return fig
 
 
+@styled
 def plot_ablation_scatter(result: "AblationEffect", ax: Any = None) -> FigureBase:
     """Clean vs ablated target probability per example, with the no-effect diagonal."""
     fig, ax = _axes(ax, 4.0, 4.0)
@@ -81,6 +90,7 @@ def plot_ablation_scatter(result: "AblationEffect", ax: Any = None) -> FigureBas
     return fig
 
 
+@styled
 def plot_neuron_hits(hits: "NeuronHits", ax: Any = None) -> FigureBase:
     """Bars of the hits' ranking scores, labelled ``L{layer}N{neuron}``."""
     fig, ax = _axes(ax, max(5.0, 0.35 * len(hits.neurons) + 2), 3.0)
@@ -92,6 +102,7 @@ def plot_neuron_hits(hits: "NeuronHits", ax: Any = None) -> FigureBase:
     return fig
 
 
+@styled
 def plot_value_vector_table(records: Sequence[Mapping[str, Any]], ax: Any = None, title: str | None = None) -> FigureBase:
     """A table of value vectors (``NeuronHits.to_frame(model)`` records): layer, neuron,
     z-score and top tokens."""
@@ -107,6 +118,7 @@ def plot_value_vector_table(records: Sequence[Mapping[str, Any]], ax: Any = None
     return fig
 
 
+@styled
 def plot_value_vector_overview(
     probe: "LayerProbeResult",
     ablations: "AblationComparison",

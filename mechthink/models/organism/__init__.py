@@ -61,6 +61,7 @@ __all__ = [
     "USER_TOKEN",
     "WEIGHTS_DIR",
     "build_hf_tokenizer",
+    "answer_determining_step",
     "context_spans",
     "ground_truth_hits",
     "held_out_examples",
@@ -79,7 +80,7 @@ __all__ = [
 
 from .examples import is_organism, organism_problems, problems_for, step_examples  # noqa: E402
 from .events import EVENT_KINDS, token_events  # noqa: E402
-from .scoring import GroundTruthHits, context_spans, ground_truth_hits  # noqa: E402
+from .scoring import GroundTruthHits, answer_determining_step, context_spans, ground_truth_hits  # noqa: E402
 
 #: Directory of the shipped model (safetensors) and tokenizer files.
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"

@@ -10,6 +10,7 @@ context bins use. Source: this repository (mechthink tiny-thinker).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,3 +139,33 @@ def context_spans(examples: Sequence[StepExample]) -> tuple[list[tuple[int, int]
     questions = [tuple(ex.question_span) if ex.question_span is not None else (0, 1) for ex in examples]
     thinking = [(q[1], len(ex.input_ids) - 1) for q, ex in zip(questions, examples)]
     return [(int(a), int(b)) for a, b in questions], thinking
+
+
+_STEP_CALC_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.$")
+
+
+def answer_determining_step(question: str, step_texts: Sequence[str]) -> int | None:
+    """The index of the step after which tiny-thinker's answer is determined, or None.
+
+    In the generator (:mod:`mechthink.models.organism.tasks`) the answer is the correct result
+    of the last operation; it is determined by the first step that writes that operation with
+    its correct result (a wrongly written last step is followed by a backtracking word and the
+    corrected step).
+
+    >>> answer_determining_step("Compute 3 + 5 - 2.", ["3 + 5 = 8.", "8 - 2 = 7.", "Wait, 8 - 2 = 6."])
+    2
+    """
+    m = re.fullmatch(r"Compute (.+)\.", question.strip())
+    if m is None:
+        raise ValueError(f"answer_determining_step: {question!r} is not a tiny-thinker question ('Compute a + b ...')")
+    parts = m.group(1).split()
+    operands, ops = [int(x) for x in parts[::2]], parts[1::2]
+    totals = [operands[0]]
+    for op, b in zip(ops, operands[1:]):
+        totals.append(totals[-1] + b if op == "+" else totals[-1] - b)
+    want = (totals[-2], ops[-1], operands[-1], totals[-1])
+    for i, text in enumerate(step_texts):
+        c = _STEP_CALC_RE.search(text)
+        if c and (int(c.group(1)), c.group(2), int(c.group(3)), int(c.group(4))) == want:
+            return i
+    return None
