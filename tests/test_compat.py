@@ -69,10 +69,21 @@ def test_every_analysis_is_pinned():
 
 
 @pytest.mark.parametrize("name", analyses.REGISTRY)
-def test_numbers_unchanged(thinker, name, tmp_path):
+def test_numbers_unchanged(thinker, name, tmp_path, monkeypatch):
+    """The numbers are the pinned ones, and the figure passes the layout check (no overlapping
+    tick labels, no text off the canvas)."""
+    import mechthink.report as report
+    from mechthink.plotting.checks import layout_problems
+
     module = analyses.get(name)
     cfg = module.Config(out=tmp_path, **SMALL[name])
+    figures = []
+    write = report.write_outputs
+    monkeypatch.setattr(report, "write_outputs", lambda out, n, m, fig, *a, **k: (figures.append(fig), write(out, n, m, fig, *a, **k))[1])
     numbers = json.loads(json.dumps(module.main(cfg, loaded_model=thinker), default=_default))
+    assert len(figures) == 1 and figures[0] is not None
+    problems = layout_problems(figures[0])
+    assert not problems, "\n".join(problems[:10])
     ref = REF_DIR / f"{name}.json"
     if WRITE:
         REF_DIR.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ def layout_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
             for tick in axis.get_major_ticks() + axis.get_minor_ticks():
                 for lab in (tick.label1, tick.label2):
                     tick_texts.add(id(lab))
-                    if lab.get_visible() and lab.get_text().strip() and lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
+                    shown = ax.axison and axis.get_visible() and lab.get_visible()
+                    if shown and lab.get_text().strip() and lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
                         labels.append(lab)
             in_view += labels
             boxes = sorted(((t, t.get_window_extent(renderer)) for t in labels),
@@ -48,8 +49,9 @@ def layout_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
                 if ox > tolerance_px and oy > tolerance_px:
                     problems.append(f"axes {i} ({ax.get_title()[:40]!r}): {name} tick labels {t1.get_text()!r} and "
                                     f"{t2.get_text()!r} overlap")
-    others = [t for t in _visible_texts(fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent")))
-              if id(t) not in tick_texts]
+    from matplotlib.text import Text
+
+    others = [t for t in _visible_texts(fig.findobj(Text)) if id(t) not in tick_texts]
     for t in in_view + others:
         try:
             b = t.get_window_extent(renderer)

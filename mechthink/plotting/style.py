@@ -117,7 +117,7 @@ def _visible(tok: str) -> str:
     return tok if len(tok) <= 10 else tok[:9] + "…"
 
 
-def value_labels(ax: Axes, xs: Sequence[float], values: Sequence[float], errors: Sequence[float] | None = None,
+def value_labels(ax: Axes, xs: Sequence[float | int], values: Sequence[float | int], errors: Sequence[float | int] | None = None,
                  fmt: str = "{:.2f}") -> None:
     """Write each bar's value above the bar and its error bar (never under the error bar)."""
     errs = list(errors) if errors is not None else [0.0] * len(values)

@@ -129,13 +129,14 @@ def plot_value_vector_overview(
 ) -> FigureBase:
     """The value-vector figure: probe accuracy per layer, the ablation bars and the table of the
     top value vectors."""
-    fig = new_figure(13, 7.5)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
-    a1, a2 = top.subplots(1, 2, width_ratios=[1.4, 1])
-    plot_probe_accuracy(probe, ax=a1)
-    plot_ablation_bars(ablations, labels=labels, ax=a2, ylabel=f"P({target!r} variants) after a wrong step")
+    table_h = 0.3 * len(records) + 0.9  # the table's own height: no blank band above it
+    fig = new_figure(13, 4.4 + table_h)
+    grid = fig.add_gridspec(2, 2, height_ratios=[4.4, table_h], width_ratios=[1.4, 1])
+    plot_probe_accuracy(probe, ax=fig.add_subplot(grid[0, 0]))
+    plot_ablation_bars(ablations, labels=labels, ax=fig.add_subplot(grid[0, 1]),
+                       ylabel=f"P({target!r} variants) after a wrong step")
     plot_value_vector_table(
-        records, ax=bottom.subplots(1, 1),
+        records, ax=fig.add_subplot(grid[1, :]),
         title=f"value vectors promoting {target!r} (all variants), by z-score over the vocabulary",
     )
     fig.suptitle(f"{model_name}: MLP value vectors and the backtracking decision")
