@@ -8,7 +8,6 @@ interrupted run never leaves a half-written result that looks complete.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -18,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from mechthink.results import jsonable as _jsonable
 
 __all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "trace_store", "write_outputs", "git_commit"]
 
@@ -93,20 +94,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return obj
 
 
 def _umask() -> int:

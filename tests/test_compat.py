@@ -94,6 +94,6 @@ def test_numbers_unchanged(thinker, name, tmp_path, monkeypatch):
 
 
 def _default(obj):
-    from mechthink.report import _jsonable
+    from mechthink.results import jsonable as _jsonable
 
     return _jsonable(obj)
