@@ -318,8 +318,9 @@ def logit_lens(
         raise ValueError(f"norm={norm!r} is not supported; use 'frozen' or 'recompute'")
     if tuned is not None and mode != "accumulated":
         raise ValueError("a tuned lens applies to mode='accumulated' only")
-    if tuned is not None and tuned.n_layers != model.n_layers:
-        raise ValueError(f"tuned lens has {tuned.n_layers} translators but the model has {model.n_layers} layers")
+    if tuned is not None and (tuned.n_layers, tuned.d_model) != (model.n_layers, model.d_model):
+        raise ValueError(f"the tuned lens is for {tuned.n_layers} layers of width {tuned.d_model} but the model has "
+                         f"{model.n_layers} layers of width {model.d_model}; train one for this model")
     target_ids, target_strs = resolve_targets(model, targets)
     n_layers = model.n_layers
     comps = component_names(n_layers, mode)
@@ -420,9 +421,21 @@ class TunedLens(Result):
     model_name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        w, b = self.weight, self.bias
+        if w.ndim != 3 or w.shape[1] != w.shape[2] or b.shape != (w.shape[0], w.shape[1]):
+            raise ValueError(f"TunedLens: weight must be [layer, d_model, d_model] and bias [layer, d_model], got "
+                             f"{tuple(w.shape)} and {tuple(b.shape)}")
+        if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+            raise ValueError("TunedLens: weight and bias must be finite (NaN/inf found)")
+
     @property
     def n_layers(self) -> int:
         return int(self.weight.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.weight.shape[1])
 
     @classmethod
     def identity(cls, n_layers: int, d_model: int, model_name: str = "") -> "TunedLens":
@@ -467,11 +480,19 @@ class TunedLens(Result):
 
     @classmethod
     def load(cls, path: str | Path) -> "TunedLens":
+        """Read a file written by :meth:`save` (one-line errors for anything else)."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            return cls(fh.get_tensor("weight"), fh.get_tensor("bias"), meta.get("model_name", ""), json.loads(meta.get("meta", "{}")))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"TunedLens.load: {path}: no such file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                weight, bias = fh.get_tensor("weight"), fh.get_tensor("bias")
+        except Exception as exc:  # safetensors raises its own types for a non-safetensors file or a missing tensor
+            raise ValueError(f"TunedLens.load: {path} is not a tuned lens written by TunedLens.save "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+        return cls(weight, bias, meta.get("model_name", ""), json.loads(meta.get("meta", "{}")))
 
 
 def tuned_lens_kl(

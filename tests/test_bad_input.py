@@ -300,6 +300,13 @@ TECHNIQUE_CASES = {
     "generate batch_size 0": (lambda m, t: mt.traces.generate(m, ["Compute 1 + 1."], batch_size=0), ValueError, "batch_size"),
     "generate max_new_tokens 0": (lambda m, t: mt.traces.generate(m, ["Compute 1 + 1."], max_new_tokens=0), ValueError,
                                   "max_new_tokens"),
+    "tuned lens file not safetensors": (lambda m, t: mt.lens.TunedLens.load(_write(t, "l.safetensors", b"\x00" * 64)),
+                                        ValueError, "not a tuned lens"),
+    "tuned lens of the wrong width": (lambda m, t: mt.lens.logit_lens(m, [[1, 2, 3]], [5],
+                                                                     tuned=mt.lens.TunedLens.identity(4, 64)), ValueError,
+                                      "width 64"),
+    "tuned lens with NaN": (lambda m, t: mt.lens.TunedLens(torch.full((2, 4, 4), float("nan")), torch.zeros(2, 4)),
+                            ValueError, "finite"),
     "generate one string": (lambda m, t: mt.traces.generate(m, "Compute 1 + 1."), TypeError, "one string"),
 }
 

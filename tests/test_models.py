@@ -185,7 +185,7 @@ def test_gguf_without_tokenizer(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="no usable tokenizer"):
+    with pytest.raises(ValueError, match="carries no tokenizer"):
         mt.load_model(path)
 
 

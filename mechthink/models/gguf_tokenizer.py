@@ -131,6 +131,16 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> Any:
 
     path = Path(gguf_path)
     try:
+        meta, _ = read_gguf_metadata(str(path), ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"))
+    except Exception as exc:  # a random, truncated or non-GGUF file
+        raise GGUFTokenizerError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+            "pass a complete .gguf file"
+        ) from None
+    if "tokenizer.ggml.tokens" not in meta:
+        raise GGUFTokenizerError(f"GGUF file {path} carries no tokenizer (no tokenizer.ggml.tokens); pass tokenizer= "
+                                 "(a tokenizer or its directory)")
+    try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for missing tokenizer metadata
         raise GGUFTokenizerError(
@@ -138,7 +148,6 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> Any:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "pass tokenizer= (a tokenizer or its directory)"
         ) from None
-    meta, _ = read_gguf_metadata(str(path), ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"))
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
     if isinstance(tokens, list) and isinstance(types, list):
         tok = restore_gguf_specials(tok, tokens, types)

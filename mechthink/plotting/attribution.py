@@ -71,6 +71,19 @@ def _finish(fig: FigureBase) -> FigureBase:
 
 
 @styled
+def _script_safe_props(page: str, props: dict[str, Any]) -> str:
+    """The page with its inline props JSON made safe inside ``<script>``: ``<``, ``>`` and ``&``
+    as JSON escapes, so a token such as ``</script><script>…`` cannot end the script early, and
+    special tokens such as ``<think>`` reach the view as text (shown, not parsed as markup)."""
+    import json
+
+    raw = json.dumps(props)
+    if page.count(raw) != 1:
+        raise RuntimeError("circuitsvis changed how it embeds its props; cannot make the token view script-safe")
+    safe = raw.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    return page.replace(raw, safe)
+
+
 def colored_tokens_html(
     str_tokens: Sequence[str],
     values: Float[Tensor, "pos"] | Sequence[float | int],
@@ -90,8 +103,10 @@ def colored_tokens_html(
     vals = values.detach().float().cpu().tolist() if isinstance(values, Tensor) else [float(v) for v in values]
     if len(vals) != len(str_tokens):
         raise ValueError(f"{len(str_tokens)} tokens but {len(vals)} values")
-    view = colored_tokens(tokens=list(str_tokens), values=vals, **kwargs)
-    body = view.local_src
+    # circuitsvis writes each token as HTML: escaped, "<think>" shows as text and no token is markup
+    shown = [_html.escape(str(t), quote=False) for t in str_tokens]
+    view = colored_tokens(tokens=shown, values=vals, **kwargs)
+    body = _script_safe_props(view.local_src, {"tokens": shown, "values": vals, **kwargs})
     head = f"<h3>{_html.escape(title)}</h3>\n" if title else ""
     return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{_html.escape(title or "token importance")}</title></head>\n<body>\n{head}{body}\n</body></html>\n'
 
