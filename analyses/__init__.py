@@ -29,6 +29,7 @@ REGISTRY: tuple[str, ...] = (
     "suppression",
     "budget_forcing",
     "mi_peaks",
+    "thought_anchors",
 )
 
 
