@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mechthink.config import ProblemConfig
+from mechthink.config import ProblemConfig, require
 
 NAME = "thought_anchors"
 
@@ -42,7 +42,7 @@ class Config(ProblemConfig):
     """Sampling temperature of the rollouts (the paper: 0.6 on R1 models; tiny-thinker's own distribution is 1.0)."""
     top_p: float = 1.0
     """Nucleus threshold of the rollouts (the paper: 0.95)."""
-    tolerance: float = 0.1
+    tolerance: float = 0.07
     """Adaptive stopping (replayed on the full runs): interval half-width at which a sentence is settled."""
     min_rollouts: int = 16
     """Adaptive stopping: rollouts per prefix in the first round."""
@@ -56,6 +56,12 @@ class Config(ProblemConfig):
     """Size of the top-sentence sets whose overlaps are reported."""
 
     ALLOW_ZERO = ("n_check_traces",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.temperature > 0, "temperature", self.temperature, "use a temperature > 0 (rollouts are sampled)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "use a nucleus threshold in (0, 1]")
+        require(self.tolerance > 0, "tolerance", self.tolerance, "use an interval half-width > 0")
 
 
 def main(cfg: Config, loaded_model: Any = None) -> dict:
@@ -71,11 +77,9 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     items = anchors.anchor_traces(model, cfg.n_samples, cfg.seed, cfg.max_new_tokens, cfg.gsm8k_path)
     adaptive = anchors.AdaptiveStopping(cfg.tolerance, cfg.min_rollouts, cfg.round_size)
-    report = anchors.every_method(
-        model, items, n_rollouts=cfg.n_rollouts, batch_size=cfg.batch_size, max_new_tokens=cfg.rollout_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, top_k_heads=cfg.top_k_heads,
-        proximity_ignore=cfg.proximity_ignore, k=cfg.top_k,
-    )
+    sampling = {"n_rollouts": cfg.n_rollouts, "batch_size": cfg.batch_size, "max_new_tokens": cfg.rollout_tokens,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+    report = anchors.every_method(model, items, sampling, cfg.top_k_heads, cfg.proximity_ignore, cfg.top_k)
     numbers: dict[str, Any] = report.summary()
     if is_organism(model):
         numbers["organism_checks"] = anchors.organism_checks(items, report.suppression, report.resampling, adaptive)

@@ -35,13 +35,16 @@ and says which results feed the final answer and where the planted errors are.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import einops
 import torch
@@ -50,7 +53,7 @@ from torch import Tensor
 
 from mechthink.data import answers_match, parse_answer
 from mechthink.generation import Decoder, SamplingConfig, decode_from_cache, fork_cache, seed_for
-from mechthink.results import Result
+from mechthink.results import Result, jsonable
 from mechthink.traces import Trace, make_trace, split_steps
 
 if TYPE_CHECKING:
@@ -363,13 +366,18 @@ def rollout_answer(text: str, finished: str) -> str | None:
     return parse_answer(text)
 
 
+def _own_answer(trace: Trace) -> str | None:
+    """The final answer the trace's completion gives (None if none parses)."""
+    start = trace.offsets[trace.n_prompt][0] if trace.n_prompt < len(trace.ids) else len(trace.text)
+    return parse_answer(trace.text[start:])
+
+
 def _reference_answer(trace: Trace, reference: str | None) -> str:
     if reference is not None:
         return str(reference)
     if trace.gold is not None and str(trace.gold).strip():
         return str(trace.gold)
-    start = trace.offsets[trace.n_prompt][0] if trace.n_prompt < len(trace.ids) else len(trace.text)
-    found = parse_answer(trace.text[start:])
+    found = _own_answer(trace)
     if found is None:
         raise ValueError(f"resampling_importance: trace {trace.id!r} has no gold and its completion no parsable "
                          "answer; pass reference=")
@@ -411,7 +419,9 @@ class AdaptiveStopping:
     ``(x + 1) / (n + 2)``, half-width ``z · sqrt(Σ p̃(1 − p̃) / (n + 2))``). A prefix keeps
     sampling while either sentence that uses it (the one it resamples, the one before it kept)
     has a half-width above ``tolerance``, up to the ``n_rollouts`` cap. Rollouts are seeded per
-    (prefix, index), so a stopped run is exactly the first rollouts of the full run.
+    (prefix, index), so a stopped run is exactly the first rollouts of the full run. The
+    default tolerance comes from ``benchmarks/bench_anchors.py`` on tiny-thinker (N = 100:
+    half the rollouts, Spearman >= 0.98 of both KL importances against the full runs).
 
     Attributes:
         tolerance: Interval half-width at which a sentence is settled.
@@ -420,7 +430,7 @@ class AdaptiveStopping:
         z: Normal quantile of the interval (1.96: 95%).
     """
 
-    tolerance: float = 0.1
+    tolerance: float = 0.07
     min_rollouts: int = 16
     round_size: int = 16
     z: float = 1.96
@@ -463,13 +473,14 @@ class ResamplingImportance(Result):
             then after the last).
         rollouts: The rollouts of each prefix.
         reference: The answer accuracy is measured against (the gold, else the trace's own).
-        resampling_kl: ``KL(p_resampled || p_kept)`` per sentence.
-        resampling_accuracy: ``acc(kept) − acc(resampled)``.
-        counterfactual_kl: ``KL(p_different || p_kept + p_similar)``: only resamples whose new
-            sentence differs (similarity below the threshold), against the kept rollouts
-            pooled with the similar resamples (the paper's code); 0 when none differ.
-        counterfactual_accuracy: ``acc(kept) − acc(different)`` (the paper's code reports the
-            opposite sign); 0 when none differ.
+        importance: ``[metric, sentence]``, the rows named by :attr:`METRICS` (read one with
+            :meth:`metric`): ``resampling_kl`` = ``KL(p_resampled || p_kept)``;
+            ``resampling_accuracy`` = ``acc(kept) − acc(resampled)``; ``counterfactual_kl`` =
+            ``KL(p_different || p_kept + p_similar)``, only the resamples whose new sentence
+            differs (similarity below the threshold), against the kept rollouts pooled with the
+            similar resamples (the paper's code); ``counterfactual_accuracy`` =
+            ``acc(kept) − acc(different)`` (the paper's code reports the opposite sign). The
+            counterfactual ones are 0 when no resample differs.
         different_fraction: Share of the resamples judged different.
         n_rollouts: Rollouts drawn at each prefix.
         n_max: The cap per prefix.
@@ -480,16 +491,14 @@ class ResamplingImportance(Result):
     points: list[int]
     rollouts: list[list[Rollout]]
     reference: str
-    resampling_kl: Float[Tensor, " sentence"]
-    resampling_accuracy: Float[Tensor, " sentence"]
-    counterfactual_kl: Float[Tensor, " sentence"]
-    counterfactual_accuracy: Float[Tensor, " sentence"]
+    importance: Float[Tensor, "metric sentence"]
     different_fraction: Float[Tensor, " sentence"]
     n_rollouts: Int[Tensor, " point"]
     n_max: int
     config: dict[str, Any] = field(default_factory=dict)
 
-    METRICS = ("resampling_kl", "resampling_accuracy", "counterfactual_kl", "counterfactual_accuracy")
+    #: The importances, in the order of :attr:`importance`'s rows.
+    METRICS: ClassVar[tuple[str, ...]] = ("resampling_kl", "resampling_accuracy", "counterfactual_kl", "counterfactual_accuracy")
 
     @property
     def rollouts_drawn(self) -> int:
@@ -508,7 +517,7 @@ class ResamplingImportance(Result):
         """One of :attr:`METRICS` by name."""
         if name not in self.METRICS:
             raise ValueError(f"metric={name!r}; use one of {self.METRICS}")
-        return getattr(self, name)
+        return self.importance[self.METRICS.index(name)]
 
     def to_frame(self) -> "pd.DataFrame":
         """One row per sentence: text, label, the four importances, rollouts before / after."""
@@ -529,13 +538,13 @@ class ResamplingImportance(Result):
         return plot_resampling(self, ax=ax)
 
     def to_json(self, path: Any = None) -> str:
-        """JSON without the rollouts' token ids (answers, sentences and similarities kept)."""
-        light = ResamplingImportance(
-            self.sentences, self.points,
-            [[Rollout(r.point, r.index, (), r.answer, r.sentence, r.similarity, r.finished) for r in rs] for rs in self.rollouts],
-            self.reference, self.resampling_kl, self.resampling_accuracy, self.counterfactual_kl,
-            self.counterfactual_accuracy, self.different_fraction, self.n_rollouts, self.n_max, self.config)
-        return Result.to_json(light, path)
+        """JSON without the rollouts' token ids (answers, sentences and similarities kept), with
+        the names of :attr:`importance`'s rows under ``"metrics"``."""
+        light = dataclasses.replace(self, rollouts=[[dataclasses.replace(r, ids=()) for r in rs] for rs in self.rollouts])
+        text = json.dumps({"metrics": list(self.METRICS), **jsonable(light)}, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
 
 
 def importance_from_rollouts(
@@ -568,8 +577,7 @@ def importance_from_rollouts(
     cols = torch.tensor(rows, dtype=torch.float64).reshape(len(sents), 5).T
     return ResamplingImportance(
         sentences=list(sents), points=list(points), rollouts=[list(rs) for rs in rollouts], reference=reference,
-        resampling_kl=cols[0], resampling_accuracy=cols[1], counterfactual_kl=cols[2],
-        counterfactual_accuracy=cols[3], different_fraction=cols[4],
+        importance=cols[:4], different_fraction=cols[4],
         n_rollouts=torch.tensor([len(rs) for rs in rollouts], dtype=torch.long), n_max=int(n_max),
         config=dict(config or {}, similarity_threshold=similarity_threshold, alpha=alpha),
     )
@@ -1188,8 +1196,15 @@ def sentence_mi(trajectory: Any, sentences_: Sequence[Sentence], n_tokens: int, 
 # ============================================================================ answer metric (AtP)
 def final_answer_positions(trace: Trace, answer: str | None = None) -> list[int]:
     """Token positions of the final answer's last occurrence after the thinking (``answer``
-    default: the trace's gold, else its parsed answer)."""
-    ans = _reference_answer(trace, answer)
+    default: the answer the completion gives, else the gold).
+
+    Raises:
+        ValueError: no answer, or it does not occur after the thinking.
+    """
+    ans = answer if answer is not None else (_own_answer(trace) or trace.gold)
+    if ans is None or not str(ans).strip():
+        raise ValueError(f"final_answer_positions: trace {trace.id!r} gives no parsable answer and has no gold")
+    ans = str(ans)
     start = trace.offsets[trace.think_end][0] if trace.think_end is not None else (
         trace.offsets[trace.n_prompt][0] if trace.n_prompt < len(trace.ids) else 0)
     at = trace.text.rfind(ans, start)
@@ -1346,9 +1361,10 @@ def anchor_traces(
     out = []
     for t in gen:
         try:
+            final_answer_positions(t)
             out.append(AnchorTrace(t, sentences(t, model=model)))
-        except ValueError:
-            log.info("anchor_traces: trace %s has no thinking sentences; skipped", t.id)
+        except ValueError as exc:  # no thinking sentence, or no final answer to score
+            log.info("anchor_traces: trace %s skipped (%s)", t.id, exc)
     return out
 
 
@@ -1423,7 +1439,11 @@ class EveryMethod(Result):
                                                for i, a in enumerate(m)},
             "receiver_heads": [f"L{L}H{h}" for L, h in self.receivers.top_heads],
             "rollouts_drawn": sum(r.rollouts_drawn for r in self.resampling),
+            "rollout_tokens": sum(len(x.ids) for r in self.resampling for rs in r.rollouts for x in rs),
             "prefill_tokens": sum(int(r.config.get("prefill_tokens", 0)) for r in self.resampling),
+            # what re-reading every rollout's prefix (the thought-anchors code's way) would add
+            "prefix_tokens_not_reread": sum(sum(int(n) * p for n, p in zip(r.n_rollouts, r.points))
+                                            - int(r.config.get("prefill_tokens", 0)) for r in self.resampling),
             "mean_score_by_label": by_label,
             "label_counts": dict(Counter(s.label for it in self.traces for s in it.sentences)),
         }
@@ -1432,14 +1452,7 @@ class EveryMethod(Result):
 def every_method(
     model: "ThinkingModel",
     items: Sequence[AnchorTrace],
-    *,
-    n_rollouts: int = 64,
-    batch_size: int = 64,
-    max_new_tokens: int = 160,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    adaptive: AdaptiveStopping | None = None,
+    resampling: Mapping[str, Any] | None = None,
     top_k_heads: int = 4,
     proximity_ignore: int = 2,
     k: int = 2,
@@ -1447,10 +1460,12 @@ def every_method(
     """Resampling importance, attention suppression, receiver heads, sentence-level AtP and MI
     on the same traces, and their agreement (Spearman matrix, top-``k`` overlaps).
 
-    AtP scores the summed log-probability of the final answer's tokens (mean-ablation
-    baseline over the traces, ``resid_pre``, importance = max over layers of −score, summed
-    over each sentence); MI is the paper's HSIC trajectory against "So the answer is N."
-    (max over each sentence's steps).
+    ``resampling`` holds keyword arguments of :func:`resampling_importance` (default here:
+    64 rollouts, batches of 64, 160 tokens, temperature 1, top-p 1). AtP scores the summed
+    log-probability of the final answer's tokens (mean-ablation baseline over the traces,
+    ``resid_pre``, importance = max over layers of −score, summed over each sentence); MI is
+    the paper's HSIC trajectory against "So the answer is N." (max over each sentence's steps).
+    The receiver heads are the ``top_k_heads`` by kurtosis with ``proximity_ignore``.
     """
     from mechthink import attribution as atp
     from mechthink import mi as mi_mod
@@ -1458,15 +1473,14 @@ def every_method(
 
     if not items:
         raise ValueError("every_method: items is empty; pass traces from anchor_traces")
+    kw = {"n_rollouts": 64, "batch_size": 64, "max_new_tokens": 160, "temperature": 1.0, "top_p": 1.0, **(resampling or {})}
     means = atp.mean_activations(model, [it.trace.ids for it in items], hooks=("resid_pre",))
     res, sup, at, mis = [], [], [], []
     for it in track(items, "thought anchors"):
         tr, sents = it.trace, it.sentences
-        res.append(resampling_importance(model, tr, sents, n_rollouts=n_rollouts, batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                         seed=seed, adaptive=adaptive))
+        res.append(resampling_importance(model, tr, sents, **kw))
         sup.append(suppression_matrix(model, tr, sents))
-        metric = answer_logprob_metric(tr.ids, final_answer_positions(tr, res[-1].reference))
+        metric = answer_logprob_metric(tr.ids, final_answer_positions(tr))
         attr = atp.attribution_patching(model, torch.tensor(tr.ids), metric, baseline="mean", means=means, nodes=("resid_pre",))
         at.append(sentence_attribution(attr, sents))
         answer = torch.tensor(model.tokenizer(f"So the answer is {res[-1].reference}.", add_special_tokens=False)["input_ids"])
@@ -1474,8 +1488,8 @@ def every_method(
         mis.append(sentence_mi(traj, sents, len(tr.ids)))
     rec = receiver_heads(model, [it.trace for it in items], [it.sentences for it in items], top_k_heads, proximity_ignore)
     scores = {
-        "resampling": [r.resampling_kl.float() for r in res],
-        "counterfactual": [r.counterfactual_kl.float() for r in res],
+        "resampling": [r.metric("resampling_kl").float() for r in res],
+        "counterfactual": [r.metric("counterfactual_kl").float() for r in res],
         "suppression": [m.effect().float() for m in sup],
         "receiver": [s.float() for s in rec.scores],
         "atp": [a.sum.float() for a in at],

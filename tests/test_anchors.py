@@ -111,13 +111,13 @@ def test_importance_from_rollouts_paper_definitions():
     ]
     res = A.importance_from_rollouts(sents, [5, 7, 8], rolls, "8", n_max=4, similarity_threshold=0.8)
     before, kept = ["8", "9", "9", None], ["8", "8", "7"]
-    assert float(res.resampling_kl[0]) == pytest.approx(A.answer_kl(before, kept))
-    assert float(res.resampling_accuracy[0]) == pytest.approx(2 / 3 - 1 / 3)
+    assert float(res.metric("resampling_kl")[0]) == pytest.approx(A.answer_kl(before, kept))
+    assert float(res.metric("resampling_accuracy")[0]) == pytest.approx(2 / 3 - 1 / 3)
     # counterfactual: the different resamples (similarity < 0.8) vs kept + similar
-    assert float(res.counterfactual_kl[0]) == pytest.approx(A.answer_kl(["9", "9", None], kept + ["8"]))
-    assert float(res.counterfactual_accuracy[0]) == pytest.approx(2 / 3 - 0.0)
+    assert float(res.metric("counterfactual_kl")[0]) == pytest.approx(A.answer_kl(["9", "9", None], kept + ["8"]))
+    assert float(res.metric("counterfactual_accuracy")[0]) == pytest.approx(2 / 3 - 0.0)
     assert float(res.different_fraction[0]) == pytest.approx(3 / 4)
-    assert float(res.resampling_accuracy[1]) == pytest.approx(1.0 - 2 / 3)
+    assert float(res.metric("resampling_accuracy")[1]) == pytest.approx(1.0 - 2 / 3)
     assert res.n_rollouts.tolist() == [4, 3, 2] and res.rollouts_saved == 12 - 9
     assert len(res.to_frame()) == 2 and "resampling_kl" in res.to_json()
     with pytest.raises(ValueError, match="parsable"):
@@ -389,6 +389,18 @@ def test_receiver_heads_rank_by_kurtosis(thinker, organism):
         A.receiver_heads(thinker, [items[0].trace], [])
 
 
+def test_per_trace_kurtosis_is_context_receiver_heads(thinker, organism):
+    """On one trace, the kurtosis of the sentence vertical scores equals mechthink.context's
+    receiver heads with the sentences as units (the BOS unit kept)."""
+    from mechthink import context
+
+    o = max(organism, key=lambda o: len(o.sentences))
+    units = [(s.token_start, s.token_end) for s in o.sentences]
+    ref = context.receiver_heads(thinker, o.trace.ids, units=units, proximity_ignore=2, skip_first=False)
+    mine = A.receiver_heads(thinker, [o.trace], [o.sentences], top_k=1, proximity_ignore=2)
+    assert torch.allclose(mine.kurtosis.float(), ref.kurtosis.float(), atol=1e-4)
+
+
 # ============================================================================ token methods, agreement
 def test_sentence_scores_and_token_methods(thinker, with_error):
     sents = with_error.sentences
@@ -437,7 +449,7 @@ def test_method_agreement():
 @pytest.mark.slow
 def test_every_method_on_organism_traces(thinker, organism):
     items = [A.AnchorTrace(o.trace, o.sentences, o) for o in organism[:3]]
-    rep = A.every_method(thinker, items, n_rollouts=8, batch_size=8, max_new_tokens=100, top_k_heads=2)
+    rep = A.every_method(thinker, items, {"n_rollouts": 8, "batch_size": 8, "max_new_tokens": 100}, top_k_heads=2)
     assert set(rep.scores) == set(A.METHODS) and rep.agreement.methods == list(A.METHODS)
     frame = rep.to_frame()
     assert len(frame) == sum(len(it.sentences) for it in items) and frame["true_label"].notna().all()
