@@ -358,11 +358,12 @@ def _rate(answers: Sequence[str | None], reference: str) -> float:
 
 
 def rollout_answer(text: str, finished: str) -> str | None:
-    """The final answer of a rollout's text, or None when it was cut off before giving one."""
-    if finished != "eos" and "\\boxed{" not in text.rsplit("</think>", 1)[-1]:
-        return None
-    if finished != "eos" and "}" not in text.rsplit("\\boxed{", 1)[-1]:
-        return None
+    """The final answer of a rollout's text (:func:`mechthink.data.parse_answer`), or None when
+    it was cut off (``finished != "eos"``) before closing a ``\\boxed{}`` after the thinking."""
+    if finished != "eos":
+        tail = text.rsplit("</think>", 1)[-1]
+        if "\\boxed{" not in tail or "}" not in tail.rsplit("\\boxed{", 1)[-1]:
+            return None
     return parse_answer(text)
 
 
@@ -710,6 +711,33 @@ def _hidden_similarity(
     return torch.nn.functional.cosine_similarity(states, original[None].to(states.device), dim=-1).tolist()
 
 
+def _similarities(
+    model: "ThinkingModel",
+    pre: _Prefilled,
+    trace: Trace,
+    sentence: Sentence,
+    point: int,
+    conts: Sequence[Any],
+    firsts: Sequence[tuple[str, int]],
+    similarity: str | Callable[[str, str], float],
+) -> list[float]:
+    """Similarity of each rollout's first sentence to ``sentence``: 1 if token-identical, 0 if
+    it wrote none, else ``"hidden"`` (:func:`_hidden_similarity`) or the callable on the texts."""
+    orig = list(trace.ids[sentence.token_start : sentence.token_end])
+    sims = [1.0 if list(c.ids[:k]) == orig else 0.0 for c, (_, k) in zip(conts, firsts)]
+    todo = [r for r, (_, k) in enumerate(firsts) if k > 0 and sims[r] < 1.0]
+    if not todo:
+        return sims
+    if callable(similarity):
+        got = [float(similarity(sentence.text, firsts[r][0])) for r in todo]
+    else:
+        got = _hidden_similarity(model, pre, point, pre.resid[sentence.token_end - 1],
+                                 [conts[r].ids[: firsts[r][1]] for r in todo])
+    for r, v in zip(todo, got):
+        sims[r] = v
+    return sims
+
+
 def resampling_importance(
     model: "ThinkingModel",
     trace: Trace,
@@ -783,8 +811,8 @@ def resampling_importance(
     use_hidden = similarity == "hidden"
     if not use_hidden and not callable(similarity):
         raise ValueError(f"similarity={similarity!r}; use 'hidden' or a callable(original, resampled) -> float")
-    pre = prefill_trace(model, trace.ids, [p - 1 for p in points], [s.token_end - 1 for s in sents] if use_hidden else (),
-                  chunk_size)
+    ends = [s.token_end - 1 for s in sents] if use_hidden else []
+    pre = prefill_trace(model, trace.ids, [p - 1 for p in points], ends, chunk_size)
     decoder = Decoder.for_model(model)
     base = SamplingConfig(max_new_tokens, float(temperature), float(top_p), 0)
 
@@ -793,19 +821,8 @@ def resampling_importance(
         cfg = SamplingConfig(base.max_new_tokens, base.temperature, base.top_p, seed_for(seed, p))
         conts = decode_from_cache(decoder, pre.cache, pre.logits[p - 1], cfg, range(start, start + count), batch_size, p)
         firsts = [first_sentence(model, c.ids) for c in conts]
-        sims = [float("nan")] * len(conts)
-        if j < len(sents):
-            orig = list(trace.ids[sents[j].token_start : sents[j].token_end])
-            # token-identical resample: 1; no sentence written: 0; else measured
-            sims = [1.0 if list(c.ids[:k]) == orig else 0.0 for c, (_, k) in zip(conts, firsts)]
-            todo = [r for r, (_, k) in enumerate(firsts) if k > 0 and sims[r] < 1.0]
-            if todo and use_hidden:
-                got = _hidden_similarity(model, pre, p, pre.resid[sents[j].token_end - 1], [conts[r].ids[: firsts[r][1]] for r in todo])
-                for r, v in zip(todo, got):
-                    sims[r] = v
-            elif todo:
-                for r in todo:
-                    sims[r] = float(similarity(sents[j].text, firsts[r][0]))  # type-checked above
+        sims = _similarities(model, pre, trace, sents[j], p, conts, firsts, similarity) if j < len(sents) else [
+            float("nan")] * len(conts)
         return [Rollout(j, start + r, tuple(c.ids), rollout_answer(model.to_string(c.ids), c.finished),
                         firsts[r][0], sims[r], c.finished) for r, c in enumerate(conts)]
 
@@ -1048,10 +1065,14 @@ def vertical_scores(
 
 def _kurtosis(v: Float[Tensor, "*heads sentence"]) -> Float[Tensor, "*heads"]:
     """Fisher kurtosis (biased, NaN omitted) along the last axis (``scipy.stats.kurtosis``)."""
+    import warnings
+
     from scipy.stats import kurtosis
 
-    return torch.as_tensor(kurtosis(v.double().numpy(), axis=-1, fisher=True, bias=True, nan_policy="omit"),
-                           dtype=torch.float64)
+    with warnings.catch_warnings():  # constant or too few scores: NaN, which callers omit
+        warnings.simplefilter("ignore", RuntimeWarning)
+        k = kurtosis(v.double().numpy(), axis=-1, fisher=True, bias=True, nan_policy="omit")
+    return torch.as_tensor(k, dtype=torch.float64)
 
 
 @dataclass
