@@ -30,6 +30,7 @@ REGISTRY: tuple[str, ...] = (
     "budget_forcing",
     "mi_peaks",
     "readiness",
+    "thought_anchors",
 )
 
 

@@ -9,23 +9,28 @@ row's draw does not depend on the batch it runs in, and two calls with the same 
 function, so it drives the TransformerBridge (:meth:`Decoder.for_model`; every active hook
 applies) and a plain Hugging Face model (:meth:`Decoder.for_hf`) alike.
 
+:func:`decode_from_cache` continues one prefix many times from its KV cache (a fork per batch, the
+prefix is never re-read) with the same loop and the same per-row seeding.
+
 :class:`StreamTracker` follows that token stream from inside the bridge's forward calls (the
 interventions and steering hooks use it to know which column is a prompt token and which a
 generated one); :func:`continue_prefixes` continues raw token prefixes.
 
-This module depends on torch and :mod:`mechthink.models.kvcache` only, so the model packages
+This module depends on torch, einops and :mod:`mechthink.models.kvcache` only, so the model packages
 (the organism's evaluator) can use it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -45,6 +50,8 @@ __all__ = [
     "continue_prefixes",
     "decode",
     "decode_batches",
+    "decode_from_cache",
+    "fork_cache",
     "left_pad",
     "row_generator",
     "sample_token",
@@ -208,14 +215,30 @@ def _decode_rows(
     decoder: Decoder, rows: list[list[int]], cfg: SamplingConfig, indices: Sequence[int]
 ) -> list[Continuation]:
     """Left-padded incremental decoding of one batch."""
-    device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
-    gens = [row_generator(cfg.seed, i) for i in indices] if cfg.temperature > 0 else [None] * len(rows)
-    n = len(rows)
-    x, mask = left_pad(rows, pad)
-    x, mask = x.to(device), mask.to(device)
+    x, mask = left_pad(rows, decoder.pad_id)
+    x, mask = x.to(decoder.device), mask.to(decoder.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, kv = decoder.forward(x, mask, pos, None)
-    last_pos = pos[:, -1:]
+    return _sample_loop(decoder, logits, kv, mask, pos[:, -1:], _generators(cfg, indices), cfg)
+
+
+def _generators(cfg: SamplingConfig, indices: Sequence[int]) -> list[torch.Generator | None]:
+    """Row ``i``'s generator for each index (None for greedy decoding)."""
+    return [row_generator(cfg.seed, i) for i in indices] if cfg.temperature > 0 else [None] * len(indices)
+
+
+def _sample_loop(
+    decoder: Decoder,
+    logits: Float[Tensor, "batch logit_pos d_vocab"],
+    kv: Any,
+    mask: Int[Tensor, "batch pos"],
+    last_pos: Int[Tensor, "batch 1"],
+    gens: Sequence[torch.Generator | None],
+    cfg: SamplingConfig,
+) -> list[Continuation]:
+    """The steps after a prefill: sample from ``logits[:, -1]``, feed the tokens back on ``kv``."""
+    device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
+    n = int(mask.shape[0])
     out: list[list[int]] = [[] for _ in range(n)]
     reason: list[str | None] = [None] * n
     for step in range(cfg.max_new_tokens):
@@ -274,6 +297,77 @@ def decode(
 ) -> list[Continuation]:
     """Continuations of every row of ``rows`` (see :func:`decode_batches`), in order."""
     return [c for _, batch in decode_batches(decoder, rows, cfg, batch_size, indices) for c in batch]
+
+
+def fork_cache(cache: Any, n_rows: int, length: int | None = None) -> Any:
+    """A copy of a batch-1 KV cache cut to its first ``length`` positions, repeated ``n_rows`` times.
+
+    The copy is ``copy.deepcopy`` + ``crop`` + ``batch_repeat_interleave`` (Hugging Face's
+    ``DynamicCache`` API); ``cache`` itself is left as it was.
+    """
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
+        raise ValueError(f"n_rows must be a positive int, got {n_rows!r}")
+    have = int(cache.get_seq_length())
+    if length is not None and not 1 <= length <= have:
+        raise ValueError(f"length={length!r} is outside the cache's 1..{have} positions")
+    fork = copy.deepcopy(cache)
+    if length is not None and length < have:
+        fork.crop(int(length) - have)  # transformers 5.x crops by a negative count
+    if n_rows > 1:
+        fork.batch_repeat_interleave(n_rows)
+    return fork
+
+
+@torch.inference_mode()
+def decode_from_cache(
+    decoder: Decoder,
+    cache: Any,
+    last_logits: Float[Tensor, " d_vocab"],
+    cfg: SamplingConfig,
+    indices: Sequence[int],
+    batch_size: int = 32,
+    length: int | None = None,
+) -> list[Continuation]:
+    """Continue one cached prefix once per index, without re-reading the prefix.
+
+    ``cache`` holds the prefix (batch 1; only its first ``length`` positions are used, default
+    all) and ``last_logits`` are the logits at the prefix's last position. Each batch of
+    ``batch_size`` rows decodes on its own :func:`fork_cache` of it with the loop of
+    :func:`decode`, row ``indices[i]`` sampling from its generator seeded with
+    ``(cfg.seed, indices[i])``: the continuations are those :func:`decode` gives for
+    ``[prefix] * len(indices)`` with the same ``indices`` (same tokens, up to the float
+    differences of a cached vs a fresh prefill), whatever the batch size.
+
+    Args:
+        decoder: The model to decode (``Decoder.for_model`` for the bridge).
+        cache: The prefix's KV cache (batch 1), left unchanged.
+        last_logits: Logits at the prefix's last position.
+        cfg: Budget and sampling.
+        indices: One index per continuation (seeds its generator).
+        batch_size: Rows decoded together.
+        length: Prefix length to continue from (a cache of a longer sequence is cut).
+
+    Returns:
+        One :class:`Continuation` per index, in order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("indices must hold at least one index")
+    if last_logits.ndim != 1:
+        raise ValueError(f"last_logits must be 1-d (one position's logits), got shape {tuple(last_logits.shape)}")
+    n_pos = int(cache.get_seq_length()) if length is None else int(length)
+    out: list[Continuation] = []
+    for k in range(0, len(idx), batch_size):
+        rows = idx[k : k + batch_size]
+        n = len(rows)
+        kv = fork_cache(cache, n, n_pos)
+        mask = torch.ones((n, n_pos), dtype=torch.long, device=decoder.device)
+        last_pos = torch.full((n, 1), n_pos - 1, dtype=torch.long, device=decoder.device)
+        logits = einops.repeat(last_logits.to(decoder.device), "v -> n 1 v", n=n)
+        out += _sample_loop(decoder, logits, kv, mask, last_pos, _generators(cfg, rows), cfg)
+    return out
 
 
 def continue_prefixes(

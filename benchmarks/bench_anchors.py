@@ -1,0 +1,200 @@
+"""Thought-anchors resampling: forks of one prefill vs re-prefilling every rollout; adaptive stopping.
+
+Measured in one run on tiny-thinker (1 torch thread by default):
+
+  (a) ``mechthink.anchors.resampling_importance``: the trace is prefilled once, every prefix
+      (before each sentence, and after the last) is a fork of that KV cache and ``N`` rollouts
+      decode on it, ``--batch`` rows at a time; resampled sentences are compared with the
+      original on forks too;
+  (b) the thought-anchors way: every rollout re-reads its prefix (``generation.decode`` of
+      ``[prefix] * N``, the same loop, batch size and seeds), and each resampled sentence's
+      similarity re-reads prefix + sentence;
+
+on a ~``--tokens``-token trace and on an ordinary tiny-thinker trace. Prints tokens processed
+(every position fed to the model, padding and finished rows included) and wall time of (a) and
+(b), their ratios, whether the rollouts are token-identical and the largest difference of the
+four importances (same seeds: expected 0). With full rollouts the token ratio is bounded by
+``Σ_j N (p_j + L_j) / (T + Σ_j N L_j) ≈ 1 + mean(p) / mean(L)`` (prefix ``p_j``, rollout
+length ``L_j``): about 2 when the sentences are spread evenly over a trace.
+
+Adaptive stopping (:class:`mechthink.anchors.AdaptiveStopping`, default rule) is replayed on
+full ``--adaptive-n`` runs of ``--adaptive-traces`` ordinary traces (exactly what a live adaptive
+run draws, same seeds): rollouts saved and Spearman's rho of each importance against full N,
+pooled over the sentences.
+
+    python benchmarks/bench_anchors.py [--n 32] [--tokens 300] [--adaptive-n 100] [--adaptive-traces 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import warnings
+
+import torch
+
+
+def _counter(model):
+    """A forward pre-hook on the embedding counting every position fed to the model."""
+    seen = {"tokens": 0}
+
+    def pre(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            seen["tokens"] += ids.numel()
+
+    return seen, model.bridge.embed.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+@torch.inference_mode()
+def _reread_states(model, rows):
+    """Last-block output at the last token of each row, one right-padded forward from scratch."""
+    width = max(len(r) for r in rows)
+    x = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    grabbed = []
+    hook = f"blocks.{model.n_layers - 1}.hook_resid_post"
+    with model.bridge.hooks(fwd_hooks=[(hook, lambda act, hook: grabbed.append(act.detach()))]):
+        model.bridge(x, attention_mask=mask, **model.last_logits_kwargs())
+    ends = torch.tensor([len(r) - 1 for r in rows])
+    return grabbed[0][torch.arange(len(rows)), ends].float()
+
+
+def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperature, top_p, seed):
+    """The thought-anchors way: each rollout re-reads its prefix; similarities re-read prefix + sentence."""
+    from mechthink import anchors as A
+    from mechthink import generation as G
+
+    points = [s.token_start for s in sents] + [sents[-1].token_end]
+    dec = G.Decoder.for_model(model)
+    originals = _reread_states(model, [trace.ids[: s.token_end] for s in sents])
+    rollouts = []
+    for j, p in enumerate(points):
+        cfg = G.SamplingConfig(max_new_tokens, temperature, top_p, G.seed_for(seed, p))
+        conts = G.decode(dec, [trace.ids[:p]] * n, cfg, batch_size=batch, indices=range(n))
+        firsts = [A.first_sentence(model, c.ids) for c in conts]
+        sims = [float("nan")] * n
+        if j < len(sents):
+            orig = list(trace.ids[sents[j].token_start : sents[j].token_end])
+            sims = [1.0 if list(c.ids[:k]) == orig else 0.0 for c, (_, k) in zip(conts, firsts)]
+            todo = [r for r, (_, k) in enumerate(firsts) if k > 0 and sims[r] < 1.0]
+            if todo:
+                states = _reread_states(model, [list(trace.ids[:p]) + list(conts[r].ids[: firsts[r][1]]) for r in todo])
+                cos = torch.nn.functional.cosine_similarity(states, originals[j][None], dim=-1).tolist()
+                for r, v in zip(todo, cos):
+                    sims[r] = v
+        rollouts.append([A.Rollout(j, r, tuple(c.ids), A.rollout_answer(model.to_string(c.ids), c.finished),
+                                   firsts[r][0], sims[r], c.finished) for r, c in enumerate(conts)])
+    ref = str(trace.gold)
+    return A.importance_from_rollouts(sents, points, rollouts, ref, n)
+
+
+def _long_transcript(tokens: int):
+    from mechthink.models.organism import TranscriptConfig, make_transcript
+
+    for k in range(6, 40):
+        tr = make_transcript(random.Random(f"bench-{k}"), TranscriptConfig(min_operands=k, max_operands=k, p_error=0.25))
+        if len(tr.input_ids) >= tokens:
+            return tr
+    raise SystemExit(f"no transcript reaches {tokens} tokens")
+
+
+def compare(model, transcript, label, args) -> None:
+    from mechthink import anchors as A
+
+    o = A.organism_sentences(model, transcript, id=label)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    runs = {}
+    for name, fn in (
+        ("a: forks of one prefill", lambda: A.resampling_importance(model, o.trace, o.sentences, n_rollouts=args.n,
+                                                                    batch_size=args.batch, **kw)),
+        ("b: re-prefill every rollout", lambda: reprefill_importance(model, o.trace, o.sentences, args.n, args.batch, **kw)),
+    ):
+        seen, handle = _counter(model)
+        t0 = time.perf_counter()
+        try:
+            res = fn()
+        finally:
+            handle.remove()
+        runs[name] = (res, seen["tokens"], time.perf_counter() - t0)
+    (a, ta, sa), (b, tb, sb) = runs.values()
+    same = [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in b.rollouts]
+    diff = max(float((a.metric(m) - b.metric(m)).abs().max()) for m in A.ResamplingImportance.METRICS)
+    lengths = [len(r.ids) for rs in a.rollouts for r in rs]
+    print(f"\n{label}: {len(o.trace.ids)} tokens, {len(o.sentences)} sentences, {len(a.points)} prefixes x {args.n} rollouts "
+          f"(mean rollout {sum(lengths) / len(lengths):.0f} tokens, mean prefix {sum(a.points) / len(a.points):.0f})")
+    for name, (_, tok, sec) in runs.items():
+        print(f"  {name:30s} {tok:>10,d} tokens  {sec:8.2f} s")
+    print(f"  tokens b/a = {tb / ta:.2f}x   wall time b/a = {sb / sa:.2f}x   rollouts identical: {same}   "
+          f"max |importance a - b| = {diff:.2g}")
+
+
+def adaptive(model, args) -> None:
+    from mechthink import anchors as A
+    from mechthink.models.organism import sample_transcripts
+    from mechthink.stats import spearman
+
+    full, again = [], []
+    t0 = time.perf_counter()
+    for k, tr in enumerate(sample_transcripts(args.adaptive_traces, seed="bench-adaptive")):
+        o = A.organism_sentences(model, tr, id=f"a{k}")
+        kw = dict(n_rollouts=args.adaptive_n, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p)
+        full.append(A.resampling_importance(model, o.trace, o.sentences, seed=args.seed, **kw))
+        again.append(A.resampling_importance(model, o.trace, o.sentences, seed=args.seed + 1, **kw))
+    total = sum(r.rollouts_drawn for r in full)
+    print(f"\nadaptive stopping on {len(full)} traces, {sum(len(r.sentences) for r in full)} sentences, "
+          f"N = {args.adaptive_n} ({time.perf_counter() - t0:.0f} s for two full runs); Spearman rho pooled over sentences")
+    metrics = A.ResamplingImportance.METRICS
+    print(f"  {'rule':44s} {'fewer':>6s} " + " ".join(f"{m:>24s}" for m in metrics))
+
+    def cat(rs, m):
+        return torch.cat([r.metric(m) for r in rs])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant importance gives NaN
+        print(f"  {'full N, other seed (the noise floor)':44s} {'':>6s} "
+              + " ".join(f"{spearman(cat(again, m), cat(full, m)):>24.3f}" for m in metrics))
+        for tol in [float(t) for t in args.tolerances.split(",")]:
+            rule = A.AdaptiveStopping(tolerance=tol)
+            replay = [A.replay_adaptive(r, rule) for r in full]
+            fewer = 1 - sum(r.rollouts_drawn for r in replay) / total
+            print(f"  {f'tolerance={tol}, min={rule.min_rollouts}, round={rule.round_size}':44s} {fewer:>6.1%} "
+                  + " ".join(f"{spearman(cat(replay, m), cat(full, m)):>24.3f}" for m in metrics))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32, help="rollouts per prefix for the fork vs re-prefill comparison (0 = skip)")
+    ap.add_argument("--batch", type=int, default=32, help="rollouts decoded together")
+    ap.add_argument("--tokens", type=int, default=300, help="length of the long trace")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adaptive-n", type=int, default=100, help="full N for the adaptive-stopping replay (0 = skip)")
+    ap.add_argument("--adaptive-traces", type=int, default=4)
+    ap.add_argument("--tolerances", default="0.1,0.08,0.07,0.06,0.05,0.03", help="adaptive tolerances replayed")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import mechthink as mt
+    from mechthink.models.organism import sample_transcripts
+
+    model = mt.load_model("tiny-thinker")
+    if args.n:
+        compare(model, _long_transcript(args.tokens), f"~{args.tokens}-token trace", args)
+        ordinary = next(t for t in sample_transcripts(20, seed="bench") if any(s.is_error for s in t.steps))
+        compare(model, ordinary, "ordinary trace", args)
+    if args.adaptive_n:
+        adaptive(model, args)
+
+
+if __name__ == "__main__":
+    main()
