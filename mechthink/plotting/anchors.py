@@ -125,8 +125,9 @@ def plot_agreement(agreement: "MethodAgreement", ax: Axes | None = None) -> Figu
         for j in range(n):
             v = float(r[i, j])
             ax.text(j, i, "–" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(n), agreement.methods, rotation=30, ha="right")
-    ax.set_yticks(range(n), agreement.methods)
+    # numbered columns, named rows: long method names never collide
+    ax.set_xticks(range(n), [f"({i + 1})" for i in range(n)])
+    ax.set_yticks(range(n), [f"({i + 1}) {m}" for i, m in enumerate(agreement.methods)])
     ax.grid(False)
     ax.figure.colorbar(img, ax=ax, label="Spearman rho (mean over traces)")
     ax.set_title(f"agreement of methods ({agreement.n_traces} traces)")
