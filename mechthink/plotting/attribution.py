@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mechthink.plotting.base import new_axes as _new_axes
 from mechthink.plotting.base import new_figure
-from mechthink.plotting.style import styled
+from mechthink.plotting.style import styled, token_axis
 
 if TYPE_CHECKING:
     from mechthink.attribution import (
@@ -70,7 +70,6 @@ def _finish(fig: FigureBase) -> FigureBase:
     return fig
 
 
-@styled
 def _script_safe_props(page: str, props: dict[str, Any]) -> str:
     """The page with its inline props JSON made safe inside ``<script>``: ``<``, ``>`` and ``&``
     as JSON escapes, so a token such as ``</script><script>…`` cannot end the script early, and
@@ -84,6 +83,7 @@ def _script_safe_props(page: str, props: dict[str, Any]) -> str:
     return page.replace(raw, safe)
 
 
+@styled
 def colored_tokens_html(
     str_tokens: Sequence[str],
     values: Float[Tensor, "pos"] | Sequence[float | int],
@@ -132,10 +132,9 @@ def plot_attribution_heatmap(
     s = torch.nan_to_num(s).cpu().numpy()
     lim = float(abs(s).max()) or 1.0
     im = ax.imshow(s, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    T = s.shape[1]
-    step = max(1, T // max_xticks)
-    ax.set_xticks(range(0, T, step))
-    ax.set_xticklabels([repr(t)[1:-1] for t in result.str_tokens[::step]], rotation=90, fontsize=6)
+    width_in = ax.get_position().width * ax.figure.get_size_inches()[0]
+    token_axis(ax, list(result.str_tokens), max_labels=min(max_xticks, max(4, int(width_in * 1.6))),
+               keep=[len(result.str_tokens) - 1])
     ax.set_ylabel("layer")
     ax.set_title(f"{result.method} {node} (baseline={result.baseline}, metric={result.metric_clean:.3g})")
     fig.colorbar(im, ax=ax, fraction=0.03)
@@ -217,12 +216,12 @@ def plot_attribution_overview(
     plot_estimator_heatmaps(comparison, sample, axes=[fig.add_subplot(grid[i, :]) for i in range(n)], what=f"{target!r} logit")
     plot_binned(
         bins.labels, bins.values, ax=fig.add_subplot(grid[-1, 0]),
-        title=f"AtP importance by region (min-max per sample, mean over {bins.values.shape[0]})",
+        title=f"AtP importance by region\n(min-max per sample, mean over {bins.values.shape[0]})",
     )
     labels = [f"L{L}H{h}" for L, h in attention.heads]
     plot_binned(
         attention.labels, attention.values, ylabel="attention", row_labels=labels, ax=fig.add_subplot(grid[-1, 1]),
-        title=f"attention of the top-{len(labels)} heads (by AtP) from the query position",
+        title=f"attention of the top-{len(labels)} heads (by AtP)\nfrom the query position",
     )
     fig.suptitle(f"{model_name}: attribution patching with mean ablation at planted errors")
     return fig

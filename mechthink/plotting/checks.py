@@ -12,6 +12,42 @@ from typing import Any
 __all__ = ["layout_problems"]
 
 
+def _boxes_overlap(a: Any, b: Any, tol: float) -> bool:
+    return bool(min(a.x1, b.x1) - max(a.x0, b.x0) > tol and min(a.y1, b.y1) - max(a.y0, b.y0) > tol)
+
+
+def _overlapping_labels(fig: Any, renderer: Any, tol: float) -> list[str]:
+    """Titles, the suptitle and axis labels that run into each other, and legends that cover
+    text written in their axes (value labels)."""
+    labels = []
+    if getattr(fig, "_suptitle", None) is not None and fig._suptitle.get_text().strip():
+        labels.append(("suptitle", fig._suptitle))
+    for i, ax in enumerate(fig.get_axes()):
+        if not ax.axison:
+            continue
+        for t in (ax.title, ax._left_title, ax._right_title):
+            if t.get_visible() and t.get_text().strip():
+                labels.append((f"axes {i} title", t))
+        for name, lab in (("xlabel", ax.xaxis.label), ("ylabel", ax.yaxis.label)):
+            if lab.get_visible() and lab.get_text().strip():
+                labels.append((f"axes {i} {name}", lab))
+    boxes = [(n, t, t.get_window_extent(renderer)) for n, t in labels]
+    out = []
+    for k, (n1, t1, b1) in enumerate(boxes):
+        for n2, t2, b2 in boxes[k + 1 :]:
+            if _boxes_overlap(b1, b2, tol):
+                out.append(f"{n1} {t1.get_text()[:30]!r} and {n2} {t2.get_text()[:30]!r} overlap")
+    for i, ax in enumerate(fig.get_axes()):
+        legend = ax.get_legend()
+        if legend is None or not legend.get_visible():
+            continue
+        lb = legend.get_window_extent(renderer)
+        for t in ax.texts:
+            if t.get_visible() and t.get_text().strip() and _boxes_overlap(lb, t.get_window_extent(renderer), tol):
+                out.append(f"axes {i}: the legend covers the text {t.get_text()[:30]!r}")
+    return out
+
+
 def _visible_texts(artists: Any) -> list[Any]:
     return [t for t in artists if t.get_visible() and t.get_text().strip()]
 
@@ -52,6 +88,7 @@ def layout_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
     from matplotlib.text import Text
 
     others = [t for t in _visible_texts(fig.findobj(Text)) if id(t) not in tick_texts]
+    problems += _overlapping_labels(fig, renderer, tolerance_px)
     for t in in_view + others:
         try:
             b = t.get_window_extent(renderer)

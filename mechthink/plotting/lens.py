@@ -73,12 +73,16 @@ def plot_lens_heatmap(result: Any, row: int = 0, target: int = 0, max_label: int
     fig, ax = _axes(ax, max(6.0, 0.55 * grid.shape[1] + 2), 1.2 + 0.7 * len(kinds))
     vmax = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
     im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    # horizontal cell labels, sized to the cell width (a cell is about fig_width / n_cols wide)
+    cell_in = ax.figure.get_size_inches()[0] / max(1, grid.shape[1] + 1)
+    size = float(min(9.0, max(5.0, 72 * cell_in / max(3, max_label) * 1.3)))
     for (r, col), text in np.ndenumerate(labels):
         if text:
-            ax.text(col, r, repr(text)[1:-1], ha="center", va="center", fontsize=6, rotation=90)
+            shown = repr(text)[1:-1].replace(" ", "␣")
+            ax.text(col, r, shown, ha="center", va="center", fontsize=size)
     ax.set_yticks(range(len(kinds)), kinds)
     xt = list(range(grid.shape[1]))
-    ax.set_xticks(xt, [str(i) if i < n_layers else "final" for i in xt], fontsize=7)
+    ax.set_xticks(xt, [str(i) if i < n_layers else "final" for i in xt])
     ax.set_xlabel("layer")
     ax.set_title(
         f"{result.mode} lens: logit of {result.targets[target]!r} at position {result.positions[row]} "

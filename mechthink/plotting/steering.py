@@ -32,8 +32,8 @@ __all__ = [
 
 
 def new_figure(width: float | int, height: float | int) -> Figure:
-    """A figure on its own Agg canvas (no layout engine)."""
-    return _base_figure(width, height, constrained=False)
+    """A figure on its own Agg canvas with constrained layout (the figure style's)."""
+    return _base_figure(width, height)
 
 
 @styled
@@ -135,5 +135,4 @@ def coefficient_sweep_figure(sweeps: Mapping[str, "CoefficientSweep"]) -> Figure
     for j, sweep in enumerate(sweeps.values()):
         plot_coefficient_sweep(sweep, fig.add_subplot(2, n, j + 1))
         plot_sweep_outcomes(sweep, fig.add_subplot(2, n, n + j + 1))
-    fig.subplots_adjust(hspace=0.45, wspace=0.25)
     return fig
