@@ -211,25 +211,14 @@ def _score_multi(
 def _greedy(
     model: "ThinkingModel", kv: Any, first_logits: Tensor, max_tokens: int, stop: str | None
 ) -> str:
-    """Greedy continuation from ``first_logits`` on a fork of ``kv`` (stops at eos or ``stop``)."""
-    eos = set(model.eos_token_ids)
-    out: list[int] = []
-    fork = None
-    logits = first_logits
-    for step in range(max_tokens):
-        t = int(logits.argmax())
-        if t in eos:
-            break
-        out.append(t)
-        if stop is not None and stop in model.to_string(out):
-            break
-        if step == max_tokens - 1:
-            break
-        if fork is None:
-            fork = _fork(kv, 1)
-        lg, fork = _forward(model, [t], fork)
-        logits = lg[0, -1]
-    text = model.to_string(out)
+    """Greedy continuation from ``first_logits`` on a fork of ``kv`` (the one decode loop,
+    :func:`mechthink.generation.decode_from_cache`); the text ends before eos or ``stop``."""
+    from mechthink.generation import Decoder, SamplingConfig, decode_from_cache
+
+    (cont,) = decode_from_cache(Decoder.for_model(model), kv, first_logits,
+                                SamplingConfig(max_new_tokens=max_tokens, temperature=0.0), indices=[0])
+    ids = cont.ids[:-1] if cont.finished == "eos" else cont.ids
+    text = model.to_string(ids)
     if stop is not None and stop in text:
         text = text[: text.index(stop)]
     return text
