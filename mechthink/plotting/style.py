@@ -18,7 +18,7 @@ import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["COLORS", "OKABE_ITO", "RC", "color_for", "integer_axis", "styled", "token_axis", "value_labels"]
+__all__ = ["COLORS", "OKABE_ITO", "RC", "color_for", "finalize", "integer_axis", "styled", "token_axis", "value_labels"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,14 +68,42 @@ RC: dict[str, Any] = {
 
 
 def styled(fn: F) -> F:
-    """Run a plot function under :data:`RC` (artists take their sizes when they are made)."""
+    """Run a plot function under :data:`RC` (artists take their sizes when they are made), then
+    apply the rules every figure follows (:func:`finalize`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with mpl.rc_context(RC):
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            fig = out if hasattr(out, "get_axes") else getattr(out, "figure", None)
+            if fig is not None and hasattr(fig, "get_axes"):
+                finalize(fig)
+            return out
 
     return cast(F, wrapper)
+
+
+#: Axis labels that name integer quantities (their ticks never show half steps): labels that
+#: start with one of these words, or mention a budget or extensions.
+_INTEGER_START = ("layer", "instance", "step", "head", "number of", "kinds", "k-th", "sentence", "position", "token index")
+_INTEGER_ANYWHERE = ("budget", "extensions")
+
+
+def finalize(fig: Any) -> None:
+    """Rules for every axes of a figure: heatmaps (axes with images) get no grid and integer
+    ticks; axes whose label names an integer quantity (layer, instance, step, budget, …) get
+    integer ticks. Explicitly set ticks are left alone. Idempotent."""
+    from matplotlib.ticker import AutoLocator
+
+    for ax in fig.get_axes():
+        heat = bool(ax.images)
+        if heat:
+            ax.grid(False)
+        for axis in (ax.xaxis, ax.yaxis):
+            label = axis.get_label().get_text().lower()
+            integer = label.startswith(_INTEGER_START) or any(w in label for w in _INTEGER_ANYWHERE)
+            if isinstance(axis.get_major_locator(), AutoLocator) and (heat or integer):
+                axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def color_for(role: str, index: int = 0) -> str:
