@@ -68,6 +68,7 @@ __all__ = [
     "FaithfulnessCurve",
     "SenderMeans",
     "ablate_edges",
+    "attention_mass",
     "baseline_outputs",
     "build_graph",
     "edge_attribution",
@@ -77,6 +78,7 @@ __all__ = [
     "random_circuit",
     "run_with_ablated_edges",
     "sender_means",
+    "token_probability",
 ]
 
 Metric = Callable[[Tensor], Tensor]
@@ -884,3 +886,52 @@ def faithfulness(
         i += len(ks)
     return FaithfulnessCurve(k=ks, n_edges=n_edges, faithfulness=faith, metric_clean=m_clean, metric_ablated=m_abl,
                              n_total_edges=n_total, target=target)
+
+
+# ------------------------------------------------------------------------------- measurements
+def token_probability(
+    model: "ThinkingModel",
+    tokens: Any,
+    ablated: Bool[Tensor, "mask sender receiver"],
+    token_ids: Sequence[int],
+    baseline: Baseline = "mean",
+    means: SenderMeans | None = None,
+    graph: EdgeGraph | None = None,
+) -> Float[Tensor, "sample mask"]:
+    """P(any of ``token_ids``) at the last position with each ablation mask (rows), per sequence.
+
+    Args:
+        tokens: One sequence or a list (``baseline`` as in :func:`edge_attribution`).
+        ablated: ``[mask, sender, receiver]``: edges carrying the baseline (e.g. a circuit's, or
+            random sets of its size; an all-False mask gives the clean model).
+        token_ids: The tokens whose probabilities are summed (e.g. the backtracking words).
+    """
+    graph = graph or build_graph(model)
+    ids = torch.tensor(list(token_ids))
+    out = []
+    for seq, b in _examples(tokens, baseline):
+        logits = run_with_ablated_edges(model, seq, ablated, b, means=means, graph=graph)
+        out.append(logits[:, -1].float().softmax(-1)[:, ids.to(logits.device)].sum(-1).cpu())
+    return torch.stack(out)
+
+
+def attention_mass(
+    model: "ThinkingModel",
+    tokens: Any,
+    heads: Sequence[tuple[int, int]],
+    positions: Sequence[Sequence[int]],
+) -> Float[Tensor, "sample head"]:
+    """Attention each head puts from the last position onto ``positions`` (one list per sequence)."""
+    from mechthink.hooks import gather, hook_name
+
+    seqs = [list(map(int, torch.as_tensor(t).flatten().tolist())) for t in tokens]
+    if len(positions) != len(seqs):
+        raise ValueError(f"positions has {len(positions)} lists for {len(seqs)} sequences; pass one per sequence")
+    layers = sorted({L for L, _ in heads})
+    cache = gather(model, seqs, [hook_name(L, "pattern") for L in layers], positions=-1)
+    out = torch.zeros(len(seqs), len(heads))
+    for i, pos in enumerate(positions):
+        for j, (L, h) in enumerate(heads):
+            pat = cache.per_sequence(hook_name(L, "pattern"))[i][h, -1]
+            out[i, j] = pat[list(pos)].sum()
+    return out

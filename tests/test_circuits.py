@@ -147,3 +147,44 @@ def test_bad_input(tiny_loaded):
         C.edge_attribution(model, clean, metric, "zero", method="acdc", graph=g)
     with pytest.raises(ValueError, match="ks="):
         C.faithfulness(model, clean, metric, eap, corrupt, ks=[0, 3])
+
+
+def test_plots_pass_layout_check(tiny_loaded):
+    from mechthink.plotting.checks import layout_problems
+    from mechthink.plotting.circuits import plot_circuits_overview
+
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    scores = {m: C.edge_attribution(model, clean, metric, corrupt, method=m) for m in C.EDGE_METHODS}
+    curve = C.faithfulness(model, clean, metric, scores, corrupt, ks=[2, 5, 10, 40, 190])
+    circ = C.prune(scores["eap-ig"], k=10)
+    for fig in (curve.plot(), circ.plot(), scores["eap"].plot(), circ.graph.plot(),
+                plot_circuits_overview(curve, circ, {"clean": 0.9, "circuit": 0.1, "random": 0.8}, model.spec.name)):
+        assert layout_problems(fig) == []
+    assert set(curve.to_frame()["method"]) == set(C.EDGE_METHODS)
+
+
+def test_probability_and_attention_mass(tiny_loaded):
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, _ = _setup(model)
+    g = C.build_graph(model)
+    ids = model.token_ids("Wait")
+    p = C.token_probability(model, [clean, clean], torch.stack([torch.zeros_like(g.edges), g.edges]), ids, [corrupt, corrupt])
+    with torch.no_grad():
+        pc = model.bridge(clean[None])[0, -1].softmax(-1)[ids].sum()
+        pb = model.bridge(corrupt[None])[0, -1].softmax(-1)[ids].sum()
+    torch.testing.assert_close(p[0], torch.stack([pc, pb]), atol=1e-5, rtol=1e-4)
+    mass = C.attention_mass(model, [clean], [(1, 0), (2, 3)], [list(range(len(clean)))])
+    torch.testing.assert_close(mass, torch.ones(1, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_analysis_on_tiny_thinker(tmp_path):
+    from analyses import REGISTRY
+    from analyses import circuits as an
+
+    assert "circuits" in REGISTRY
+    nums = an.main(an.Config(n_pairs=4, n_exact=1, n_random=2, out=str(tmp_path)))
+    assert (tmp_path / "circuits" / "tiny-thinker.png").exists()
+    assert nums["p_backtrack_clean"] > 0.5 and nums["n_edges_graph"] == 479
+    assert set(nums["spearman_vs_exact"]) == set(C.EDGE_METHODS)

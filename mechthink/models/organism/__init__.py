@@ -76,13 +76,14 @@ __all__ = [
     "make_transcript",
     "minimal_pair",
     "minimal_pairs",
+    "minimal_pairs_for",
     "prompt_text",
     "render_transcript",
     "sample_problem",
     "sample_transcripts",
 ]
 
-from .examples import is_organism, organism_problems, problems_for, step_examples  # noqa: E402
+from .examples import is_organism, minimal_pairs_for, organism_problems, problems_for, step_examples  # noqa: E402
 from .events import EVENT_KINDS, token_events  # noqa: E402
 from .scoring import GroundTruthHits, answer_determining_step, context_spans, ground_truth_hits  # noqa: E402
 
