@@ -31,6 +31,7 @@ REGISTRY: tuple[str, ...] = (
     "mi_peaks",
     "readiness",
     "thought_anchors",
+    "circuits",
 )
 
 

@@ -217,3 +217,23 @@ def test_planted_behaviour():
     assert res.greedy_accuracy >= 0.95, res
     assert res.prefill_recovery_rate >= 0.90, res
 
+
+
+def test_minimal_pairs_align_token_for_token():
+    import dataclasses
+
+    from mechthink.models.organism import minimal_pair, minimal_pairs
+
+    pairs = minimal_pairs(20)
+    assert len(pairs) == 20
+    for wrong, fixed in pairs:
+        assert wrong.is_error and not fixed.is_error
+        assert len(wrong.input_ids) == len(fixed.input_ids)
+        diff = [i for i, (a, b) in enumerate(zip(wrong.input_ids, fixed.input_ids)) if a != b]
+        assert diff and set(diff) <= set(wrong.step_result_positions)
+        assert fixed.text.endswith(f"= {wrong.correct_result}.")
+    ex = pairs[0][0]
+    with pytest.raises(ValueError, match="differ in length"):
+        minimal_pair(dataclasses.replace(ex, correct_result=100 + ex.correct_result))
+    with pytest.raises(ValueError, match="is_error=True"):
+        minimal_pair(pairs[0][1])

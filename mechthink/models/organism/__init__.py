@@ -21,6 +21,8 @@ from .tasks import (
     TranscriptConfig,
     held_out_examples,
     make_transcript,
+    minimal_pair,
+    minimal_pairs,
     prompt_text,
     render_transcript,
     sample_problem,
@@ -72,13 +74,16 @@ __all__ = [
     "token_events",
     "load_hf",
     "make_transcript",
+    "minimal_pair",
+    "minimal_pairs",
+    "minimal_pairs_for",
     "prompt_text",
     "render_transcript",
     "sample_problem",
     "sample_transcripts",
 ]
 
-from .examples import is_organism, organism_problems, problems_for, step_examples  # noqa: E402
+from .examples import is_organism, minimal_pairs_for, organism_problems, problems_for, step_examples  # noqa: E402
 from .events import EVENT_KINDS, token_events  # noqa: E402
 from .scoring import GroundTruthHits, answer_determining_step, context_spans, ground_truth_hits  # noqa: E402
 

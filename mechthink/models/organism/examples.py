@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechthink.data import Problem
-from mechthink.models.organism.tasks import HELD_OUT_SEED, StepExample, held_out_examples, sample_transcripts
+from mechthink.models.organism.tasks import HELD_OUT_SEED, StepExample, held_out_examples, minimal_pairs, sample_transcripts
 
 if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel
 
-__all__ = ["is_organism", "organism_problems", "problems_for", "step_examples"]
+__all__ = ["is_organism", "minimal_pairs_for", "organism_problems", "problems_for", "step_examples"]
 
 _THINK_MARK = "<think>\n"
 
@@ -38,16 +38,31 @@ def step_examples(model: "ThinkingModel", n: int, seed: int | None = None) -> li
     examples = held_out_examples(n, seed=HELD_OUT_SEED if seed is None else seed)
     if is_organism(model):
         return examples
-    out = []
-    for ex in examples:
-        thinking = ex.text.split(_THINK_MARK, 1)[1]
-        ids = model.to_tokens(model.prompt(ex.question, thinking="on") + thinking)[0].tolist()
-        out.append(dataclasses.replace(
-            ex, input_ids=ids, text=model.to_string(ids), next_token_in_data=None, step_operand_positions=None,
-            step_lhs_positions=None, step_rhs_positions=None, step_result_positions=None, period_position=None,
-            question_span=None,
-        ))
-    return out
+    return [_rerender(model, ex) for ex in examples]
+
+
+def _rerender(model: "ThinkingModel", ex: StepExample) -> StepExample:
+    """A tiny-thinker example in another model's chat format (position fields dropped)."""
+    thinking = ex.text.split(_THINK_MARK, 1)[1]
+    ids = model.to_tokens(model.prompt(ex.question, thinking="on") + thinking)[0].tolist()
+    return dataclasses.replace(
+        ex, input_ids=ids, text=model.to_string(ids), next_token_in_data=None, step_operand_positions=None,
+        step_lhs_positions=None, step_rhs_positions=None, step_result_positions=None, period_position=None,
+        question_span=None,
+    )
+
+
+def minimal_pairs_for(model: "ThinkingModel", n: int, seed: int | None = None) -> list[tuple[StepExample, StepExample]]:
+    """:func:`~mechthink.models.organism.tasks.minimal_pairs` in ``model``'s own chat format.
+
+    For tiny-thinker the pairs are used as they are; for any other model both members are
+    re-rendered and only pairs that still have the same token length are kept (up to ``n``).
+    """
+    pairs = minimal_pairs(n, seed=HELD_OUT_SEED if seed is None else seed)
+    if is_organism(model):
+        return pairs
+    out = [(_rerender(model, a), _rerender(model, b)) for a, b in minimal_pairs(2 * n, seed=HELD_OUT_SEED if seed is None else seed)]
+    return [(a, b) for a, b in out if len(a.input_ids) == len(b.input_ids)][:n]
 
 
 def organism_problems(n: int, seed: int) -> list[Problem]:

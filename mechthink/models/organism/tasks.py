@@ -10,6 +10,7 @@ arXiv:2501.12948).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ __all__ = [
     "TranscriptConfig",
     "held_out_examples",
     "make_transcript",
+    "minimal_pair",
+    "minimal_pairs",
     "prompt_text",
     "render_transcript",
     "sample_problem",
@@ -539,4 +542,46 @@ def held_out_examples(n: int, seed: int = HELD_OUT_SEED) -> list[StepExample]:
                 question_span=tuple(tr.question_span),
             )
         )
+    return out
+
+
+def minimal_pair(example: StepExample) -> StepExample:
+    """The same prefix with the wrong step's result corrected: a baseline of identical length.
+
+    Args:
+        example: A tiny-thinker :class:`StepExample` with ``is_error`` (its last step wrong).
+
+    Returns:
+        The corrected example (``is_error=False``, same positions, same token length).
+    """
+    if not example.is_error or example.step_result_positions is None:
+        raise ValueError("minimal_pair: pass a tiny-thinker StepExample whose last step is wrong (is_error=True)")
+    tok = build_raw_tokenizer()
+    res = example.step_result_positions
+    digits = tok.encode(str(example.correct_result), add_special_tokens=False).ids
+    if len(digits) != len(res):
+        raise ValueError(f"minimal_pair: the correct result {example.correct_result} has {len(digits)} tokens but the "
+                         f"written {example.written_result} has {len(res)}; the pair would differ in length")
+    ids = list(example.input_ids)
+    ids[res[0] : res[-1] + 1] = digits
+    return dataclasses.replace(example, input_ids=ids, is_error=False, written_result=example.correct_result,
+                               text=tok.decode(ids, skip_special_tokens=False), next_token_in_data=None)
+
+
+def minimal_pairs(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[StepExample, StepExample]]:
+    """``n`` pairs (wrong step, the same prefix with the step corrected) of identical token length.
+
+    Wrong results whose digit count differs from the correct one (e.g. 9 written as 10) are
+    skipped, so every pair aligns token for token.
+
+    Args:
+        n: Number of pairs.
+        seed: Seed of the held-out stream (as in :func:`held_out_examples`).
+    """
+    out: list[tuple[StepExample, StepExample]] = []
+    m = 2 * n
+    while len(out) < n:
+        out = [(e, minimal_pair(e)) for e in held_out_examples(m, seed=seed)
+               if e.is_error and len(str(e.written_result)) == len(str(e.correct_result))][:n]
+        m *= 2
     return out

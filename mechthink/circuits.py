@@ -1,0 +1,937 @@
+"""Edge attribution patching: circuits of attention heads and MLPs, scored edge by edge.
+
+Method: the model is a graph whose nodes are the token embeddings, every attention head, every
+MLP and the logits. Each node *writes* its output into the residual stream and each downstream
+*receiver* reads the sum of the upstream outputs: a head reads three separate copies of the
+residual (its query, key and value inputs; with grouped-query attention the key and value inputs
+belong to a key-value head), an MLP reads its own copy, the logits read the final residual.
+Edges run from every output to every receiver it can reach (upstream layer < downstream layer, or
+attention -> MLP within a layer). As in the EAP literature, a receiver's input is taken *before*
+its layer norm (TransformerLens' split query/key/value inputs, ``hook_q_input`` …, and
+``hook_mlp_in``).
+
+Edge scores (``score = m(patched) − m(clean)``, patching the edge to a baseline):
+
+* ``"eap"``: edge attribution patching (Syed, Rager & Conmy 2023, "Attribution Patching
+  Outperforms Automated Circuit Discovery"): ``score(u -> v) = Σ_pos (a_u^base − a_u^clean) ·
+  ∂m/∂x_v`` from one clean forward + backward and the baseline's sender outputs.
+* ``"eap-ig"``: EAP with integrated gradients on the inputs (Hanna, Pezzelle & Belinkov 2024,
+  "Have Faith in Faithfulness"): the gradient is averaged over ``ig_steps`` interpolations of the
+  token embeddings between the baseline and the clean input (midpoints ``α = (k + ½)/n``), all
+  steps as the rows of one batched forward/backward.
+* :func:`edge_patching`: exact edge patching, the reference: the receiver gets
+  ``x_v + (a_u^base − a_u^clean)`` (only that receiver, everything else recomputed), one row of a
+  batched forward per edge.
+
+Baselines: ``"mean"`` (each output's mean over a dataset, :func:`sender_means`), ``"zero"``, or
+the tokens of a corrupted input of the same length — for tiny-thinker the *minimal pair*, the same
+transcript with the wrong step corrected (``mechthink.models.organism.minimal_pairs``).
+
+Circuits: :func:`prune` keeps the top-k edges (or those above a threshold) that lie on a path
+from the embeddings to the logits; :func:`faithfulness` measures the metric with only a circuit's
+edges clean and every other edge at the baseline, normalised between all edges ablated (0) and
+the clean model (1), as in Hanna et al. (2024) and the public repository hannamw/EAP-IG.
+
+Layer normalisation after the attention output (GLM-4's sandwich norms) is handled by splitting
+the normed output over heads with the run's own normalisation scale (``w ⊙ r_h / s``), so the
+heads' contributions still sum to the attention output of that run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechthink.attribution import _as_row, _per_row
+from mechthink.progress import track
+from mechthink.results import Result
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mechthink.models.thinking_model import ThinkingModel
+
+__all__ = [
+    "EDGE_METHODS",
+    "Circuit",
+    "EdgeGraph",
+    "EdgeScores",
+    "FaithfulnessCurve",
+    "SenderMeans",
+    "ablate_edges",
+    "attention_mass",
+    "baseline_outputs",
+    "build_graph",
+    "edge_attribution",
+    "edge_patching",
+    "faithfulness",
+    "prune",
+    "random_circuit",
+    "run_with_ablated_edges",
+    "sender_means",
+    "token_probability",
+]
+
+Metric = Callable[[Tensor], Tensor]
+Method = Literal["eap", "eap-ig"]
+#: The estimators of :func:`edge_attribution`.
+EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig")
+#: Interpolation steps of EAP-IG when none are given (Hanna et al. use 5).
+DEFAULT_IG_STEPS = 5
+Baseline = Any  # "mean" | "zero" | token ids of a same-length input | Float[Tensor, "pos sender d_model"]
+
+
+# ----------------------------------------------------------------------------------- the graph
+@dataclass
+class EdgeGraph(Result):
+    """The computational graph of a model: senders (outputs), receivers (inputs) and edges.
+
+    Senders, in topological order: ``embed``, then per layer ``L{l}H{h}`` (each head) and
+    ``MLP{l}``. Receivers: per layer the query input of each head (``L{l}H{h}.q``), the key and
+    value inputs of each key-value head (``L{l}H{g}.k``/``.v``; ``KV{g}`` instead of ``H{g}`` when
+    key-value heads are shared), ``MLP{l}``, then ``logits``. A receiver reads a prefix of the
+    senders, so ``edges[u, v]`` is ``u < n_upstream[v]``.
+
+    Attributes:
+        senders: Sender labels.
+        receivers: Receiver labels.
+        edges: ``[sender, receiver]``: whether the edge exists.
+        n_layers: Layers of the model.
+        n_heads: Query heads per layer.
+        n_kv_heads: Key-value heads per layer.
+        model_name: The model the graph was built for.
+        attn_post_norm: Whether attention outputs are normed before the residual add (GLM-4).
+    """
+
+    senders: list[str]
+    receivers: list[str]
+    edges: Bool[Tensor, "sender receiver"]
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    model_name: str = ""
+    attn_post_norm: bool = False
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    @property
+    def receivers_per_layer(self) -> int:
+        return self.n_heads + 2 * self.n_kv_heads + 1
+
+    def head_sender(self, layer: int, head: int) -> int:
+        """Index of head ``(layer, head)`` among the senders."""
+        return 1 + layer * (self.n_heads + 1) + head
+
+    def mlp_sender(self, layer: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    def receiver_slice(self, layer: int, kind: str) -> slice:
+        """The receivers of one kind (``"q"``, ``"k"``, ``"v"``, ``"mlp"``) at a layer."""
+        base = layer * self.receivers_per_layer
+        H, G = self.n_heads, self.n_kv_heads
+        spans = {"q": (0, H), "k": (H, H + G), "v": (H + G, H + 2 * G), "mlp": (H + 2 * G, H + 2 * G + 1)}
+        if kind not in spans:
+            raise ValueError(f"kind={kind!r}; use 'q', 'k', 'v' or 'mlp'")
+        a, b = spans[kind]
+        return slice(base + a, base + b)
+
+    @property
+    def logits_receiver(self) -> int:
+        return len(self.receivers) - 1
+
+    def n_upstream(self, receiver: int) -> int:
+        """How many senders (a prefix) reach a receiver."""
+        return int(self.edges[:, receiver].sum())
+
+    def receiver_nodes(self, receiver: int) -> list[int]:
+        """The sender indices of the node(s) a receiver feeds (``[]`` for the logits)."""
+        if receiver == self.logits_receiver:
+            return []
+        layer, off = divmod(receiver, self.receivers_per_layer)
+        H, G = self.n_heads, self.n_kv_heads
+        if off < H:
+            return [self.head_sender(layer, off)]
+        if off < H + 2 * G:
+            g = (off - H) % G
+            return [self.head_sender(layer, h) for h in range(H) if h * G // H == g]
+        return [self.mlp_sender(layer)]
+
+    def sender_layer(self, sender: int) -> int:
+        """Layer of a sender (``-1`` for the embeddings)."""
+        return -1 if sender == 0 else (sender - 1) // (self.n_heads + 1)
+
+    def edge_labels(self, mask: Tensor | None = None) -> list[str]:
+        """``"u->v"`` for every edge (of ``mask`` if given), sender-major."""
+        m = self.edges if mask is None else mask & self.edges
+        return [f"{self.senders[u]}->{self.receivers[v]}" for u, v in m.nonzero().tolist()]
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per edge: sender, receiver, their layers."""
+        import pandas as pd
+
+        rows = [(self.senders[u], self.receivers[v], self.sender_layer(u), self._receiver_layer(v))
+                for u, v in self.edges.nonzero().tolist()]
+        return pd.DataFrame(rows, columns=["sender", "receiver", "sender_layer", "receiver_layer"])
+
+    def _receiver_layer(self, v: int) -> int:
+        return self.n_layers if v == self.logits_receiver else v // self.receivers_per_layer
+
+    def plot(self, ax: Any = None) -> Any:
+        """The graph drawn with every edge (layers as rows)."""
+        from mechthink.plotting.circuits import plot_circuit_graph
+
+        return plot_circuit_graph(self, None, ax=ax)
+
+
+def build_graph(model: "ThinkingModel") -> EdgeGraph:
+    """The edge graph of a model (:class:`EdgeGraph`): heads, MLPs, embeddings, logits."""
+    cfg = model.cfg
+    n_layers, H = int(cfg.n_layers), int(cfg.n_heads)
+    G = int(getattr(cfg, "n_key_value_heads", None) or H)
+    kv = "H" if G == H else "KV"
+    senders = ["embed"]
+    receivers: list[str] = []
+    n_up: list[int] = []
+    for L in range(n_layers):
+        up = len(senders)
+        senders += [f"L{L}H{h}" for h in range(H)] + [f"MLP{L}"]
+        receivers += [f"L{L}H{h}.q" for h in range(H)] + [f"L{L}{kv}{g}.k" for g in range(G)]
+        receivers += [f"L{L}{kv}{g}.v" for g in range(G)] + [f"MLP{L}"]
+        n_up += [up] * (H + 2 * G) + [up + H]
+    receivers.append("logits")
+    n_up.append(len(senders))
+    edges = torch.arange(len(senders))[:, None] < torch.tensor(n_up)[None, :]
+    hooks = model.bridge.hook_dict
+    need = ["hook_embed", "ln_final.hook_in", "blocks.0.attn.hook_q_input", "blocks.0.attn.hook_result", "blocks.0.hook_mlp_in"]
+    missing = [n for n in need if n not in hooks]
+    if missing:
+        raise ValueError(f"model {model.spec.name!r} lacks the hooks edge attribution needs ({missing}); "
+                         "its attention bridge must support split q/k/v inputs and per-head results")
+    return EdgeGraph(senders=senders, receivers=receivers, edges=edges, n_layers=n_layers, n_heads=H, n_kv_heads=G,
+                     model_name=model.spec.name, attn_post_norm="blocks.0.ln1_post.hook_scale" in hooks)
+
+
+# ------------------------------------------------------------------------------ the hook engine
+@contextmanager
+def _edge_mode(model: "ThinkingModel") -> Iterator[None]:
+    """Split q/k/v inputs, per-head results and ``hook_mlp_in`` on; restored on exit."""
+    b = model.bridge
+    flags = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
+    old = {f: bool(getattr(b.cfg, f, False)) for f in flags}
+    try:
+        b.set_use_split_qkv_input(True)
+        b.set_use_attn_result(True)
+        b.set_use_hook_mlp_in(True)
+        yield
+    finally:
+        b.set_use_split_qkv_input(old["use_split_qkv_input"])
+        b.set_use_attn_result(old["use_attn_result"])
+        b.set_use_hook_mlp_in(old["use_hook_mlp_in"])
+
+
+@dataclass
+class _Engine:
+    """Hooks that record sender outputs, patch receiver inputs and keep them for gradients.
+
+    ``ablate[b, u, v] = 1`` replaces the current output of sender ``u`` by ``base[..., u, :]`` in
+    receiver ``v``'s input (row ``b``); ``embed`` overrides the embeddings (integrated gradients).
+    """
+
+    model: "ThinkingModel"
+    graph: EdgeGraph
+    base: Tensor | None = None  # [1 | B, pos | 1, sender, d_model]
+    ablate: Tensor | None = None  # [B, sender, receiver]
+    embed: Tensor | None = None  # [B, pos, d_model]
+    keep_inputs: bool = False
+    cur: list[Tensor | None] = field(default_factory=list)
+    inputs: dict[int, Tensor] = field(default_factory=dict)  # first receiver index -> [B, pos, n, d_model]
+    _result: dict[int, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cur = [None] * len(self.graph.senders)
+
+    def senders(self) -> Float[Tensor, "batch pos sender d_model"]:
+        return torch.stack([c for c in self.cur if c is not None], dim=2)
+
+    # ---- senders
+    def _embed(self, act: Tensor, hook: Any) -> Tensor:
+        if self.embed is not None:
+            act = self.embed.to(act.dtype)
+        elif self.keep_inputs and not act.requires_grad:
+            act = act.detach().requires_grad_(True)
+        self.cur[0] = act
+        return act
+
+    def _heads(self, layer: int) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            if self.graph.attn_post_norm:
+                self._result[layer] = act
+                return
+            for h in range(self.graph.n_heads):
+                self.cur[self.graph.head_sender(layer, h)] = act[:, :, h]
+
+        return hook
+
+    def _post_norm(self, layer: int) -> Callable[..., None]:
+        weight = self.model.bridge.blocks[layer].ln1_post.original_component.weight
+
+        def hook(scale: Tensor, hook: Any) -> None:  # the run's own scale splits the normed sum
+            r = self._result.pop(layer)
+            for h in range(self.graph.n_heads):
+                self.cur[self.graph.head_sender(layer, h)] = weight.to(r.dtype) * r[:, :, h] / scale
+
+        return hook
+
+    def _mlp(self, layer: int) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            self.cur[self.graph.mlp_sender(layer)] = act
+
+        return hook
+
+    # ---- receivers
+    def _receiver(self, first: int, n: int, per_head: bool) -> Callable[..., Tensor]:
+        up = self.graph.n_upstream(first)
+
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            if self.ablate is not None and self.base is not None:
+                cur = torch.stack([c for c in self.cur[:up] if c is not None], dim=2)
+                delta = self.base[..., :up, :].to(act.dtype) - cur
+                mask = self.ablate[:, :up, first : first + n].to(act.dtype)
+                corr = einops.einsum(delta, mask, "b pos u d, b u r -> b pos r d")
+                act = act + (corr if per_head else corr[:, :, 0])
+            if self.keep_inputs:  # a node of its own: the hook's input may also be the residual
+                act = act.clone()
+                self.inputs[first] = act
+            return act
+
+        return hook
+
+    def hooks(self) -> list[tuple[str, Callable[..., Any]]]:
+        g = self.graph
+        out: list[tuple[str, Callable[..., Any]]] = [("hook_embed", self._embed)]
+        for L in range(g.n_layers):
+            out.append((f"blocks.{L}.attn.hook_result", self._heads(L)))
+            if g.attn_post_norm:
+                out.append((f"blocks.{L}.ln1_post.hook_scale", self._post_norm(L)))
+            out.append((f"blocks.{L}.hook_mlp_out", self._mlp(L)))
+            for kind in ("q", "k", "v"):
+                s = g.receiver_slice(L, kind)
+                out.append((f"blocks.{L}.attn.hook_{kind}_input", self._receiver(s.start, s.stop - s.start, True)))
+            out.append((f"blocks.{L}.hook_mlp_in", self._receiver(g.receiver_slice(L, "mlp").start, 1, False)))
+        out.append(("ln_final.hook_in", self._receiver(g.logits_receiver, 1, False)))
+        return out
+
+    def run(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        with _edge_mode(self.model):
+            return self.model.bridge.run_with_hooks(tokens, fwd_hooks=self.hooks())
+
+    def receiver_inputs(self) -> list[Tensor]:
+        return [self.inputs[k] for k in sorted(self.inputs)]
+
+    def receiver_grads(self, m: Tensor) -> Float[Tensor, "batch pos receiver d_model"]:
+        """``∂m/∂x_v`` of every receiver input kept by the last run."""
+        grads = torch.autograd.grad(m, self.receiver_inputs())
+        return torch.cat([g if g.dim() == 4 else g.unsqueeze(2) for g in grads], dim=2)
+
+
+# ---------------------------------------------------------------------------------- baselines
+@dataclass
+class SenderMeans(Result):
+    """Each sender's mean output over a dataset (the mean-ablation baseline of edges).
+
+    Attributes:
+        means: ``[sender, d_model]`` mean over every counted position.
+        count: Positions counted.
+        n_samples: Sequences seen.
+        senders: Sender labels.
+        model_name: The model.
+    """
+
+    means: Float[Tensor, "sender d_model"]
+    count: int
+    n_samples: int
+    senders: list[str]
+    model_name: str = ""
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per sender: its mean output's L2 norm."""
+        import pandas as pd
+
+        return pd.DataFrame({"sender": self.senders, "mean_norm": self.means.norm(dim=-1).tolist()})
+
+
+def sender_means(model: "ThinkingModel", dataset: Iterable[Any], skip_bos: bool = True,
+                 graph: EdgeGraph | None = None) -> SenderMeans:
+    """Mean output of every sender over a dataset (all positions; BOS left out as in
+    :func:`mechthink.attribution.mean_activations`), one forward per sequence."""
+    graph = graph or build_graph(model)
+    total, count, n = None, 0, 0
+    bos = model.bos_token_id
+    for seq in track(dataset, "sender means"):
+        acts = baseline_outputs(model, seq, graph)[0].double()
+        start = 1 if skip_bos and bos is not None and int(torch.as_tensor(seq).flatten()[0]) == bos and acts.shape[0] > 1 else 0
+        s = acts[start:].sum(0)
+        total = s if total is None else total + s
+        count += acts.shape[0] - start
+        n += 1
+    if total is None:
+        raise ValueError("dataset is empty; pass at least one token sequence")
+    return SenderMeans(means=(total / count).float(), count=count, n_samples=n, senders=graph.senders,
+                       model_name=model.spec.name)
+
+
+def baseline_outputs(model: "ThinkingModel", tokens: Any, graph: EdgeGraph | None = None) -> Float[Tensor, "1 pos sender d_model"]:
+    """Every sender's output on one sequence (``[1, pos, sender, d_model]``), no gradients."""
+    graph = graph or build_graph(model)
+    eng = _Engine(model, graph)
+    with torch.no_grad():
+        eng.run(_as_row(tokens, model.device))
+    return eng.senders().detach()
+
+
+def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline,
+              means: SenderMeans | None) -> Tensor:
+    """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row."""
+    T, n, d = row.shape[1], len(graph.senders), int(model.cfg.d_model)
+    if isinstance(baseline, str):
+        if baseline == "zero":
+            return torch.zeros(1, 1, n, d, device=model.device)
+        if baseline == "mean":
+            if means is None:
+                raise ValueError("baseline='mean' needs means=sender_means(model, dataset)")
+            if tuple(means.means.shape) != (n, d):
+                raise ValueError(f"means has shape {tuple(means.means.shape)}; this graph needs [{n}, {d}]")
+            return means.means.to(model.device)[None, None]
+        raise ValueError(f"baseline={baseline!r}; use 'mean', 'zero', token ids of a same-length input or a tensor")
+    t = torch.as_tensor(baseline)
+    if t.is_floating_point():
+        t = t if t.dim() == 4 else t.unsqueeze(0)
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] not in (1, T) or tuple(t.shape[2:]) != (n, d):
+            raise ValueError(f"baseline tensor has shape {tuple(torch.as_tensor(baseline).shape)}; "
+                             f"use [pos or 1, {n}, {d}] (pos = {T})")
+        return t.to(model.device)
+    b = _as_row(t, model.device)
+    if b.shape[1] != T:
+        raise ValueError(f"baseline tokens have length {b.shape[1]} but the clean input has {T}; "
+                         "a corrupted input (minimal pair) must have the same length")
+    return baseline_outputs(model, b, graph)
+
+
+def _examples(tokens: Any, baseline: Baseline) -> list[tuple[Any, Baseline]]:
+    """Pair each clean sequence with its baseline (one sequence or a list of them)."""
+    t = tokens if isinstance(tokens, Tensor) else None
+    single = (t is not None and t.dim() == 1) or (t is None and len(tokens) > 0 and isinstance(tokens[0], int))
+    if t is not None and t.dim() == 2 and t.shape[0] == 1:
+        single, tokens = True, t[0]
+    if single:
+        return [(tokens, baseline)]
+    seqs = list(tokens)
+    if not seqs:
+        raise ValueError("tokens is empty; pass one token sequence or a list of them")
+    if isinstance(baseline, str) or (isinstance(baseline, Tensor) and baseline.is_floating_point()):
+        return [(s, baseline) for s in seqs]
+    bases = list(baseline)
+    if len(bases) != len(seqs):
+        raise ValueError(f"baseline has {len(bases)} sequences for {len(seqs)} clean ones; pass one per sequence")
+    return list(zip(seqs, bases))
+
+
+# ------------------------------------------------------------------------------- edge scores
+@dataclass
+class EdgeScores(Result):
+    """Scores of every edge (``m(patched) − m(clean)``, averaged over the sequences).
+
+    Attributes:
+        scores: ``[sender, receiver]`` (0 where there is no edge).
+        graph: The graph.
+        method: ``"eap"``, ``"eap-ig"`` or ``"exact"``.
+        baseline: A label of the baseline.
+        metric_clean: Mean clean metric.
+        metric_ablated: Mean metric with every edge at the baseline (NaN if not measured).
+        n_samples: Sequences averaged.
+        scored: ``[sender, receiver]``: which edges were scored (exact patching may sample).
+    """
+
+    scores: Float[Tensor, "sender receiver"]
+    graph: EdgeGraph
+    method: str
+    baseline: str
+    metric_clean: float
+    metric_ablated: float = float("nan")
+    n_samples: int = 1
+    scored: Bool[Tensor, "sender receiver"] | None = None
+
+    @property
+    def mask(self) -> Bool[Tensor, "sender receiver"]:
+        return self.graph.edges if self.scored is None else self.graph.edges & self.scored
+
+    def values(self, mask: Tensor | None = None) -> Float[Tensor, "edge"]:
+        """The scores of the scored edges (of ``mask`` if given), sender-major."""
+        return self.scores[self.mask if mask is None else mask & self.mask]
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` edges with the largest ``|score|``."""
+        labels, vals = self.graph.edge_labels(self.mask), self.values()
+        order = vals.abs().argsort(descending=True)[:k].tolist()
+        return [(labels[i], float(vals[i])) for i in order]
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per scored edge: sender, receiver, score, method."""
+        import pandas as pd
+
+        idx = self.mask.nonzero().tolist()
+        return pd.DataFrame([(self.graph.senders[u], self.graph.receivers[v], float(self.scores[u, v]), self.method)
+                             for u, v in idx], columns=["sender", "receiver", "score", "method"])
+
+    def plot(self, ax: Any = None) -> Any:
+        """The graph with edge widths and colours by score (the top 5% of edges)."""
+        from mechthink.plotting.circuits import plot_circuit_graph
+
+        return plot_circuit_graph(self.graph, self, ax=ax)
+
+
+def _label(baseline: Baseline) -> str:
+    if isinstance(baseline, str):
+        return baseline
+    return "tensor" if isinstance(baseline, Tensor) and baseline.is_floating_point() else "tokens"
+
+
+def edge_attribution(
+    model: "ThinkingModel",
+    tokens: Any,
+    metric: Metric,
+    baseline: Baseline = "mean",
+    method: str = "eap",
+    means: SenderMeans | None = None,
+    ig_steps: int | None = None,
+    graph: EdgeGraph | None = None,
+) -> EdgeScores:
+    """Score every edge by EAP or EAP-IG (one sequence, or the mean over a list of them).
+
+    Args:
+        model: The loaded model.
+        tokens: One 1-D token sequence or a list of them (any lengths).
+        metric: ``logits [batch, pos, d_vocab] -> [batch]`` (e.g.
+            :func:`mechthink.attribution.logit_metric` at the query position ``-1``).
+        baseline: ``"mean"`` (needs ``means``), ``"zero"``, the tokens of a same-length
+            corrupted input (one per clean sequence: e.g. the minimal pairs), or sender outputs
+            ``[pos or 1, sender, d_model]``.
+        method: ``"eap"`` or ``"eap-ig"``.
+        means: :func:`sender_means` for ``baseline="mean"``.
+        ig_steps: Interpolation steps of EAP-IG (default 5).
+        graph: A prebuilt :func:`build_graph` (built if omitted).
+
+    Returns:
+        :class:`EdgeScores`.
+    """
+    if method not in EDGE_METHODS:
+        raise ValueError(f"method={method!r}; use one of {EDGE_METHODS}")
+    steps = DEFAULT_IG_STEPS if ig_steps is None else ig_steps
+    if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"ig_steps={ig_steps!r}; use an integer >= 1")
+    graph = graph or build_graph(model)
+    pairs = _examples(tokens, baseline)
+    total = torch.zeros(graph.edges.shape)
+    m_clean = 0.0
+    for seq, base in track(pairs, f"edge attribution ({method})") if len(pairs) > 1 else pairs:
+        row = _as_row(seq, model.device)
+        b = _baseline(model, graph, row, base, means)
+        s, m = _eap_one(model, graph, row, b, metric, steps if method == "eap-ig" else 0)
+        total += s
+        m_clean += m
+    n = len(pairs)
+    return EdgeScores(scores=(total / n) * graph.edges, graph=graph, method=method, baseline=_label(baseline),
+                      metric_clean=m_clean / n, n_samples=n)
+
+
+def _eap_one(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric,
+             ig_steps: int) -> tuple[Tensor, float]:
+    """EAP (``ig_steps=0``) or EAP-IG scores ``[sender, receiver]`` of one sequence."""
+    eng = _Engine(model, graph, keep_inputs=True)
+    with torch.inference_mode(False), torch.enable_grad():
+        logits = eng.run(row)
+        clean = eng.senders().detach()
+        m = _per_row(metric, logits)
+        if ig_steps == 0:
+            g = eng.receiver_grads(m.sum())[0]
+        else:
+            e_clean, e_base = clean[:, :, 0], base[:, :, 0].expand_as(clean[:, :, 0])
+            alpha = ((torch.arange(ig_steps, device=row.device) + 0.5) / ig_steps)[:, None, None]
+            emb = (e_base + alpha * (e_clean - e_base)).detach().requires_grad_(True)
+            eng2 = _Engine(model, graph, keep_inputs=True, embed=emb)
+            m_ig = _per_row(metric, eng2.run(row.expand(ig_steps, -1)))
+            g = eng2.receiver_grads(m_ig.sum()).mean(0)
+    delta = (base[0] - clean[0]).expand_as(clean[0])
+    scores = einops.einsum(delta.float(), g.float(), "pos u d, pos r d -> u r").detach().cpu()
+    return scores, float(m.detach()[0])
+
+
+# --------------------------------------------------------------------------- exact patching
+@contextmanager
+def ablate_edges(model: "ThinkingModel", ablated: Tensor, base: Tensor, graph: EdgeGraph | None = None) -> Iterator[_Engine]:
+    """Context manager: while active, forwards through :func:`run_with_ablated_edges` use the
+    given ablation (kept for symmetry with the other interventions; hooks never outlive it)."""
+    graph = graph or build_graph(model)
+    eng = _Engine(model, graph, base=base, ablate=ablated)
+    with _edge_mode(model), model.bridge.hooks(fwd_hooks=eng.hooks()):
+        yield eng
+
+
+def run_with_ablated_edges(
+    model: "ThinkingModel",
+    tokens: Any,
+    ablated: Bool[Tensor, "sender receiver"] | Bool[Tensor, "batch sender receiver"],
+    baseline: Baseline = "mean",
+    means: SenderMeans | None = None,
+    graph: EdgeGraph | None = None,
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits with the ``ablated`` edges carrying the baseline (every other edge clean).
+
+    A 3-D ``ablated`` gives one row per mask (the sequence repeated).
+    """
+    graph = graph or build_graph(model)
+    row = _as_row(tokens, model.device)
+    a = ablated if ablated.dim() == 3 else ablated.unsqueeze(0)
+    if tuple(a.shape[1:]) != tuple(graph.edges.shape):
+        raise ValueError(f"ablated has shape {tuple(ablated.shape)}; use [{len(graph.senders)}, {len(graph.receivers)}]"
+                         " (or with a leading batch axis)")
+    base = _baseline(model, graph, row, baseline, means)
+    eng = _Engine(model, graph, base=base, ablate=(a & graph.edges).float().to(model.device))
+    with torch.no_grad():
+        return eng.run(row.expand(a.shape[0], -1))
+
+
+def _masked_metrics(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric,
+                    masks: Tensor, batch_size: int) -> Tensor:
+    """The metric with each ``[sender, receiver]`` ablation mask of ``masks``, batched."""
+    out = []
+    with torch.no_grad():
+        for c0 in range(0, masks.shape[0], batch_size):
+            chunk = masks[c0 : c0 + batch_size].float().to(model.device)
+            eng = _Engine(model, graph, base=base, ablate=chunk)
+            out.append(_per_row(metric, eng.run(row.expand(chunk.shape[0], -1))).cpu())
+    return torch.cat(out)
+
+
+def edge_patching(
+    model: "ThinkingModel",
+    tokens: Any,
+    metric: Metric,
+    baseline: Baseline = "mean",
+    means: SenderMeans | None = None,
+    edges: Bool[Tensor, "sender receiver"] | None = None,
+    batch_size: int = 64,
+    graph: EdgeGraph | None = None,
+) -> EdgeScores:
+    """Exact edge patching: each edge's receiver gets the baseline output of its sender, the
+    rest of the model is recomputed; ``score = m(patched) − m(clean)`` (mean over sequences).
+
+    Args:
+        edges: ``[sender, receiver]``: the edges to patch (default all; others are NaN).
+        batch_size: Edges per batched forward.
+        Other arguments as in :func:`edge_attribution`.
+    """
+    graph = graph or build_graph(model)
+    want = graph.edges if edges is None else (edges.bool() & graph.edges)
+    idx = want.nonzero()
+    if idx.shape[0] == 0:
+        raise ValueError("edges selects no edge of the graph; pass a [sender, receiver] mask with some edges")
+    masks = torch.zeros(idx.shape[0], *graph.edges.shape, dtype=torch.bool)
+    masks[torch.arange(idx.shape[0]), idx[:, 0], idx[:, 1]] = True
+    pairs = _examples(tokens, baseline)
+    total = torch.zeros(idx.shape[0])
+    m_clean = m_abl = 0.0
+    for seq, b in track(pairs, "exact edge patching") if len(pairs) > 1 else pairs:
+        row = _as_row(seq, model.device)
+        base = _baseline(model, graph, row, b, means)
+        ends = torch.stack([torch.zeros_like(graph.edges), graph.edges])
+        ref = _masked_metrics(model, graph, row, base, metric, ends, 2)
+        vals = _masked_metrics(model, graph, row, base, metric, masks, batch_size)
+        total += vals - ref[0]
+        m_clean += float(ref[0])
+        m_abl += float(ref[1])
+    n = len(pairs)
+    scores = torch.zeros(graph.edges.shape)
+    scores[idx[:, 0], idx[:, 1]] = total / n
+    return EdgeScores(scores=scores, graph=graph, method="exact", baseline=_label(baseline), metric_clean=m_clean / n,
+                      metric_ablated=m_abl / n, n_samples=n, scored=want.clone())
+
+
+# ------------------------------------------------------------------------------------ circuits
+@dataclass
+class Circuit(Result):
+    """A set of edges on paths from the embeddings to the logits.
+
+    Attributes:
+        edges: ``[sender, receiver]``: the circuit's edges.
+        graph: The graph.
+        scores: The scores the circuit was chosen by (or None).
+        k: The top-k asked for (or None with a threshold).
+        threshold: The ``|score|`` threshold (or None).
+    """
+
+    edges: Bool[Tensor, "sender receiver"]
+    graph: EdgeGraph
+    scores: EdgeScores | None = None
+    k: int | None = None
+    threshold: float | None = None
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    @property
+    def fraction(self) -> float:
+        """Share of the graph's edges in the circuit."""
+        return self.n_edges / self.graph.n_edges
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        """``(layer, head)`` of every head with an edge in or out of the circuit."""
+        nodes = set(self.edges.any(1).nonzero().flatten().tolist())
+        for v in self.edges.any(0).nonzero().flatten().tolist():
+            nodes |= set(self.graph.receiver_nodes(v))
+        g = self.graph
+        return sorted((g.sender_layer(u), (u - 1) % (g.n_heads + 1)) for u in nodes
+                      if u > 0 and (u - 1) % (g.n_heads + 1) < g.n_heads)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.graph.edge_labels(self.edges)
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per circuit edge: sender, receiver, score."""
+        import pandas as pd
+
+        g = self.graph
+        return pd.DataFrame([(g.senders[u], g.receivers[v], float(self.scores.scores[u, v]) if self.scores else float("nan"))
+                             for u, v in self.edges.nonzero().tolist()], columns=["sender", "receiver", "score"])
+
+    def plot(self, ax: Any = None) -> Any:
+        """The graph with only the circuit's edges, width/colour by score."""
+        from mechthink.plotting.circuits import plot_circuit_graph
+
+        return plot_circuit_graph(self.graph, self.scores, ax=ax, circuit=self)
+
+
+def _on_paths(graph: EdgeGraph, chosen: Tensor) -> Tensor:
+    """The edges of ``chosen`` on a path embeddings -> logits (one forward, one backward pass)."""
+    n_s, n_r = chosen.shape
+    fwd = torch.zeros(n_s, dtype=torch.bool)
+    fwd[0] = True
+    recv_of: list[list[int]] = [[] for _ in range(n_s)]
+    for v in range(n_r):
+        for u in graph.receiver_nodes(v):
+            recv_of[u].append(v)
+    for u in range(1, n_s):  # senders are in topological order
+        fwd[u] = bool(chosen[fwd][:, recv_of[u]].any()) if recv_of[u] else False
+    bwd_r = torch.zeros(n_r, dtype=torch.bool)
+    bwd_r[graph.logits_receiver] = True
+    bwd_s = torch.zeros(n_s, dtype=torch.bool)
+    for u in range(n_s - 1, -1, -1):
+        bwd_s[u] = bool((chosen[u] & bwd_r).any())
+        for v in recv_of[u]:
+            bwd_r[v] = bwd_r[v] or bool(bwd_s[u])
+    # a receiver is alive when any node it feeds reaches the logits (k/v feed a head group)
+    alive_r = torch.tensor([v == graph.logits_receiver or any(bool(bwd_s[u]) for u in graph.receiver_nodes(v))
+                            for v in range(n_r)])
+    return chosen & fwd[:, None] & alive_r[None, :]
+
+
+def prune(scores: EdgeScores, k: int | None = None, threshold: float | None = None, absolute: bool = True) -> Circuit:
+    """The top-``k`` edges by ``|score|`` (or those with ``|score| >= threshold``), keeping only
+    the ones on a path from the embeddings to the logits.
+
+    Args:
+        scores: Edge scores.
+        k: How many edges to select before pruning dangling ones (> 0).
+        threshold: Instead of ``k``: the minimum ``|score|``.
+        absolute: Rank by ``|score|`` (default) or by ``−score`` (edges supporting the metric
+            under ablation first).
+    """
+    kept = _select(scores, k, threshold, absolute)
+    if not kept.any():
+        raise ValueError(f"no selected edge lies on a path from the embeddings to the logits (k={k}, "
+                         f"threshold={threshold}); select more edges")
+    return Circuit(edges=kept, graph=scores.graph, scores=scores, k=k, threshold=threshold)
+
+
+def _select(scores: EdgeScores, k: int | None, threshold: float | None, absolute: bool = True) -> Tensor:
+    """The pruned top-k / threshold edge mask (possibly empty)."""
+    if (k is None) == (threshold is None):
+        raise ValueError("pass exactly one of k= (an integer > 0) and threshold=")
+    graph, mask = scores.graph, scores.mask
+    vals = scores.scores.abs() if absolute else -scores.scores
+    vals = vals.masked_fill(~mask, float("-inf"))
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k={k!r}; use an integer > 0")
+        order = vals.flatten().argsort(descending=True)[: min(k, int(mask.sum()))]
+        chosen = torch.zeros(vals.numel(), dtype=torch.bool)
+        chosen[order] = True
+        chosen = chosen.reshape(vals.shape) & mask
+    else:
+        chosen = (vals >= float(threshold)) & mask
+    return _on_paths(graph, chosen)
+
+
+def random_circuit(graph: EdgeGraph, n_edges: int, seed: int = 0) -> Bool[Tensor, "sender receiver"]:
+    """``n_edges`` edges of the graph drawn uniformly (a control for a circuit of that size)."""
+    if not 0 < n_edges <= graph.n_edges:
+        raise ValueError(f"n_edges={n_edges}; use 1..{graph.n_edges}")
+    idx = graph.edges.nonzero()
+    pick = random.Random(seed).sample(range(idx.shape[0]), n_edges)
+    out = torch.zeros_like(graph.edges)
+    out[idx[pick, 0], idx[pick, 1]] = True
+    return out
+
+
+@dataclass
+class FaithfulnessCurve(Result):
+    """Faithfulness of the top-k circuits of one or more scorings, against circuit size.
+
+    Attributes:
+        k: The top-k values asked for.
+        n_edges: ``{method: [edges kept after pruning, per k]}``.
+        faithfulness: ``{method: [normalised metric, per k]}``: ``(m(circuit) − m(ablated)) /
+            (m(clean) − m(ablated))`` with means over sequences.
+        metric_clean: Mean clean metric.
+        metric_ablated: Mean metric with every edge at the baseline.
+        n_total_edges: Edges in the graph.
+        target: The faithfulness the smallest circuit is reported for.
+    """
+
+    k: list[int]
+    n_edges: dict[str, list[int]]
+    faithfulness: dict[str, list[float]]
+    metric_clean: float
+    metric_ablated: float
+    n_total_edges: int
+    target: float = 0.8
+
+    def smallest(self, method: str, target: float | None = None) -> int | None:
+        """Fewest edges of a circuit reaching ``target`` faithfulness (None if none does)."""
+        t = self.target if target is None else target
+        ok = [n for n, f in zip(self.n_edges[method], self.faithfulness[method]) if f >= t]
+        return min(ok) if ok else None
+
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per (method, k): edges kept, share of the graph, faithfulness."""
+        import pandas as pd
+
+        return pd.DataFrame([(m, k, n, n / self.n_total_edges, f) for m in self.faithfulness
+                             for k, n, f in zip(self.k, self.n_edges[m], self.faithfulness[m])],
+                            columns=["method", "k", "n_edges", "edge_fraction", "faithfulness"])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Faithfulness against the number of edges, one line per method."""
+        from mechthink.plotting.circuits import plot_faithfulness
+
+        return plot_faithfulness(self, ax=ax)
+
+
+def faithfulness(
+    model: "ThinkingModel",
+    tokens: Any,
+    metric: Metric,
+    scores: EdgeScores | dict[str, EdgeScores],
+    baseline: Baseline = "mean",
+    ks: Sequence[int] | None = None,
+    means: SenderMeans | None = None,
+    batch_size: int = 64,
+    target: float = 0.8,
+) -> FaithfulnessCurve:
+    """The faithfulness curve of top-k circuits (:func:`prune`) of one or several scorings.
+
+    Args:
+        scores: One :class:`EdgeScores` or ``{name: EdgeScores}`` on the same graph.
+        ks: Top-k values (default ~40 values spaced geometrically up to every edge).
+        target: The faithfulness :meth:`FaithfulnessCurve.smallest` reports circuits for.
+        Other arguments as in :func:`edge_attribution`.
+    """
+    named = scores if isinstance(scores, dict) else {scores.method: scores}
+    graph = next(iter(named.values())).graph
+    n_total = graph.n_edges
+    if ks is None:
+        ks = sorted({max(1, round(n_total ** (i / 39))) for i in range(40)})
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) <= 0:
+        raise ValueError(f"ks={ks}; use top-k values > 0")
+    circuits = {m: [_select(s, k, None) for k in ks] for m, s in named.items()}
+    masks = torch.stack([graph.edges, torch.zeros_like(graph.edges)] + [~c & graph.edges for m in named for c in circuits[m]])
+    pairs = _examples(tokens, baseline)
+    total = torch.zeros(masks.shape[0])
+    for seq, b in track(pairs, "faithfulness") if len(pairs) > 1 else pairs:
+        row = _as_row(seq, model.device)
+        total += _masked_metrics(model, graph, row, _baseline(model, graph, row, b, means), metric, masks, batch_size)
+    mean = total / len(pairs)
+    m_abl, m_clean = float(mean[0]), float(mean[1])
+    denom = m_clean - m_abl
+    vals = ((mean[2:] - m_abl) / denom if abs(denom) > 1e-12 else torch.full_like(mean[2:], float("nan"))).tolist()
+    faith, n_edges, i = {}, {}, 0
+    for m in named:
+        faith[m] = vals[i : i + len(ks)]
+        n_edges[m] = [int(c.sum()) for c in circuits[m]]
+        i += len(ks)
+    return FaithfulnessCurve(k=ks, n_edges=n_edges, faithfulness=faith, metric_clean=m_clean, metric_ablated=m_abl,
+                             n_total_edges=n_total, target=target)
+
+
+# ------------------------------------------------------------------------------- measurements
+def token_probability(
+    model: "ThinkingModel",
+    tokens: Any,
+    ablated: Bool[Tensor, "mask sender receiver"],
+    token_ids: Sequence[int],
+    baseline: Baseline = "mean",
+    means: SenderMeans | None = None,
+    graph: EdgeGraph | None = None,
+) -> Float[Tensor, "sample mask"]:
+    """P(any of ``token_ids``) at the last position with each ablation mask (rows), per sequence.
+
+    Args:
+        tokens: One sequence or a list (``baseline`` as in :func:`edge_attribution`).
+        ablated: ``[mask, sender, receiver]``: edges carrying the baseline (e.g. a circuit's, or
+            random sets of its size; an all-False mask gives the clean model).
+        token_ids: The tokens whose probabilities are summed (e.g. the backtracking words).
+    """
+    graph = graph or build_graph(model)
+    ids = torch.tensor(list(token_ids))
+    out = []
+    for seq, b in _examples(tokens, baseline):
+        logits = run_with_ablated_edges(model, seq, ablated, b, means=means, graph=graph)
+        out.append(logits[:, -1].float().softmax(-1)[:, ids.to(logits.device)].sum(-1).cpu())
+    return torch.stack(out)
+
+
+def attention_mass(
+    model: "ThinkingModel",
+    tokens: Any,
+    heads: Sequence[tuple[int, int]],
+    positions: Sequence[Sequence[int]],
+) -> Float[Tensor, "sample head"]:
+    """Attention each head puts from the last position onto ``positions`` (one list per sequence)."""
+    from mechthink.hooks import gather, hook_name
+
+    seqs = [list(map(int, torch.as_tensor(t).flatten().tolist())) for t in tokens]
+    if len(positions) != len(seqs):
+        raise ValueError(f"positions has {len(positions)} lists for {len(seqs)} sequences; pass one per sequence")
+    layers = sorted({L for L, _ in heads})
+    cache = gather(model, seqs, [hook_name(L, "pattern") for L in layers], positions=-1)
+    out = torch.zeros(len(seqs), len(heads))
+    for i, pos in enumerate(positions):
+        for j, (L, h) in enumerate(heads):
+            pat = cache.per_sequence(hook_name(L, "pattern"))[i][h, -1]
+            out[i, j] = pat[list(pos)].sum()
+    return out

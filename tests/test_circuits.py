@@ -1,0 +1,190 @@
+"""Edge attribution patching (EAP, EAP-IG) vs exact edge patching; graph, circuits, faithfulness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechthink import attribution as A
+from mechthink import circuits as C
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM")
+TEXT = "Hmm, the answer is 12. Alternatively"
+
+
+def _setup(model):
+    clean = model.to_tokens(TEXT)[0]
+    corrupt = clean.clone()
+    corrupt[3:6] = torch.tensor([50, 60, 70])
+    return clean, corrupt, A.logit_metric(-1, model.token_ids("Wait"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_and_sender_sums(tiny_loaded, arch):
+    """The senders sum to every residual stream; no ablation = clean, all edges ablated = corrupted."""
+    model = tiny_loaded(arch)[0]
+    g = C.build_graph(model)
+    H, G, L = g.n_heads, g.n_kv_heads, g.n_layers
+    assert len(g.senders) == 1 + L * (H + 1) and len(g.receivers) == L * (H + 2 * G + 1) + 1
+    assert g.attn_post_norm == (arch == "Glm4ForCausalLM")
+    assert g.edges[g.head_sender(0, 0), g.receiver_slice(0, "mlp")].all()  # attn -> mlp in a layer
+    assert not g.edges[g.head_sender(0, 0), g.receiver_slice(0, "q")].any()
+    assert not g.edges[g.mlp_sender(0), g.receiver_slice(0, "mlp")].any()
+    assert g.edges[:, g.logits_receiver].all()
+    clean, corrupt, _ = _setup(model)
+    acts = C.baseline_outputs(model, clean, g)[0]
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)] + ["ln_final.hook_in"]
+    _, cache = model.bridge.run_with_cache(clean[None], names_filter=names)
+    for v, name in zip([g.receiver_slice(layer, "q").start for layer in range(L)] + [g.logits_receiver], names):
+        torch.testing.assert_close(acts[:, : g.n_upstream(v)].sum(1), cache[name][0], atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        lc, lb = model.bridge(clean[None]), model.bridge(corrupt[None])
+    both = torch.stack([torch.zeros_like(g.edges), g.edges])
+    out = C.run_with_ablated_edges(model, clean, both, corrupt, graph=g)
+    torch.testing.assert_close(out[0], lc[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], lb[0], atol=2e-5, rtol=1e-4)
+    assert not model.bridge.cfg.use_split_qkv_input and not model.bridge.cfg.use_attn_result  # flags restored
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eap_is_exact_where_linear(tiny_loaded, arch):
+    """With the final norm's scale frozen the logits are linear in their input: EAP scores of the
+    edges into the logits equal exact edge patching, for every baseline."""
+    model = tiny_loaded(arch)[0]
+    clean, corrupt, metric = _setup(model)
+    means = C.sender_means(model, [clean, corrupt])
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(clean[None], names_filter=["ln_final.hook_scale"])
+    scale = cache["ln_final.hook_scale"].detach()
+    g = C.build_graph(model)
+    edges = torch.zeros_like(g.edges)
+    edges[:, g.logits_receiver] = True
+    with model.bridge.hooks(fwd_hooks=[("ln_final.hook_scale", lambda act, hook: scale.expand_as(act))]):
+        for baseline in ("zero", "mean", corrupt):
+            eap = C.edge_attribution(model, clean, metric, baseline, means=means, graph=g)
+            ex = C.edge_patching(model, clean, metric, baseline, means=means, edges=edges, graph=g)
+            torch.testing.assert_close(eap.values(edges), ex.values(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ("LlamaForCausalLM", "Glm4ForCausalLM"))
+def test_eap_is_first_order_exact(tiny_loaded, arch):
+    """Baseline = clean outputs + a small perturbation: EAP equals exact patching on every edge
+    (q, k, v, MLP, logits receivers) to first order; EAP-IG too."""
+    model = tiny_loaded(arch)[0]
+    clean, _, metric = _setup(model)
+    g = C.build_graph(model)
+    torch.manual_seed(0)
+    acts = C.baseline_outputs(model, clean, g)[0]
+    pert = acts + 1e-4 * torch.randn_like(acts)
+    ex = C.edge_patching(model, clean, metric, pert, graph=g)
+    scale = ex.values().abs().max()
+    for method in C.EDGE_METHODS:
+        est = C.edge_attribution(model, clean, metric, pert, method=method, graph=g)
+        assert (est.values() - ex.values()).abs().max() < 0.05 * scale, method
+
+
+def test_eap_rank_agreement_and_metric(tiny_loaded):
+    model = tiny_loaded("Qwen2ForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    eap = C.edge_attribution(model, clean, metric, corrupt)
+    ex = C.edge_patching(model, clean, metric, corrupt)
+    from mechthink import stats
+
+    assert stats.spearman(eap.values(), ex.values()) > 0.6  # measured 0.92
+    with torch.no_grad():
+        assert eap.metric_clean == pytest.approx(float(metric(model.bridge(clean[None]))[0]), abs=1e-4)
+        assert ex.metric_ablated == pytest.approx(float(metric(model.bridge(corrupt[None]))[0]), abs=1e-4)
+    assert len(eap.to_frame()) == eap.graph.n_edges and eap.top(3)[0][0] in eap.graph.edge_labels()
+
+
+def test_prune_and_faithfulness(tiny_loaded):
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    eap = C.edge_attribution(model, clean, metric, corrupt)
+    circ = C.prune(eap, k=20)
+    assert 0 < circ.n_edges <= 20
+    # every kept edge lies on a path: its sender is fed (or is the embedding), its receiver feeds on
+    g = circ.graph
+    for u, v in circ.edges.nonzero().tolist():
+        assert u == 0 or any(circ.edges[:, r].any() for r in range(len(g.receivers)) if u in g.receiver_nodes(r))
+        assert v == g.logits_receiver or any(circ.edges[n].any() for n in g.receiver_nodes(v))
+    full = C.prune(eap, k=g.n_edges)
+    assert full.n_edges == g.n_edges
+    curve = C.faithfulness(model, clean, metric, eap, corrupt, ks=[5, 20, g.n_edges])
+    assert curve.faithfulness["eap"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert curve.n_edges["eap"][-1] == g.n_edges
+    frame = curve.to_frame()
+    assert list(frame["k"]) == [5, 20, g.n_edges]
+    thr = float(eap.values().abs().sort(descending=True).values[19])
+    assert C.prune(eap, threshold=thr).edges.equal(circ.edges)
+    rnd = C.random_circuit(g, 7, seed=1)
+    assert int(rnd.sum()) == 7 and not (rnd & ~g.edges).any()
+
+
+def test_bad_input(tiny_loaded):
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    g = C.build_graph(model)
+    eap = C.edge_attribution(model, clean, metric, corrupt, graph=g)
+    with pytest.raises(ValueError, match="k=0"):
+        C.prune(eap, k=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        C.prune(eap)
+    only_in = eap.scores.clone()
+    only_in[:, g.logits_receiver] = 0.0  # no edge into the logits can be chosen first
+    dead = C.EdgeScores(scores=only_in, graph=g, method="eap", baseline="x", metric_clean=0.0,
+                        scored=g.edges & (torch.arange(len(g.receivers)) != g.logits_receiver))
+    with pytest.raises(ValueError, match="no selected edge lies on a path"):
+        C.prune(dead, k=5)
+    with pytest.raises(ValueError, match="same length"):
+        C.edge_attribution(model, clean, metric, corrupt[:-1], graph=g)
+    with pytest.raises(ValueError, match="baseline tensor has shape"):
+        C.edge_attribution(model, clean, metric, torch.zeros(3, 5, 7), graph=g)
+    with pytest.raises(ValueError, match="needs means"):
+        C.edge_attribution(model, clean, metric, "mean", graph=g)
+    with pytest.raises(ValueError, match="method"):
+        C.edge_attribution(model, clean, metric, "zero", method="acdc", graph=g)
+    with pytest.raises(ValueError, match="ks="):
+        C.faithfulness(model, clean, metric, eap, corrupt, ks=[0, 3])
+
+
+def test_plots_pass_layout_check(tiny_loaded):
+    from mechthink.plotting.checks import layout_problems
+    from mechthink.plotting.circuits import plot_circuits_overview
+
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    scores = {m: C.edge_attribution(model, clean, metric, corrupt, method=m) for m in C.EDGE_METHODS}
+    curve = C.faithfulness(model, clean, metric, scores, corrupt, ks=[2, 5, 10, 40, 190])
+    circ = C.prune(scores["eap-ig"], k=10)
+    for fig in (curve.plot(), circ.plot(), scores["eap"].plot(), circ.graph.plot(),
+                plot_circuits_overview(curve, circ, {"clean": 0.9, "circuit": 0.1, "random": 0.8}, model.spec.name)):
+        assert layout_problems(fig) == []
+    assert set(curve.to_frame()["method"]) == set(C.EDGE_METHODS)
+
+
+def test_probability_and_attention_mass(tiny_loaded):
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, _ = _setup(model)
+    g = C.build_graph(model)
+    ids = model.token_ids("Wait")
+    p = C.token_probability(model, [clean, clean], torch.stack([torch.zeros_like(g.edges), g.edges]), ids, [corrupt, corrupt])
+    with torch.no_grad():
+        pc = model.bridge(clean[None])[0, -1].softmax(-1)[ids].sum()
+        pb = model.bridge(corrupt[None])[0, -1].softmax(-1)[ids].sum()
+    torch.testing.assert_close(p[0], torch.stack([pc, pb]), atol=1e-5, rtol=1e-4)
+    mass = C.attention_mass(model, [clean], [(1, 0), (2, 3)], [list(range(len(clean)))])
+    torch.testing.assert_close(mass, torch.ones(1, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_analysis_on_tiny_thinker(tmp_path):
+    from analyses import REGISTRY
+    from analyses import circuits as an
+
+    assert "circuits" in REGISTRY
+    nums = an.main(an.Config(n_pairs=4, n_exact=1, n_random=2, out=str(tmp_path)))
+    assert (tmp_path / "circuits" / "tiny-thinker.png").exists()
+    assert nums["p_backtrack_clean"] > 0.5 and nums["n_edges_graph"] == 479
+    assert set(nums["spearman_vs_exact"]) == set(C.EDGE_METHODS)
