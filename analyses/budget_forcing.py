@@ -21,6 +21,10 @@ NAME = "budget_forcing"
 class Config(ProblemConfig):
     """Accuracy vs thinking budget and vs number of forced extensions."""
 
+    NO_SHARD = (
+        "its sweeps are not split into per-problem records yet (not implemented); run it unsharded"
+    )
+
     n_samples: int = 40
     """Number of problems."""
     seed: int = 21

@@ -27,6 +27,10 @@ NAME = "mi_peaks"
 class Config(ProblemConfig):
     """MI trajectories and peaks."""
 
+    NO_SHARD = (
+        "its peak summary is not split into per-trace records yet (not implemented); run it unsharded"
+    )
+
     n_samples: int = 60
     """Number of traces."""
     seed: int = 12345

@@ -25,6 +25,10 @@ NAME = "steering"
 class Config(AnalysisConfig):
     """Backtracking-vector coefficient sweep."""
 
+    NO_SHARD = (
+        "its sweep is not split into per-problem records yet (not implemented); run it unsharded"
+    )
+
     n_samples: int = 40
     """Decision points per group (prefixes after a wrong step, and after a correct step)."""
     seed: int = 7

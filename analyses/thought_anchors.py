@@ -28,6 +28,11 @@ NAME = "thought_anchors"
 class Config(ProblemConfig):
     """Sentence importance by resampling, attention suppression, receiver heads, AtP and MI."""
 
+    NO_SHARD = (
+        "its method-agreement and ground-truth checks are not split into per-trace records yet (not "
+        "implemented); run it unsharded"
+    )
+
     n_samples: int = 10
     """Traces every method runs on."""
     n_check_traces: int = 60
