@@ -388,6 +388,7 @@ class ImportCommand:
         require(self.engine in ENGINES, "engine", self.engine, f"use one of {', '.join(ENGINES)}")
         require(bool(self.file.strip()), "file", self.file, "pass the JSONL file to import")
         source_key(self.file)
+        _parse_lines(Path(self.file), self.engine)  # JSON and fields; the tokenizer is checked once loaded
 
 
 def run_command(cfg: ImportCommand, model: "ThinkingModel") -> tuple[Path, int]:
