@@ -144,11 +144,12 @@ def _read(path: Path) -> dict[str, Any]:
 def _check_group(files: list[Path], shards: list[dict[str, Any]]) -> None:
     first = shards[0]
     same = {k: first[k] for k in ("config", "model_fingerprint", "mechthink_version", "n_problems")}
+    def request(k: str, v: Any) -> Any:  # shards may run on other machines, into other folders
+        return {a: b for a, b in v.items() if a not in ("shard", "out")} if k == "config" else v
+
     for f, s in zip(files, shards):
         for k, v in same.items():
-            got = {a: b for a, b in s[k].items() if a != "shard"} if k == "config" else s[k]
-            want = {a: b for a, b in v.items() if a != "shard"} if k == "config" else v
-            if got != want:
+            if request(k, s[k]) != request(k, v):
                 raise ShardError(f"{f} and {files[0]} differ in {k}; shards of one result must come from one request")
     count = first["shard"][1]
     have: dict[int, Path] = {}
@@ -168,7 +169,8 @@ def merge(paths: Sequence[str | Path], out: str | Path | None = None) -> list[Pa
     """Merge shard files (or the folders holding them) into the results of the unsharded runs.
 
     Files are grouped by analysis and model; each group must be one request's complete set of
-    shards (``1/n`` .. ``n/n``, same config apart from ``shard``, same version and weights). Its
+    shards (``1/n`` .. ``n/n``, same config apart from ``shard`` and ``out``, same version and
+    weights). Its
     records are put back in problem order and the analysis's ``aggregate`` recomputes every
     number and the figure, written by :func:`mechthink.report.write_outputs` with the config of
     the unsharded run (``shard=""``), so ``mechthink reproduce`` sees it as done.
