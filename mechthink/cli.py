@@ -218,10 +218,12 @@ def discover_analyses() -> dict[str, ModuleType]:
     return analyses.all_analyses()
 
 
-def _load(model: str, device: str | None, dtype: str) -> Any:
+def _load(model: str, device: str | None, dtype: str, device_map: str | None = None) -> Any:
     import mechthink as mt
 
     console.print(f"loading {model} …")
+    if device_map:
+        return mt.load_model(model, device=device, dtype=dtype, device_map=device_map)
     return mt.load_model(model, device=device, dtype=dtype)
 
 
@@ -297,7 +299,9 @@ def _register_analysis(name: str, module: ModuleType) -> None:
         _check_out(cfg.out)
         parse_dtype(extras["dtype"])
         check_source(cfg.model)
-        loaded = _load(cfg.model, extras["device"], extras["dtype"])
+        if extras["device_map"] and extras["device"]:
+            raise ValueError("--device and --device-map are exclusive; pass one of them")
+        loaded = _load(cfg.model, extras["device"], extras["dtype"], extras["device_map"])
         t0 = time.perf_counter()
         result = module.main(cfg, loaded_model=loaded)
         from mechthink.report import output_paths
@@ -316,6 +320,8 @@ def _register_analysis(name: str, module: ModuleType) -> None:
         extra={
             "device": (Optional[str], typer.Option(None, help="cpu, cuda, cuda:N (default: cuda if available).")),
             "dtype": (str, typer.Option("float32", help="float32, bfloat16 or float16.")),
+            "device_map": (Optional[str], typer.Option(None, help="Split the model over the GPUs while loading: auto, "
+                                                       "balanced or sequential (accelerate; see docs/scale.md).")),
         },
     )
 

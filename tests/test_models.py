@@ -210,3 +210,38 @@ def test_bf16_port_runs(tiny_hf):
     # bf16 keeps ~3 significant digits; the port must still agree on the distribution
     assert (model.log_probs(tokens) - expected).abs().max() < 0.5
     assert (model.log_probs(tokens).argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+# ============================================================================ device_map
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}, {"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                              "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}])
+def test_device_map_passes_through(tiny_hf, tmp_path, device_map):
+    """On a CPU-only machine accelerate keeps every module on the CPU: the same numbers as device="cpu"
+    (the split over several GPUs is not exercised here; see docs/scale.md)."""
+    ref, tok = tiny_hf("Qwen3ForCausalLM")
+    ref.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    split = mt.load_model(tmp_path, device_map=device_map)
+    plain = mt.load_model(tmp_path, device="cpu")
+    tokens = plain.to_tokens(plain.prompt("Compute 3 + 5."))
+    with torch.no_grad():
+        assert torch.equal(split.log_probs(tokens), plain.log_probs(tokens))
+    assert split.device.type == "cpu"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(device="cpu", device_map="auto"), "exclusive"),
+    (dict(device_map="everywhere"), "device_map='everywhere' is not accepted"),
+    (dict(device_map={}), "is not accepted"),
+    (dict(max_memory={0: "1GiB"}), "only applies with device_map"),
+])
+def test_device_map_bad_input(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        mt.load_model("tiny-thinker", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_device_map_with_hf_model_is_refused(tiny_hf):
+    ref, tok = tiny_hf("LlamaForCausalLM")
+    with pytest.raises(ValueError, match="dispatch hf_model yourself"):
+        mt.load_model(hf_model=copy.deepcopy(ref), tokenizer=tok, device_map="auto")
