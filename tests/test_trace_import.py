@@ -23,9 +23,8 @@ def thinker():
 
 
 @pytest.fixture(scope="module")
-def generated(thinker):
-    qs = problems_for(thinker, 4, 7)
-    return qs, traces.generate(thinker, qs, max_new_tokens=80)
+def generated(thinker):  # four greedy tiny-thinker traces, written to files by the tests
+    return problems_for(thinker, 4, 7), traces.generate(thinker, problems_for(thinker, 4, 7), max_new_tokens=80)
 
 
 def _write(path, rows):
