@@ -34,30 +34,22 @@ class Config(TraceConfig):
 
 def records(cfg: Config, model: Any, problems: list[Any]) -> list[dict | None]:
     """Per problem: its trace's probe (log p of each candidate at each point) and summary row."""
-    from dataclasses import asdict
-
-    from mechthink import confidence
+    from mechthink import confidence, shard
     from mechthink.report import problem_traces
-    from mechthink.results import jsonable
 
     out: list[dict | None] = []
     for tr, q in zip(problem_traces(model, problems, cfg, NAME), problems):
         curves = confidence.gold_confidence_curves(model, [tr], [q.answer], n_points=cfg.n_points)
-        out.append({"curve": jsonable(curves.curves[0]), "row": asdict(curves.rows[0])} if curves.rows else None)
+        out.append(shard.pack({"curve": curves.curves[0], "row": curves.rows[0]}) if curves.rows else None)
     return out
 
 
 def aggregate(cfg: Config, recs: list[dict], model_name: str) -> tuple[dict, Any]:
     """Means over traces and the figure, from the per-problem records."""
-    import torch
+    from mechthink import confidence, shard
 
-    from mechthink import confidence
-
-    def probe(d: dict) -> "confidence.AnswerProbeResult":
-        tensors = {k: torch.tensor(d[k], dtype=torch.float64) for k in ("logprobs", "mean_logit", "mass")}
-        return confidence.AnswerProbeResult(**{**d, **tensors})
-
-    curves = confidence.GoldConfidenceCurves([probe(r["curve"]) for r in recs],
+    recs = shard.unpack(recs)
+    curves = confidence.GoldConfidenceCurves([confidence.AnswerProbeResult(**r["curve"]) for r in recs],
                                              [confidence.GoldConfidenceRow(**r["row"]) for r in recs])
     return curves.numbers(), curves.plot(model_name=model_name)
 

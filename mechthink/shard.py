@@ -29,7 +29,7 @@ from typing import Any
 from mechthink.config import ConfigError
 from mechthink.results import jsonable
 
-__all__ = ["Shard", "ShardError", "merge", "parse_shard", "run", "shard_path"]
+__all__ = ["Shard", "ShardError", "merge", "pack", "parse_shard", "run", "shard_path", "unpack"]
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -77,6 +77,37 @@ def shard_path(out: str | Path, name: str, model: str, shard: Shard) -> Path:
 
     _, js = output_paths(out, name, model)
     return js.with_name(f"{js.stem}.shard-{shard.index}-of-{shard.count}.json")
+
+
+def pack(obj: Any) -> Any:
+    """``obj`` (dataclasses, dicts, lists, tensors) as JSON-friendly values that :func:`unpack`
+    turns back into the same tensors bit for bit: a tensor becomes ``{"__tensor__": values,
+    "dtype": ..., "shape": ...}``; a dataclass becomes the dict of its fields."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        return {"__tensor__": t.tolist(), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: pack(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [pack(v) for v in obj]
+    return jsonable(obj)
+
+
+def unpack(obj: Any) -> Any:
+    """The inverse of :func:`pack` (tensors rebuilt with their dtype and shape; dataclasses stay dicts)."""
+    import torch
+
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"])).reshape(obj["shape"])
+    if isinstance(obj, dict):
+        return {k: unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack(v) for v in obj]
+    return obj
 
 
 Records = Callable[[Any, Any, Sequence[Any]], list[Any]]
