@@ -83,18 +83,16 @@ def pack(obj: Any) -> Any:
     """``obj`` (dataclasses, dicts, lists, tensors) as JSON-friendly values that :func:`unpack`
     turns back into the same tensors bit for bit: a tensor becomes ``{"__tensor__": values,
     "dtype": ..., "shape": ...}``; a dataclass becomes the dict of its fields."""
-    import torch
 
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
+    def tensor(t: Any) -> Any:
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return t.tolist()
+        t = t.detach().cpu()
         return {"__tensor__": t.tolist(), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: pack(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): pack(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [pack(v) for v in obj]
-    return jsonable(obj)
+
+    return jsonable(obj, tensor)
 
 
 def unpack(obj: Any) -> Any:

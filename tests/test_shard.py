@@ -15,7 +15,8 @@ from mechthink.config import ConfigError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Small sizes (odd numbers of problems, so the shards differ in size).
-SMALL = {"early_exit": dict(n_samples=5), "confidence_curve": dict(n_samples=3, n_points=4), "mi_peaks": dict(n_samples=3)}
+SMALL = {"early_exit": dict(n_samples=5), "confidence_curve": dict(n_samples=3, n_points=4), "mi_peaks": dict(n_samples=3),
+         "budget_forcing": dict(n_samples=3, budgets="2,8", extensions="0,1", max_new_tokens=60)}
 
 
 @pytest.fixture(scope="module")
