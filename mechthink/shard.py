@@ -58,6 +58,16 @@ def parse_shard(spec: str) -> Shard | None:
 
     Raises:
         ConfigError: anything but ``i/n`` with integers ``1 <= i <= n`` (one line, naming ``shard``).
+
+    Examples:
+        >>> [parse_shard(f"{i}/3").bounds(10) for i in (1, 2, 3)]
+        [(0, 3), (3, 6), (6, 10)]
+        >>> parse_shard("") is None
+        True
+        >>> parse_shard("0/2")
+        Traceback (most recent call last):
+        ...
+        mechthink.config.ConfigError: shard='0/2' is not accepted; shards are numbered 1..n (1-based), so use 1/2 .. 2/2
     """
     if spec is None or str(spec).strip() == "":
         return None
@@ -82,7 +92,15 @@ def shard_path(out: str | Path, name: str, model: str, shard: Shard) -> Path:
 def pack(obj: Any) -> Any:
     """``obj`` (dataclasses, dicts, lists, tensors) as JSON-friendly values that :func:`unpack`
     turns back into the same tensors bit for bit: a tensor becomes ``{"__tensor__": values,
-    "dtype": ..., "shape": ...}``; a dataclass becomes the dict of its fields."""
+    "dtype": ..., "shape": ...}``; a dataclass becomes the dict of its fields.
+
+    Examples:
+        >>> import json, torch
+        >>> x = {"mi": torch.tensor([0.1, 2.5]), "empty": torch.zeros(0, 3, dtype=torch.int64)}
+        >>> y = unpack(json.loads(json.dumps(pack(x))))
+        >>> torch.equal(y["mi"], x["mi"]), y["mi"].dtype, tuple(y["empty"].shape), y["empty"].dtype
+        (True, torch.float32, (0, 3), torch.int64)
+    """
 
     def tensor(t: Any) -> Any:
         import torch
