@@ -29,8 +29,8 @@ class Config(ProblemConfig):
     """Sentence importance by resampling, attention suppression, receiver heads, AtP and MI."""
 
     NO_SHARD = (
-        "its method-agreement and ground-truth checks are not split into per-trace records yet (not "
-        "implemented); run it unsharded"
+        "its AtP baseline is the mean activation over all traces and its receiver heads are picked "
+        "by kurtosis over all traces, so every trace's scores depend on the others; run it unsharded"
     )
 
     n_samples: int = 10
