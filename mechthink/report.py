@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 from urllib.parse import quote
 
 from mechthink.results import jsonable as _jsonable
+
+log = logging.getLogger(__name__)
 
 __all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "problem_traces", "trace_store", "write_outputs", "git_commit"]
 
@@ -65,7 +68,12 @@ def problem_traces(model: Any, problems: Any, cfg: Any, name: str, batch_size: i
 
     if getattr(cfg, "traces", ""):
         store = trace_store(cfg.out, name, cfg.model, imported=traces.source_key(cfg.traces))
-        return traces.import_traces(model, cfg.traces, questions=problems, store=store)
+        got = traces.import_traces(model, cfg.traces, questions=problems, store=store)
+        sampled = sorted({str(t.config["imported"]["sampling"].get("temperature")) for t in got} - {"0", "0.0", "None"})
+        if sampled:
+            log.warning("%s: %s analyses greedy traces, but %s records temperature %s; its numbers are those of "
+                        "the imported sampling", cfg.traces, name, cfg.traces, ", ".join(sampled))
+        return got
     store = trace_store(cfg.out, name, cfg.model, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gsm8k=cfg.gsm8k_path)
     return traces.generate(model, problems, max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, store=store,
                            progress=True)

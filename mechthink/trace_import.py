@@ -195,10 +195,10 @@ def _round_trip(model: "ThinkingModel", line: _Line, text: str | None, ids: list
     """
     where = line.where
     if ids is not None:
-        if text is not None and text not in _decode(model, ids, where, what):
+        decoded = _decode(model, ids, where, what)
+        if text is not None and text not in decoded:
             raise TraceImportError(
                 f"{where}: the {what} token ids do not decode to the {what} text; expected {_tokenizer_label(model)}")
-        _decode(model, ids, where, what)
         return list(ids)
     assert text is not None
     new = model.to_token_lists([text])[0] if prompt else [

@@ -135,7 +135,7 @@ def test_missing_question_and_bad_engine(thinker, generated, tmp_path):
         traces.import_traces(thinker, tmp_path / "none.jsonl")
 
 
-def test_an_analysis_reads_imported_traces(thinker, generated, tmp_path):
+def test_an_analysis_reads_imported_traces(thinker, generated, tmp_path, caplog):
     """early_exit with --traces (a file another engine wrote) gives the numbers of generating."""
     from analyses import early_exit
 
@@ -148,9 +148,11 @@ def test_an_analysis_reads_imported_traces(thinker, generated, tmp_path):
     assert got == want
     stores = list((tmp_path / "imp" / "early_exit").glob("*.traces-*.jsonl"))
     assert len(stores) == 1 and all(t.config["imported"]["path"] == str(f.resolve()) for t in traces.read_store(stores[0]))
-    _write(f, [_vllm(thinker, t, sampling_params={"seed": 1}) for t in gen])  # changed file: another store, not reused
+    assert "temperature" not in caplog.text
+    _write(f, [_vllm(thinker, t, sampling_params={"temperature": 0.6}) for t in gen])  # changed file: another store
     early_exit.main(early_exit.Config(out=tmp_path / "imp", traces=str(f), **kw), loaded_model=thinker)
     assert len(list((tmp_path / "imp" / "early_exit").glob("*.traces-*.jsonl"))) == 2
+    assert "analyses greedy traces, but" in caplog.text and "temperature 0.6" in caplog.text
 
 
 def test_cli_import(thinker, generated, tmp_path, monkeypatch):
