@@ -245,3 +245,22 @@ def test_device_map_with_hf_model_is_refused(tiny_hf):
     ref, tok = tiny_hf("LlamaForCausalLM")
     with pytest.raises(ValueError, match="dispatch hf_model yourself"):
         mt.load_model(hf_model=copy.deepcopy(ref), tokenizer=tok, device_map="auto")
+
+
+def test_dispatched_hf_model_is_kept_in_place(tiny_hf):
+    """The dispatched branch (a model with ``hf_device_map``) on CPU: not moved, booted with
+    ``device=None`` so TransformerLens reads the map; offloaded maps refuse compatibility mode."""
+    ref, tok = tiny_hf("LlamaForCausalLM")
+    plain = mt.load_model(hf_model=copy.deepcopy(ref), tokenizer=tok, device="cpu", compatibility_mode=False)
+    hf = copy.deepcopy(ref)
+    hf.hf_device_map = {"": "cpu"}  # as accelerate records a dispatch
+    split = mt.load_model(hf_model=hf, tokenizer=tok, compatibility_mode=False)
+    assert split.bridge.original_model is hf and split.bridge.cfg.n_devices == 1
+    tokens = plain.to_tokens(plain.prompt("Compute 3 + 5."))
+    with torch.no_grad():
+        assert torch.equal(split.log_probs(tokens), plain.log_probs(tokens))
+    hf2 = copy.deepcopy(ref)
+    hf2.hf_device_map = {"": "cpu"}
+    with pytest.raises(ValueError, match="cannot fold weights for compatibility mode") as err:
+        mt.load_model(hf_model=hf2, tokenizer=tok)
+    assert "\n" not in str(err.value)

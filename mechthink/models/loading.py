@@ -555,6 +555,11 @@ def load_model(
                    placement)
     model, tokenizer, source_kind = _LOADERS[kind](req)
     dispatched = bool(getattr(model, "hf_device_map", None))
+    offloaded = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
+    if dispatched and offloaded and compatibility_mode:
+        raise ValueError(f"{label}: the device_map puts modules on {', '.join(offloaded)}, and TransformerLens cannot "
+                         "fold weights for compatibility mode there; map every module to a GPU, or pass "
+                         "compatibility_mode=False")
     _check_finite(model, label)
     _check_vocab(model, tokenizer, label)
     spec = spec or _spec_for(label, model, source_kind)
