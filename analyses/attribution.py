@@ -30,6 +30,11 @@ NAME = "attribution"
 class Config(AnalysisConfig):
     """Attribution patching at planted backtracking points."""
 
+    NO_SHARD = (
+        "its corrupted baseline is the mean activation over all examples, so every score depends on the "
+        "other shards' examples; run it unsharded"
+    )
+
     n_samples: int = 200
     """Held-out step examples (the mean baseline is taken over all; the wrong steps are scored)."""
     n_exact: int = 100

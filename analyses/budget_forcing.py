@@ -21,6 +21,8 @@ NAME = "budget_forcing"
 class Config(ProblemConfig):
     """Accuracy vs thinking budget and vs number of forced extensions."""
 
+    SHARDABLE = True
+
     n_samples: int = 40
     """Number of problems."""
     seed: int = 21
@@ -47,29 +49,47 @@ class Config(ProblemConfig):
             require(ok, name, value, "use comma-separated non-negative integers such as '2,4,8'")
 
 
-def main(cfg: Config, loaded_model: Any = None) -> dict:
+def records(cfg: Config, model: Any, problems: list[Any]) -> list[dict | None]:
+    """Per problem: its outcome unforced, at each budget and at each number of extensions."""
     import torch
 
-    import mechthink as mt
     from mechthink import interventions as iv
-    from mechthink.models.organism import problems_for
-    from mechthink.plotting.interventions import forcing_figure
-    from mechthink.report import write_outputs
-    from mechthink.results import jsonable
 
     torch.set_num_threads(1)
+    golds = [str(q.answer) for q in problems]
+    common = dict(extend_with=cfg.extend_with, max_new_tokens=cfg.max_new_tokens)
+    base = iv.forcing_outcomes(model, problems, golds, "budget", None, **common)
+    by_budget = [iv.forcing_outcomes(model, problems, golds, "budget", int(b), **common) for b in cfg.budgets.split(",")]
+    by_ext = [iv.forcing_outcomes(model, problems, golds, "max_extensions", int(e), **common)
+              for e in cfg.extensions.split(",")]
+    return [{"baseline": base[i], "budget": [o[i] for o in by_budget], "max_extensions": [o[i] for o in by_ext]}
+            for i in range(len(problems))]
+
+
+def aggregate(cfg: Config, recs: list[dict], model_name: str) -> tuple[dict, Any]:
+    """Both sweeps and their figure, from the per-problem outcomes."""
+    from mechthink import interventions as iv
+    from mechthink.plotting.interventions import forcing_figure
+    from mechthink.results import jsonable
+
+    base = iv.score_outcomes([iv.ForcingOutcome(**r["baseline"]) for r in recs])
+    sweeps = {}
+    for parameter, values in (("budget", cfg.budgets), ("max_extensions", cfg.extensions)):
+        values = [int(v) for v in values.split(",")]
+        outcomes = [[iv.ForcingOutcome(**r[parameter][j]) for r in recs] for j in range(len(values))]
+        sweeps[parameter] = iv.sweep_from_outcomes(parameter, values, outcomes, base, cfg.extend_with, model_name)
+    numbers = {"n_samples": len(recs), "unconstrained": jsonable(base), "by_budget": sweeps["budget"].rows(),
+               "by_extensions": sweeps["max_extensions"].rows()}
+    return numbers, forcing_figure(sweeps["budget"], sweeps["max_extensions"])
+
+
+def main(cfg: Config, loaded_model: Any = None) -> dict:
+    import mechthink as mt
+    from mechthink import shard
+    from mechthink.models.organism import problems_for
+
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
-    golds = [str(q.answer) for q in qs]
-    budgets = iv.forcing_sweep(model, qs, golds, "budget", [int(x) for x in cfg.budgets.split(",")],
-                               max_new_tokens=cfg.max_new_tokens)
-    extensions = iv.forcing_sweep(model, qs, golds, "max_extensions", [int(x) for x in cfg.extensions.split(",")],
-                                  cfg.extend_with, cfg.max_new_tokens, baseline=budgets.baseline)
-    numbers = {"n_samples": len(qs), "unconstrained": jsonable(budgets.baseline),
-               "by_budget": budgets.rows(), "by_extensions": extensions.rows()}
-    write_outputs(cfg.out, NAME, cfg.model, forcing_figure(budgets, extensions), numbers, cfg,
-                  fingerprint=model.fingerprint())
-    return numbers
+    return shard.run(NAME, cfg, model, problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path), records, aggregate)
 
 
 if __name__ == "__main__":

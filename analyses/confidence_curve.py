@@ -13,14 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mechthink.config import ProblemConfig
+from mechthink.config import TraceConfig
 
 NAME = "confidence_curve"
 
 
 @dataclass
-class Config(ProblemConfig):
+class Config(TraceConfig):
     """Confidence in the gold answer through the thinking."""
+
+    SHARDABLE = True
 
     n_samples: int = 16
     """Number of problems (one greedy trace each)."""
@@ -30,21 +32,36 @@ class Config(ProblemConfig):
     """Probe points, evenly spaced through each trace's thinking."""
 
 
+def records(cfg: Config, model: Any, problems: list[Any]) -> list[dict | None]:
+    """Per problem: its trace's probe (log p of each candidate at each point) and summary row."""
+    from mechthink import confidence, shard
+    from mechthink.report import problem_traces
+
+    out: list[dict | None] = []
+    for tr, q in zip(problem_traces(model, problems, cfg, NAME), problems):
+        curves = confidence.gold_confidence_curves(model, [tr], [q.answer], n_points=cfg.n_points)
+        out.append(shard.pack({"curve": curves.curves[0], "row": curves.rows[0]}) if curves.rows else None)
+    return out
+
+
+def aggregate(cfg: Config, recs: list[dict], model_name: str) -> tuple[dict, Any]:
+    """Means over traces and the figure, from the per-problem records."""
+    from mechthink import confidence, shard
+
+    recs = shard.unpack(recs)
+    curves = confidence.GoldConfidenceCurves([confidence.AnswerProbeResult(**r["curve"]) for r in recs],
+                                             [confidence.GoldConfidenceRow(**r["row"]) for r in recs])
+    return curves.numbers(), curves.plot(model_name=model_name)
+
+
 def main(cfg: Config, loaded_model: Any = None) -> dict:
     import mechthink as mt
-    from mechthink import confidence, traces
+    from mechthink import shard
     from mechthink.models.organism import problems_for
-    from mechthink.report import trace_store, write_outputs
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
-    store = trace_store(cfg.out, NAME, cfg.model, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gsm8k=cfg.gsm8k_path)
-    gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8, store=store, progress=True)
-    curves = confidence.gold_confidence_curves(model, gen, [q.answer for q in qs], n_points=cfg.n_points)
-    numbers = curves.numbers()
-    fig = curves.plot(model_name=model.spec.name)
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
-    return numbers
+    return shard.run(NAME, cfg, model, qs, records, aggregate)
 
 
 if __name__ == "__main__":

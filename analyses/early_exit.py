@@ -13,14 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mechthink.config import ProblemConfig
+from mechthink.config import TraceConfig
 
 NAME = "early_exit"
 
 
 @dataclass
-class Config(ProblemConfig):
+class Config(TraceConfig):
     """Early-exit confidence and accuracy by answer instance."""
+
+    SHARDABLE = True
 
     n_samples: int = 100
     """Number of problems (one greedy trace each)."""
@@ -30,22 +32,41 @@ class Config(ProblemConfig):
     """Answer instances reported (1st .. k-th)."""
 
 
+def records(cfg: Config, model: Any, problems: list[Any]) -> list[dict | None]:
+    """Per problem: the forced answer at each answer instance of its trace (None: no thinking)."""
+    from dataclasses import asdict
+
+    from mechthink import confidence
+    from mechthink.report import problem_traces
+
+    out: list[dict | None] = []
+    for tr, q in zip(problem_traces(model, problems, cfg, NAME), problems):
+        if tr.think_start is None:
+            out.append(None)
+            continue
+        res = confidence.early_exit(model, tr, gold=q.answer)
+        out.append({"trace_id": res.trace_id, "gold": res.gold, "suffix": res.suffix, "rows": [asdict(r) for r in res.rows]})
+    return out
+
+
+def aggregate(cfg: Config, recs: list[dict], model_name: str) -> tuple[dict, Any]:
+    """The table by instance number and its figure, from the per-problem records."""
+    from mechthink import confidence
+
+    results = [confidence.EarlyExitResult(r["trace_id"], r["gold"], r["suffix"],
+                                          [confidence.EarlyExitRow(**row) for row in r["rows"]], None) for r in recs]
+    summary = confidence.early_exit_summary(results, max_instances=cfg.max_instances)
+    return summary.numbers(), summary.plot(model_name=model_name)
+
+
 def main(cfg: Config, loaded_model: Any = None) -> dict:
     import mechthink as mt
-    from mechthink import confidence, traces
+    from mechthink import shard
     from mechthink.models.organism import problems_for
-    from mechthink.report import trace_store, write_outputs
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     qs = problems_for(model, cfg.n_samples, cfg.seed, cfg.gsm8k_path)
-    store = trace_store(cfg.out, NAME, cfg.model, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gsm8k=cfg.gsm8k_path)
-    gen = traces.generate(model, qs, max_new_tokens=cfg.max_new_tokens, batch_size=8, store=store, progress=True)
-    results = [confidence.early_exit(model, tr, gold=q.answer) for tr, q in zip(gen, qs) if tr.think_start is not None]
-    summary = confidence.early_exit_summary(results, max_instances=cfg.max_instances)
-    numbers = summary.numbers()
-    fig = summary.plot(model_name=model.spec.name)
-    write_outputs(cfg.out, NAME, cfg.model, fig, numbers, cfg, fingerprint=model.fingerprint())
-    return numbers
+    return shard.run(NAME, cfg, model, qs, records, aggregate)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ NAME = "logit_lens"
 class Config(AnalysisConfig):
     """Logit lens at backtracking points."""
 
+    NO_SHARD = (
+        "its tuned lens is trained on half of all examples (a shard would train another lens); run it unsharded"
+    )
+
     n_samples: int = 200
     """Held-out step examples drawn (half of them wrong steps, which are analysed)."""
     target: str = " Wait"

@@ -25,6 +25,11 @@ NAME = "readiness"
 class Config(ProblemConfig):
     """Readiness probes, no-gold early-exit policies and the confidence trajectory."""
 
+    NO_SHARD = (
+        "its probes, tuned lens and policy settings are fitted on the first half of all problems and tested "
+        "on the rest; run it unsharded"
+    )
+
     n_samples: int = 120
     """Number of problems (one sampled trace each); the first half trains the probes, the tuned
     lens and picks each policy's setting, the second half is held out."""

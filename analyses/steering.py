@@ -25,6 +25,8 @@ NAME = "steering"
 class Config(AnalysisConfig):
     """Backtracking-vector coefficient sweep."""
 
+    SHARDABLE = True
+
     n_samples: int = 40
     """Decision points per group (prefixes after a wrong step, and after a correct step)."""
     seed: int = 7
@@ -51,17 +53,32 @@ class Config(AnalysisConfig):
             require(False, "coeffs", self.coeffs, "use comma-separated numbers such as '-1,0,1'")
 
 
-def main(cfg: Config, loaded_model: Any = None) -> dict:
+def _decision_points(model: Any, cfg: Config) -> list[tuple[str, Any]]:
+    """Decision points: prefixes ending right after a wrongly written step (the organism
+    backtracks there), then after a correct step (it goes on); their mix has a base rate near 0.5."""
+    from mechthink.models.organism import step_examples
+
+    held = step_examples(model, 4 * cfg.n_samples, seed=cfg.seed)
+    return [(name, e) for name, wrong in (("wrong", True), ("correct", False))
+            for e in [e for e in held if e.is_error == wrong][: cfg.n_samples]]
+
+
+def _layer_sets(model: Any, cfg: Config) -> dict[str, list[int]]:
+    sets = {"steering_layers": list(model.steering_layers)}
+    if cfg.late_layers:
+        sets["late_layers"] = list(range((2 * model.n_layers) // 3, model.n_layers))
+    return sets
+
+
+def records(cfg: Config, model: Any, problems: list[tuple[str, Any]]) -> list[dict | None]:
+    """Per decision point: its group and, per layer set and coefficient, what the model does there.
+    The vector comes from the same ``n_vector`` examples in every shard (recorded to check it)."""
     import torch
 
-    import mechthink as mt
-    from mechthink import steering
+    from mechthink import shard, steering
     from mechthink.models.organism import step_examples
-    from mechthink.plotting.steering import coefficient_sweep_figure
-    from mechthink.report import write_outputs
 
     torch.set_num_threads(1)
-    model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
     train = step_examples(model, cfg.n_vector)
     vec = steering.from_positions(
         model,
@@ -69,23 +86,43 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         [(e.input_ids, [e.query_position]) for e in train if not e.is_error],
         layers=list(range(model.n_layers)),
     )
-    held = step_examples(model, 4 * cfg.n_samples, seed=cfg.seed)
-    # Decision points: prefixes ending right after a wrongly written step (the organism
-    # backtracks there) and after a correct step (it goes on); the mix has a base rate near 0.5.
-    groups = {name: [e for e in held if e.is_error == wrong][: cfg.n_samples]
-              for name, wrong in (("wrong", True), ("correct", False))}
-    sets = {"steering_layers": list(model.steering_layers)}
-    if cfg.late_layers:
-        sets["late_layers"] = list(range((2 * model.n_layers) // 3, model.n_layers))
+    sets = _layer_sets(model, cfg)
+    groups = {g: ([e.input_ids for n, e in problems if n == g], [str(e.answer) for n, e in problems if n == g])
+              for g in dict.fromkeys(n for n, _ in problems)}
     coeffs = [float(c) for c in cfg.coeffs.split(",")]
-    points = {g: ([e.input_ids for e in exs], [str(e.answer) for e in exs]) for g, exs in groups.items()}
-    sweeps = {name: steering.coefficient_sweep(model, vec, points, coeffs, layers=ls, max_new_tokens=cfg.max_new_tokens,
-                                               window=cfg.window) for name, ls in sets.items()}
+    points = {name: steering.coefficient_sweep_points(model, vec, groups, coeffs, layers=ls,
+                                                      max_new_tokens=cfg.max_new_tokens, window=cfg.window)
+              for name, ls in sets.items()}
+    seen = dict.fromkeys(groups, 0)
+    out: list[dict | None] = []
+    for g, _ in problems:
+        k, seen[g] = seen[g], seen[g] + 1
+        out.append(shard.pack({"group": g, "layer_sets": sets, "vector_norms": dict(zip(map(str, vec.layers), vec.norms.tolist())),
+                               "points": {name: [by_coeff[k] for by_coeff in pts[g]] for name, pts in points.items()}}))
+    return out
+
+
+def aggregate(cfg: Config, recs: list[dict], model_name: str) -> tuple[dict, Any]:
+    """Both sweeps, their checks and the figure, from the per-point records."""
+    from mechthink import steering
+    from mechthink.plotting.steering import coefficient_sweep_figure
+
+    sets, norms = recs[0]["layer_sets"], recs[0]["vector_norms"]
+    if any(r["vector_norms"] != norms for r in recs):
+        raise ValueError("steering: the shards extracted different steering vectors (other hardware or software?); "
+                         "run every shard on the same setup")
+    coeffs = [float(c) for c in cfg.coeffs.split(",")]
+    groups = list(dict.fromkeys(r["group"] for r in recs))
+    sweeps = {}
+    for name, layers in sets.items():
+        points = {g: [[steering.DecisionPoint(**r["points"][name][j]) for r in recs if r["group"] == g]
+                      for j in range(len(coeffs))] for g in groups}
+        sweeps[name] = steering.sweep_from_points(coeffs, layers, points, model_name)
     keys = [("mix", k) for k in ("p_backtrack_next", "backtrack_rate", "wait_rate", "p_wait_next")]
     numbers = {
         "layer_sets": sets,
-        "vector_norms": dict(zip(map(str, vec.layers), vec.norms.tolist())),
-        "n_samples_per_group": {g: len(v) for g, v in groups.items()},
+        "vector_norms": norms,
+        "n_samples_per_group": {g: sum(r["group"] == g for r in recs) for g in groups},
         "sweeps": {name: sw.rows() for name, sw in sweeps.items()},
         "monotonic": {name: {f"{g}/{k}": sw.is_monotonic(g, k) for g, k in keys} for name, sw in sweeps.items()},
         "negation_lowers_backtracking_after_wrong_steps": {
@@ -93,9 +130,15 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
         "positive_raises_backtracking_after_correct_steps": {
             name: sw.against_zero("correct", "p_backtrack_next", 1) for name, sw in sweeps.items()},
     }
-    write_outputs(cfg.out, NAME, cfg.model, coefficient_sweep_figure(sweeps), numbers, cfg,
-                  fingerprint=model.fingerprint())
-    return numbers
+    return numbers, coefficient_sweep_figure(sweeps)
+
+
+def main(cfg: Config, loaded_model: Any = None) -> dict:
+    import mechthink as mt
+    from mechthink import shard
+
+    model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
+    return shard.run(NAME, cfg, model, _decision_points(model, cfg), records, aggregate)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ NAME = "suppression"
 class Config(AnalysisConfig):
     """Accuracy under thinking-token suppression vs random suppression."""
 
+    NO_SHARD = (
+        "its 'never produced' random control is drawn from what the model wrote on all problems, which "
+        "couples the shards; run it unsharded"
+    )
+
     n_samples: int = 100
     """Problems prefilled up to a wrongly written step."""
     seed: int = 7

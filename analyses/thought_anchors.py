@@ -28,6 +28,11 @@ NAME = "thought_anchors"
 class Config(ProblemConfig):
     """Sentence importance by resampling, attention suppression, receiver heads, AtP and MI."""
 
+    NO_SHARD = (
+        "its AtP baseline is the mean activation over all traces and its receiver heads are picked "
+        "by kurtosis over all traces, so every trace's scores depend on the others; run it unsharded"
+    )
+
     n_samples: int = 10
     """Traces every method runs on."""
     n_check_traces: int = 60

@@ -25,6 +25,11 @@ NAME = "value_vectors"
 class Config(AnalysisConfig):
     """Value vectors, probes and ablation for the backtracking word."""
 
+    NO_SHARD = (
+        "its probes are trained with cross-validation over all examples (a shard would train other probes); "
+        "run it unsharded"
+    )
+
     n_samples: int = 200
     """Held-out step examples (half wrong steps); probes are trained on all of them."""
     target: str = "Wait"

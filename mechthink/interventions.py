@@ -53,6 +53,7 @@ __all__ = [
     "ControlOutcome",
     "EditOutcome",
     "FlatResult",
+    "ForcingOutcome",
     "ForcingSweep",
     "GenerationScore",
     "RecycleState",
@@ -68,6 +69,7 @@ __all__ = [
     "continue_prefixes",
     "edit_table",
     "edit_trace",
+    "forcing_outcomes",
     "forcing_sweep",
     "logits_at_last",
     "load_thinking_words",
@@ -75,8 +77,10 @@ __all__ = [
     "random_control",
     "recycle",
     "sampled_suppression",
+    "score_outcomes",
     "score_traces",
     "suppress_tokens",
+    "sweep_from_outcomes",
     "suppression_sweep",
     "thinking_token_ids",
 ]
@@ -1071,6 +1075,89 @@ class ForcingSweep(Result):
         return plot_forcing_sweep(self, ax)
 
 
+@dataclass(frozen=True)
+class ForcingOutcome(FlatResult):
+    """One question's trace under one forcing setting: what a :class:`ForcingSweep` averages.
+
+    Attributes:
+        answer_text: The text after think_close (scored by :func:`accuracy`).
+        gold: The gold answer.
+        thinking_tokens: Thinking length in tokens.
+        closed: Whether the thinking closed.
+        repetition: 4-gram repetition of the completion.
+        forced: Whether the answer was forced (``"budget"``) or the extensions used
+            (``"max_extensions"``); 0 without forcing.
+    """
+
+    plotted_by: ClassVar[str] = "ForcingSweep.plot"
+    answer_text: str
+    gold: str
+    thinking_tokens: int
+    closed: bool
+    repetition: float
+    forced: int
+
+
+def forcing_outcomes(
+    model: "ThinkingModel",
+    questions: Sequence[Any],
+    golds: Sequence[str],
+    parameter: str,
+    value: int | None,
+    extend_with: str = " Wait",
+    max_new_tokens: int = 160,
+    batch_size: int | None = None,
+) -> list[ForcingOutcome]:
+    """Greedy traces under :func:`budget_forcing` at one value (None: unforced), one outcome per question."""
+    from mechthink.steering import degeneration  # steering builds on this module
+    from mechthink.traces import generate  # traces builds on generation, not on this module
+
+    if parameter not in ("budget", "max_extensions"):
+        raise ValueError(f"parameter must be 'budget' or 'max_extensions', got {parameter!r}")
+    if not questions or len(questions) != len(golds):
+        raise ValueError(f"forcing_sweep: need one gold per question, got {len(questions)} and {len(golds)}")
+    bs = len(questions) if batch_size is None else int(batch_size)
+    out: list[ForcingOutcome] = []
+    for k in range(0, len(questions), bs):
+        with contextlib.ExitStack() as stack:
+            st = None
+            if value is not None:
+                st = stack.enter_context(budget_forcing(model, budget=value) if parameter == "budget" else
+                                         budget_forcing(model, max_extensions=value, extend_with=extend_with))
+            gen = generate(model, questions[k : k + bs], max_new_tokens=max_new_tokens, batch_size=bs)
+            forced = [0] * len(gen) if st is None else [int(f) for f in (
+                st.forced_answer if parameter == "budget" else st.extensions)]
+        for tr, gold, f in zip(gen, golds[k : k + bs], forced):
+            d = degeneration(tr)
+            out.append(ForcingOutcome(tr.answer_text, str(gold), d.thinking_tokens, d.closed, d.repetition, f))
+    return out
+
+
+def score_outcomes(outcomes: Sequence[ForcingOutcome]) -> GenerationScore:
+    """The score of a set of outcomes (equal to :func:`score_traces` of their traces)."""
+    if not outcomes:
+        raise ValueError("score_outcomes: no outcomes")
+    n = len(outcomes)
+    return GenerationScore(accuracy([o.answer_text for o in outcomes], [o.gold for o in outcomes]),
+                           sum(o.thinking_tokens for o in outcomes) / n, sum(o.closed for o in outcomes) / n,
+                           sum(o.repetition for o in outcomes) / n)
+
+
+def sweep_from_outcomes(
+    parameter: str,
+    values: Sequence[int],
+    outcomes: Sequence[Sequence[ForcingOutcome]],
+    baseline: GenerationScore,
+    extend_with: str = " Wait",
+    model_name: str = "",
+) -> ForcingSweep:
+    """A :class:`ForcingSweep` from the outcomes at each value (e.g. merged from shards of the questions)."""
+    n = len(outcomes[0]) if outcomes else 0
+    return ForcingSweep(parameter, [int(v) for v in values], [score_outcomes(o) for o in outcomes],
+                        [sum(x.forced for x in o) / len(o) for o in outcomes], baseline,
+                        extend_with if parameter == "max_extensions" else "", n, model_name)
+
+
 def forcing_sweep(
     model: "ThinkingModel",
     questions: Sequence[Any],
@@ -1100,30 +1187,8 @@ def forcing_sweep(
         batch_size: Questions generated together (default all; one forcing state per batch).
         baseline: The unforced score, if already computed (else generated here).
     """
-    from mechthink.traces import generate  # traces builds on generation, not on this module
-
-    if parameter not in ("budget", "max_extensions"):
-        raise ValueError(f"parameter must be 'budget' or 'max_extensions', got {parameter!r}")
-    if not questions or len(questions) != len(golds):
-        raise ValueError(f"forcing_sweep: need one gold per question, got {len(questions)} and {len(golds)}")
-    bs = len(questions) if batch_size is None else int(batch_size)
-
-    def forcing(value: int) -> Any:
-        if parameter == "budget":
-            return budget_forcing(model, budget=value)
-        return budget_forcing(model, max_extensions=value, extend_with=extend_with)
-
-    def run(value: int | None) -> tuple[GenerationScore, float]:
-        gen, forced = [], 0.0
-        for k in range(0, len(questions), bs):
-            with contextlib.ExitStack() as stack:
-                st = None if value is None else stack.enter_context(forcing(value))
-                gen += generate(model, questions[k : k + bs], max_new_tokens=max_new_tokens, batch_size=bs)
-                if st is not None:
-                    forced += sum(st.forced_answer if parameter == "budget" else st.extensions)
-        return score_traces(gen, golds), forced / len(questions)
-
-    base = run(None)[0] if baseline is None else baseline
-    runs = [run(int(v)) for v in track(values, f"{parameter} sweep")]
-    return ForcingSweep(parameter, [int(v) for v in values], [r[0] for r in runs], [r[1] for r in runs], base,
-                        extend_with if parameter == "max_extensions" else "", len(questions), model.spec.name)
+    args = (model, questions, golds, parameter)
+    kw = dict(extend_with=extend_with, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    base = score_outcomes(forcing_outcomes(*args, None, **kw)) if baseline is None else baseline
+    runs = [forcing_outcomes(*args, int(v), **kw) for v in track(values, f"{parameter} sweep")]
+    return sweep_from_outcomes(parameter, values, runs, base, extend_with, model.spec.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import subprocess
@@ -20,7 +21,9 @@ from urllib.parse import quote
 
 from mechthink.results import jsonable as _jsonable
 
-__all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "trace_store", "write_outputs", "git_commit"]
+log = logging.getLogger(__name__)
+
+__all__ = ["canonical_model", "is_complete", "model_slug", "output_paths", "problem_traces", "trace_store", "write_outputs", "git_commit"]
 
 
 def canonical_model(model: str) -> str:
@@ -57,11 +60,31 @@ def trace_store(out: str | Path, name: str, model: str, **request: Any) -> Path:
     return png.with_name(f"{png.stem}.traces-{key}.jsonl")
 
 
+def problem_traces(model: Any, problems: Any, cfg: Any, name: str, batch_size: int = 8) -> list[Any]:
+    """One greedy trace per problem for an analysis: imported from ``cfg.traces`` when set, else
+    generated; either way through a :func:`trace_store` keyed on the request (for imports: the
+    file's path and content hash, so a changed file is never answered from an old store)."""
+    from mechthink import traces
+
+    if getattr(cfg, "traces", ""):
+        store = trace_store(cfg.out, name, cfg.model, imported=traces.source_key(cfg.traces))
+        got = traces.import_traces(model, cfg.traces, questions=problems, store=store)
+        sampled = sorted({str(t.config["imported"]["sampling"].get("temperature")) for t in got} - {"0", "0.0", "None"})
+        if sampled:
+            log.warning("%s: %s analyses greedy traces, but %s records temperature %s; its numbers are those of "
+                        "the imported sampling", cfg.traces, name, cfg.traces, ", ".join(sampled))
+        return got
+    store = trace_store(cfg.out, name, cfg.model, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gsm8k=cfg.gsm8k_path)
+    return traces.generate(model, problems, max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, store=store,
+                           progress=True)
+
+
 def _requested(config: Any) -> dict[str, Any]:
     """What a result depends on: the config without where it is written."""
     cfg = _jsonable(config)
     if isinstance(cfg, dict):
-        cfg = {k: v for k, v in cfg.items() if k != "out"}
+        # out: where, not what; shard/traces at '' (their defaults) equal results from before they existed
+        cfg = {k: v for k, v in cfg.items() if k != "out" and not (k in ("shard", "traces") and v == "")}
         if "model" in cfg:
             cfg["model"] = canonical_model(cfg["model"])
     return cfg

@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = ["FlatResult", "Result", "jsonable"]
 
 
-def jsonable(obj: Any) -> Any:
+def jsonable(obj: Any, array: Callable[[Any], Any] | None = None) -> Any:
     """``obj`` as JSON-friendly values: dataclasses and dicts recursively, tensors and arrays
-    as lists, paths as strings, tuples as lists."""
+    as lists (or as ``array(value)`` when given), paths as strings, tuples as lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: jsonable(getattr(obj, f.name), array) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, array) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, array) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return obj.tolist() if array is None else array(obj)
     return obj
 
 

@@ -43,14 +43,18 @@ if TYPE_CHECKING:
 __all__ = [
     "CoefficientSweep",
     "DecisionMetrics",
+    "DecisionPoint",
     "DegenerationMetrics",
     "SteerMode",
     "SteeringVector",
     "StreamTracker",
     "activations_at",
     "coefficient_sweep",
+    "coefficient_sweep_points",
     "contrastive_prompts",
     "decision_metrics",
+    "decision_points",
+    "metrics_of_points",
     "degeneration",
     "degeneration_table",
     "from_positions",
@@ -58,6 +62,7 @@ __all__ = [
     "from_spans",
     "steer",
     "steered_layers",
+    "sweep_from_points",
 ]
 
 log = logging.getLogger(__name__)
@@ -548,8 +553,35 @@ class DecisionMetrics(FlatResult):
 DECISION_METRICS: tuple[str, ...] = tuple(f.name for f in fields(DecisionMetrics))
 
 
+@dataclass(frozen=True)
+class DecisionPoint(FlatResult):
+    """What the model does at one decision point (what :class:`DecisionMetrics` averages).
+
+    Attributes:
+        p_backtrack_next: P(any backtracking word) as the next token.
+        p_wait_next: P("Wait", any single-token spelling) as the next token.
+        backtracked: A backtracking word in the first ``window`` tokens of the greedy continuation.
+        waited: "Wait" in those tokens.
+        backtrack_words: Backtracking words in them.
+        window_tokens: Tokens in them (``min(len, window)``).
+        correct: The continuation's last ``\\boxed{}`` is the gold answer.
+        closed: The continuation produces ``think_close``.
+    """
+
+    p_backtrack_next: float
+    p_wait_next: float
+    backtracked: bool
+    waited: bool
+    backtrack_words: int
+    window_tokens: int
+    correct: bool
+    closed: bool
+
+    plotted_by: ClassVar[str] = "CoefficientSweep.plot"
+
+
 @torch.inference_mode()
-def decision_metrics(
+def decision_points(
     model: "ThinkingModel",
     prefixes: Sequence[Sequence[int]],
     golds: Sequence[str],
@@ -557,11 +589,11 @@ def decision_metrics(
     window: int = 64,
     words: Sequence[str] | None = None,
     wait_word: str = "Wait",
-) -> DecisionMetrics:
-    """Measure a group of decision points under whatever hooks are active around the call.
+) -> list[DecisionPoint]:
+    """Measure each decision point under whatever hooks are active around the call.
 
     The next-token distribution after each prefix gives the probabilities; a greedy continuation
-    of ``max_new_tokens`` tokens gives the rates (backtracking words counted in its first
+    of ``max_new_tokens`` tokens gives the rest (backtracking words counted in its first
     ``window`` tokens, accuracy and ``think_close`` over all of it).
 
     Args:
@@ -571,7 +603,7 @@ def decision_metrics(
         max_new_tokens: Greedy continuation length.
         window: Tokens of each continuation in which backtracking words are counted.
         words: Backtracking words (default ``model.spec.backtracking_words``).
-        wait_word: The word of ``p_wait_next`` / ``wait_rate``.
+        wait_word: The word of ``p_wait_next`` / ``waited``.
     """
     if not prefixes or len(prefixes) != len(golds):
         raise ValueError(f"decision_metrics: need one gold per prefix, got {len(prefixes)} prefixes and "
@@ -580,18 +612,40 @@ def decision_metrics(
     pat, bt_ids, wait_ids = backtrack_pattern(words), model.token_ids(words), model.token_ids([wait_word])
     nxt = [logits_at_last(model, p).exp() for p in prefixes]
     gens = continue_greedy(model, prefixes, max_new_tokens)
-    texts = [model.to_string(g) for g in gens]
-    firsts = [model.to_string(g[:window]) for g in gens]
-    n_tok = sum(min(len(g), window) for g in gens)
+    out = []
+    for q, g, gold in zip(nxt, gens, golds):
+        text, first = model.to_string(g), model.to_string(g[:window])
+        out.append(DecisionPoint(
+            p_backtrack_next=float(q[bt_ids].sum()), p_wait_next=float(q[wait_ids].sum()),
+            backtracked=bool(pat.search(first)), waited=f" {wait_word}" in first or first.startswith(wait_word),
+            backtrack_words=len(pat.findall(first)), window_tokens=min(len(g), window),
+            correct=accuracy([text], [gold]) == 1.0, closed=model.spec.think_close in text,
+        ))
+    return out
+
+
+def metrics_of_points(points: Sequence[DecisionPoint]) -> DecisionMetrics:
+    """The group's :class:`DecisionMetrics`: means over its points (per 100 window tokens for words)."""
+    if not points:
+        raise ValueError("metrics_of_points: no decision points")
     return DecisionMetrics(
-        p_backtrack_next=mean([float(q[bt_ids].sum()) for q in nxt]),
-        p_wait_next=mean([float(q[wait_ids].sum()) for q in nxt]),
-        backtrack_rate=mean([float(bool(pat.search(t))) for t in firsts]),
-        wait_rate=mean([float(f" {wait_word}" in t or t.startswith(wait_word)) for t in firsts]),
-        backtrack_words_per_100_tokens=100.0 * sum(len(pat.findall(t)) for t in firsts) / max(n_tok, 1),
-        accuracy=accuracy(texts, golds),
-        closed_rate=mean([float(model.spec.think_close in t) for t in texts]),
+        p_backtrack_next=mean([p.p_backtrack_next for p in points]),
+        p_wait_next=mean([p.p_wait_next for p in points]),
+        backtrack_rate=mean([float(p.backtracked) for p in points]),
+        wait_rate=mean([float(p.waited) for p in points]),
+        backtrack_words_per_100_tokens=100.0 * sum(p.backtrack_words for p in points)
+        / max(sum(p.window_tokens for p in points), 1),
+        accuracy=sum(p.correct for p in points) / len(points),
+        closed_rate=mean([float(p.closed) for p in points]),
     )
+
+
+def decision_metrics(model: "ThinkingModel", prefixes: Sequence[Sequence[int]], golds: Sequence[str],
+                     max_new_tokens: int = 64, window: int = 64, words: Sequence[str] | None = None,
+                     wait_word: str = "Wait") -> DecisionMetrics:
+    """Measure a group of decision points under whatever hooks are active around the call:
+    :func:`decision_points` (same arguments), averaged by :func:`metrics_of_points`."""
+    return metrics_of_points(decision_points(model, prefixes, golds, max_new_tokens, window, words, wait_word))
 
 
 @dataclass
@@ -666,6 +720,40 @@ class CoefficientSweep(Result):
         return plot_coefficient_sweep(self, ax)
 
 
+def coefficient_sweep_points(model: "ThinkingModel", vector: SteeringVector,
+                             groups: Mapping[str, tuple[Sequence[Sequence[int]], Sequence[str]]], coeffs: Sequence[float],
+                             layers: Sequence[int] | None = None, mode: SteerMode = "continuous", max_new_tokens: int = 64,
+                             window: int = 64) -> dict[str, list[list[DecisionPoint]]]:
+    """Per group, per coefficient, the :func:`decision_points` under ``coeff * vector`` (the
+    records a :class:`CoefficientSweep` averages; arguments as for :func:`coefficient_sweep`)."""
+    if not groups or not coeffs:
+        raise ValueError("coefficient_sweep: groups and coeffs must be non-empty")
+    use = steered_layers(model, vector, layers)
+    points: dict[str, list[list[DecisionPoint]]] = {g: [] for g in groups}
+    for c in track(coeffs, "steering coefficients"):
+        with steer(model, vector, layers=use, coeff=float(c), mode=mode):
+            for g, (prefixes, golds) in groups.items():
+                points[g].append(decision_points(model, prefixes, golds, max_new_tokens, window))
+    return points
+
+
+def sweep_from_points(
+    coeffs: Sequence[float],
+    layers: Sequence[int],
+    points: Mapping[str, Sequence[Sequence[DecisionPoint]]],
+    model_name: str = "",
+) -> CoefficientSweep:
+    """A :class:`CoefficientSweep` (with the ``"mix"`` of the groups) from per-point records."""
+    metrics = {g: [metrics_of_points(ps) for ps in by_coeff] for g, by_coeff in points.items()}
+    groups = list(metrics)
+    metrics["mix"] = [
+        DecisionMetrics(*(mean([getattr(metrics[g][j], k) for g in groups]) for k in DECISION_METRICS))
+        for j in range(len(coeffs))
+    ]
+    return CoefficientSweep([float(c) for c in coeffs], list(layers), metrics,
+                            {g: len(by_coeff[0]) for g, by_coeff in points.items()}, model_name)
+
+
 def coefficient_sweep(
     model: "ThinkingModel",
     vector: SteeringVector,
@@ -692,17 +780,5 @@ def coefficient_sweep(
     Returns:
         The sweep, with the ``"mix"`` of the groups.
     """
-    if not groups or not coeffs:
-        raise ValueError("coefficient_sweep: groups and coeffs must be non-empty")
-    use = steered_layers(model, vector, layers)
-    metrics: dict[str, list[DecisionMetrics]] = {g: [] for g in groups}
-    for c in track(coeffs, "steering coefficients"):
-        with steer(model, vector, layers=use, coeff=float(c), mode=mode):
-            for g, (prefixes, golds) in groups.items():
-                metrics[g].append(decision_metrics(model, prefixes, golds, max_new_tokens, window))
-    metrics["mix"] = [
-        DecisionMetrics(*(mean([getattr(metrics[g][j], k) for g in groups]) for k in DECISION_METRICS))
-        for j in range(len(coeffs))
-    ]
-    return CoefficientSweep([float(c) for c in coeffs], use, metrics, {g: len(p) for g, (p, _) in groups.items()},
-                            model.spec.name)
+    points = coefficient_sweep_points(model, vector, groups, coeffs, layers, mode, max_new_tokens, window)
+    return sweep_from_points(coeffs, steered_layers(model, vector, layers), points, model.spec.name)

@@ -42,7 +42,9 @@ __all__ = [
     "answer_instances",
     "backtracking_events",
     "generate",
+    "import_traces",
     "make_trace",
+    "source_key",
     "read_store",
     "split_steps",
     "trace_from_text",
@@ -776,3 +778,6 @@ def answer_instances(trace: Trace, gold: str | None = None) -> list[AnswerInstan
             )
         )
     return out
+
+
+from mechthink.trace_import import import_traces, source_key  # noqa: E402  (they build on the names above)

@@ -178,7 +178,8 @@ def _config_cases() -> dict:
 
     cases = {}
     bad = {"n_samples": [0, -1], "max_new_tokens": [0], "n_points": [0], "n_exact": [-1], "model": [""],
-           "coeffs": ["a,b"], "budgets": ["2,x", "-1"], "n_vector": [1]}
+           "coeffs": ["a,b"], "budgets": ["2,x", "-1"], "n_vector": [1], "shard": ["0/2", "3/2", "a/b"],
+           "traces": ["/nonexistent/traces.jsonl"]}
     for name in analyses.REGISTRY:
         module = analyses.get(name)
         fields = {f.name for f in __import__("dataclasses").fields(module.Config)}
@@ -211,6 +212,13 @@ CLI_CASES = {
     "reproduce bad dtype": ["reproduce", "--dtype", "int8", "--only", "mi_peaks"],
     "unknown model": ["reproduce", "--model", "no-such-model", "--only", "mi_peaks"],
     "bad coeffs": ["steering", "--coeffs", "a,b"],
+    "bad shard": ["early-exit", "--shard", "3/2"],
+    "shard refused": ["value-vectors", "--shard", "1/2"],
+    "traces file missing": ["confidence-curve", "--traces", "/nonexistent/traces.jsonl"],
+    "import file missing": ["import-traces", "--file", "/nonexistent/traces.jsonl"],
+    "import bad engine": ["import-traces", "--file", "FILE", "--engine", "llama.cpp"],
+    "import bad json": ["import-traces", "--file", "FILE"],
+    "merge nothing": ["merge", "/nonexistent/out"],
 }
 
 

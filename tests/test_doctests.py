@@ -20,6 +20,7 @@ MODULES: list[str] = [
     "mechthink.models.organism.scoring",
     "mechthink.hooks",
     "mechthink.plotting.style",
+    "mechthink.shard",
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")

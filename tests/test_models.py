@@ -210,3 +210,57 @@ def test_bf16_port_runs(tiny_hf):
     # bf16 keeps ~3 significant digits; the port must still agree on the distribution
     assert (model.log_probs(tokens) - expected).abs().max() < 0.5
     assert (model.log_probs(tokens).argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+# ============================================================================ device_map
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}, {"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                              "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}])
+def test_device_map_passes_through(tiny_hf, tmp_path, device_map):
+    """On a CPU-only machine accelerate keeps every module on the CPU: the same numbers as device="cpu"
+    (the split over several GPUs is not exercised here; see docs/scale.md)."""
+    ref, tok = tiny_hf("Qwen3ForCausalLM")
+    ref.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    split = mt.load_model(tmp_path, device_map=device_map)
+    plain = mt.load_model(tmp_path, device="cpu")
+    tokens = plain.to_tokens(plain.prompt("Compute 3 + 5."))
+    with torch.no_grad():
+        assert torch.equal(split.log_probs(tokens), plain.log_probs(tokens))
+    assert split.device.type == "cpu"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(device="cpu", device_map="auto"), "exclusive"),
+    (dict(device_map="everywhere"), "device_map='everywhere' is not accepted"),
+    (dict(device_map={}), "is not accepted"),
+    (dict(max_memory={0: "1GiB"}), "only applies with device_map"),
+])
+def test_device_map_bad_input(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        mt.load_model("tiny-thinker", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_device_map_with_hf_model_is_refused(tiny_hf):
+    ref, tok = tiny_hf("LlamaForCausalLM")
+    with pytest.raises(ValueError, match="dispatch hf_model yourself"):
+        mt.load_model(hf_model=copy.deepcopy(ref), tokenizer=tok, device_map="auto")
+
+
+def test_dispatched_hf_model_is_kept_in_place(tiny_hf):
+    """The dispatched branch (a model with ``hf_device_map``) on CPU: not moved, booted with
+    ``device=None`` so TransformerLens reads the map; offloaded maps refuse compatibility mode."""
+    ref, tok = tiny_hf("LlamaForCausalLM")
+    plain = mt.load_model(hf_model=copy.deepcopy(ref), tokenizer=tok, device="cpu", compatibility_mode=False)
+    hf = copy.deepcopy(ref)
+    hf.hf_device_map = {"": "cpu"}  # as accelerate records a dispatch
+    split = mt.load_model(hf_model=hf, tokenizer=tok, compatibility_mode=False)
+    assert split.bridge.original_model is hf and split.bridge.cfg.n_devices == 1
+    tokens = plain.to_tokens(plain.prompt("Compute 3 + 5."))
+    with torch.no_grad():
+        assert torch.equal(split.log_probs(tokens), plain.log_probs(tokens))
+    hf2 = copy.deepcopy(ref)
+    hf2.hf_device_map = {"": "cpu"}
+    with pytest.raises(ValueError, match="cannot fold weights for compatibility mode") as err:
+        mt.load_model(hf_model=hf2, tokenizer=tok)
+    assert "\n" not in str(err.value)

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,7 @@ def _load_hf_dir(
     local_files_only: bool,
     trust_remote_code: bool,
     revision: str | None,
+    placement: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -269,6 +270,7 @@ def _load_hf_dir(
             trust_remote_code=trust_remote_code,
             revision=revision,
             weights_only=True,
+            **(placement or {}),  # device_map / max_memory: accelerate dispatches the layers
         )
     except Exception as exc:  # safetensors / torch / transformers raise many types for bad weights
         raise ValueError(
@@ -310,6 +312,7 @@ class _Request:
     trust_remote_code: bool
     revision: str | None
     hf_model: Any = None
+    placement: dict[str, Any] = field(default_factory=dict)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -403,11 +406,11 @@ def _from_organism(req: _Request) -> tuple[Any, Any, str]:
         raise FileNotFoundError(
             f"tiny-thinker weights are missing from {WEIGHTS_DIR}; train them with: mechthink train-organism --recipe shipped"
         )
-    return (*_load_hf_dir(str(WEIGHTS_DIR), req.dtype, True, False, None), "organism")
+    return (*_load_hf_dir(str(WEIGHTS_DIR), req.dtype, True, False, None, req.placement), "organism")
 
 
 def _from_gguf_package(req: _Request) -> tuple[Any, Any, str]:
-    return (*_load_hf_dir(str(smollm2_hf_dir(REGISTRY[req.target])), req.dtype, True, False, None), "local")
+    return (*_load_hf_dir(str(smollm2_hf_dir(REGISTRY[req.target])), req.dtype, True, False, None, req.placement), "local")
 
 
 def _from_hub(req: _Request) -> tuple[Any, Any, str]:
@@ -416,16 +419,16 @@ def _from_hub(req: _Request) -> tuple[Any, Any, str]:
         if importlib.util.find_spec(extra) is None:
             raise ModuleNotFoundError(f"{reg.name} ({reg.architecture}) needs the package {extra!r}; pip install {extra}")
     local = _check_hub(req.target, req.local_files_only)
-    return (*_load_hf_dir(req.target, req.dtype, local, req.trust_remote_code, req.revision), "hub")
+    return (*_load_hf_dir(req.target, req.dtype, local, req.trust_remote_code, req.revision, req.placement), "hub")
 
 
 def _from_gguf_file(req: _Request) -> tuple[Any, Any, str]:
     hf_dir = _gguf_to_hf_dir(Path(req.target), req.tokenizer)
-    return (*_load_hf_dir(str(hf_dir), req.dtype, True, False, None), "local")
+    return (*_load_hf_dir(str(hf_dir), req.dtype, True, False, None, req.placement), "local")
 
 
 def _from_hf_dir(req: _Request) -> tuple[Any, Any, str]:
-    model, tok = _load_hf_dir(req.target, req.dtype, True, req.trust_remote_code, None)
+    model, tok = _load_hf_dir(req.target, req.dtype, True, req.trust_remote_code, None, req.placement)
     return model, req.tokenizer or tok, "local"
 
 
@@ -442,6 +445,8 @@ def _from_memory(req: _Request) -> tuple[Any, Any, str]:
         raise TypeError(f"load_model: hf_model must be a Hugging Face causal LM, got {type(model).__name__}")
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     _check_architecture(arch, req.label)
+    if getattr(model, "hf_device_map", None) and next(model.parameters()).dtype == req.dtype:
+        return model, tokenizer, "local"  # dispatched by the caller (device_map=...): left where it is
     return model.to(dtype=req.dtype), tokenizer, "local"
 
 
@@ -496,6 +501,8 @@ def load_model(
     revision: str | None = None,
     compatibility_mode: bool = True,
     check_cache: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> ThinkingModel:
     """Load a thinking model as a hooked TransformerLens bridge.
 
@@ -525,6 +532,13 @@ def load_model(
         check_cache: Run the KV-cache self-check after loading (default True): a cached step
             must equal a full forward, else :class:`~mechthink.models.kvcache.KVCacheError`
             names the installed and supported versions.
+        device_map: Split the weights over several devices with accelerate while loading
+            (``"auto"``, ``"balanced"``, ``"sequential"`` or a ``{module: device}`` dict, as
+            for ``from_pretrained``); TransformerLens then reads the placement from the model's
+            ``hf_device_map``. Exclusive with ``device``. A map with CPU or disk targets cannot
+            be used with ``compatibility_mode`` (TransformerLens refuses to fold offloaded
+            weights). An ``hf_model`` dispatched by the caller is kept where it is.
+        max_memory: Per-device memory budget for ``device_map`` (``{0: "70GiB", 1: "70GiB"}``).
 
     Returns:
         A :class:`ThinkingModel`.
@@ -532,21 +546,31 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     torch_dtype = parse_dtype(dtype)
+    placement = _placement(device, device_map, max_memory, hf_model)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = _check_device_dtype(device, torch_dtype)
     kind, target, label = _classify(name_or_path, hf_model)
-    req = _Request(kind, target, label, torch_dtype, tokenizer, local_files_only, trust_remote_code, revision, hf_model)
+    req = _Request(kind, target, label, torch_dtype, tokenizer, local_files_only, trust_remote_code, revision, hf_model,
+                   placement)
     model, tokenizer, source_kind = _LOADERS[kind](req)
+    dispatched = bool(getattr(model, "hf_device_map", None))
+    offloaded = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
+    if dispatched and offloaded and compatibility_mode:
+        raise ValueError(f"{label}: the device_map puts modules on {', '.join(offloaded)}, and TransformerLens cannot "
+                         "fold weights for compatibility mode there; map every module to a GPU, or pass "
+                         "compatibility_mode=False")
     _check_finite(model, label)
     _check_vocab(model, tokenizer, label)
     spec = spec or _spec_for(label, model, source_kind)
     tokenizer = _tokenizer_dir(tokenizer)
-    model = model.to(dev).eval()
+    model = (model if dispatched else model.to(dev)).eval()
     # TransformerLens configures the tokenizer it is given in place (on Qwen3, which has no BOS,
     # it sets bos_token = eos_token = <|im_end|>); it gets its own copy so ours stays the model's.
+    # A dispatched model: TL takes the devices from hf_device_map (cfg.device = the embedding's).
     bridge = TransformerBridge.boot_transformers(
-        tokenizer.name_or_path, hf_model=model, tokenizer=copy.deepcopy(tokenizer), device=dev, dtype=torch_dtype
+        tokenizer.name_or_path, hf_model=model, tokenizer=copy.deepcopy(tokenizer), device=None if dispatched else dev,
+        dtype=torch_dtype,
     )
     if compatibility_mode:
         bridge.enable_compatibility_mode(disable_warnings=True)
@@ -557,8 +581,32 @@ def load_model(
     loaded = ThinkingModel(bridge=bridge, tokenizer=tokenizer, spec=spec, prepend_bos=prepend_bos)
     if check_cache:
         check_kv_cache(loaded)
-    log.info("loaded %s (%s, %d layers) on %s in %s", spec.name, spec.architecture, bridge.cfg.n_layers, dev, torch_dtype)
+    where = f"{getattr(bridge.cfg, 'n_devices', 1)} devices ({model.hf_device_map})" if dispatched else dev
+    log.info("loaded %s (%s, %d layers) on %s in %s", spec.name, spec.architecture, bridge.cfg.n_layers, where, torch_dtype)
     return loaded
+
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device: Any, device_map: Any, max_memory: Any, hf_model: Any) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that dispatch the weights over devices (empty: one device)."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("load_model: max_memory= only applies with device_map=; pass device_map='auto' too")
+        return {}
+    if device is not None:
+        raise ValueError(f"load_model: device={device!r} and device_map= are exclusive; pass one of them")
+    if hf_model is not None:
+        raise ValueError("load_model: device_map= applies when mechthink loads the weights; dispatch hf_model yourself "
+                         "(from_pretrained(..., device_map=...)) and pass it without device_map")
+    ok = device_map in _DEVICE_MAPS if isinstance(device_map, str) else isinstance(device_map, dict) and bool(device_map)
+    if not ok:
+        raise ValueError(f"load_model: device_map={device_map!r} is not accepted; use one of {', '.join(_DEVICE_MAPS)} "
+                         "or a non-empty {module: device} dict")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModuleNotFoundError("load_model: device_map= needs the package 'accelerate'; pip install accelerate")
+    return {"device_map": device_map, **({"max_memory": max_memory} if max_memory is not None else {})}
 
 
 def _tokenizer_prepends_bos(tokenizer: Any) -> bool:
