@@ -135,7 +135,7 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.fill(line, width) if line.strip() else line for line in text.split("\n"))
 
 
-def _fit_text(artist: Any, width_px: float, renderer: Any) -> None:
+def _fit_text(artist: Any, width_px: float | int, renderer: Any) -> None:
     """Wrap a text artist onto more lines until its box is at most ``width_px`` wide."""
     original = artist.get_text()
     if not original.strip() or width_px <= 0:
@@ -164,7 +164,7 @@ def _fit_titles(fig: Any) -> None:
         _fit_text(sup, 0.96 * fig_px, renderer)
 
 
-def _text_px(fig: Any, renderer: Any, text: str, size: float) -> tuple[float, float]:
+def _text_px(fig: Any, renderer: Any, text: str, size: float | int) -> tuple[float, float]:
     """Width and height in pixels of ``text`` at ``size`` points (an estimate without a renderer)."""
     from matplotlib.font_manager import FontProperties
 
@@ -176,7 +176,7 @@ def _text_px(fig: Any, renderer: Any, text: str, size: float) -> tuple[float, fl
     return max(w for w, _, _ in sizes), 1.2 * size * len(lines) * fig.dpi / 72
 
 
-def category_axis(ax: Axes, labels: Sequence[str], axis: str = "x", fontsize: float | None = None, max_lines: int = 2,
+def category_axis(ax: Axes, labels: Sequence[str], axis: str = "x", fontsize: float | int | None = None, max_lines: int = 2,
                   thin: bool | None = None, keep: Sequence[int] = (), max_labels: int | None = None) -> None:
     """One tick per category at 0, 1, …, its label fitted to the room a category has.
 
@@ -205,9 +205,9 @@ def category_axis(ax: Axes, labels: Sequence[str], axis: str = "x", fontsize: fl
         step = 1
     else:
         short = all(len(t) <= 3 or t.strip().lstrip("-").isdigit() for t in text)
-        wrapped = [_wrap_to(fig, renderer, t, size, slot) for t in text]
-        if not (thin or short) and all(w is not None and w.count("\n") < max_lines for w in wrapped):
-            text, step = [w or t for w, t in zip(wrapped, text)], 1
+        wrapped = [] if thin or short else _wrap_all(fig, renderer, text, widths, size, slot, max_lines)
+        if wrapped:
+            text, step = wrapped, 1
         elif thin or short:
             step = max(1, math.ceil(1.1 * max(widths) / slot))
         else:
@@ -220,13 +220,22 @@ def category_axis(ax: Axes, labels: Sequence[str], axis: str = "x", fontsize: fl
            **({"ha": "center"} if axis == "x" else {}))
 
 
-def _wrap_to(fig: Any, renderer: Any, text: str, size: float, width_px: float) -> str | None:
-    """``text`` wrapped so that every line is at most ``width_px`` wide, or None when a word is wider."""
-    for chars in range(len(text), 0, -1):
-        out = textwrap.fill(text, chars, break_long_words=False)
-        if _text_px(fig, renderer, out, size)[0] <= width_px:
-            return out
-    return None
+def _wrap_all(fig: Any, renderer: Any, texts: Sequence[str], widths: Sequence[float], size: float | int,
+              width_px: float, max_lines: int) -> list[str]:
+    """Every text wrapped onto at most ``max_lines`` lines no wider than ``width_px``, or [] when
+    one of them cannot be (a word wider than that, or more lines needed)."""
+    out = []
+    for text, width in zip(texts, widths):
+        chars = min(len(text), int(len(text) * width_px / max(width, 1e-9)) + 1)
+        while True:
+            lines = textwrap.wrap(text, max(1, chars), break_long_words=False)
+            if chars < 1 or len(lines) > max_lines:
+                return []
+            if width <= width_px or _text_px(fig, renderer, "\n".join(lines), size)[0] <= width_px:
+                break
+            chars -= 1
+        out.append("\n".join(lines) if width > width_px else text)
+    return out
 
 
 def _thinned(n: int, step: int, keep: Sequence[int] = ()) -> list[int]:
