@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
-import mechthink.plotting as plotting
+from mechthink import plotting
 from mechthink.plotting.base import new_figure
 from mechthink.plotting.checks import layout_problems
 
@@ -253,7 +253,11 @@ def gold_curves(n_traces: int, n_points: int) -> Any:
 
 # ---------------------------------------------------------------------------- interventions
 def suppression_sweep() -> Any:
-    from mechthink.interventions import ControlOutcome, SuppressionOutcome, SuppressionSweep
+    from mechthink.interventions import (
+        ControlOutcome,
+        SuppressionOutcome,
+        SuppressionSweep,
+    )
 
     cumulative = [" + ".join(BACKTRACK[: k + 1]) for k in range(len(BACKTRACK))]
     sets = {w: [100 + i] for i, w in enumerate(BACKTRACK)}
