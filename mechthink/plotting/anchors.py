@@ -16,7 +16,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from mechthink.plotting.base import new_axes, new_figure
-from mechthink.plotting.style import OKABE_ITO, styled
+from mechthink.plotting.style import OKABE_ITO, category_axis, styled
 
 if TYPE_CHECKING:
     from mechthink.anchors import EveryMethod, MethodAgreement, ReceiverHeads, ResamplingImportance, Sentence, SuppressionMatrix
@@ -62,8 +62,8 @@ def plot_sentence_bars(
         v = _unit(scores[name]).nan_to_num(nan=0.0).tolist()
         xs = [i - 0.4 + width * (m + 0.5) for i in range(len(sentences))]
         ax.bar(xs, v, width=width, label=name, color=OKABE_ITO[m % len(OKABE_ITO)])
-    ax.set_xticks(range(len(sentences)), [_label(s) for s in sentences], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("importance (min-max per method)")
+    category_axis(ax, [_label(s) for s in sentences], fontsize=8)
+    ax.set_ylabel("importance\n(min-max per method)")
     ax.legend(ncols=min(6, len(names)), loc="upper right")
     ax.set_title(title or "sentence importance by method")
     return ax.figure
@@ -79,13 +79,13 @@ def plot_resampling(result: "ResamplingImportance", ax: Axes | None = None) -> F
 @styled
 def plot_dependency_matrix(matrix: "SuppressionMatrix", ax: Axes | None = None) -> FigureBase:
     """The suppression matrix: row = affected sentence, column = suppressed sentence."""
-    ax = _axes(ax, (6.0, 5.0))
+    n = len(matrix.sentences)
+    ax = _axes(ax, (6.0, max(5.0, 1.5 + 0.2 * n)))  # room for one label per sentence
     m = matrix.matrix.double()
     shown = m if matrix.log else m.clamp(min=1e-9).log10()  # KLs span orders of magnitude
     img = ax.imshow(shown.numpy(), cmap="viridis", aspect="auto")
-    n = len(matrix.sentences)
-    ax.set_xticks(range(n), [str(i) for i in range(n)])
-    ax.set_yticks(range(n), [_label(s, 18) for s in matrix.sentences], fontsize=8)
+    category_axis(ax, [str(i) for i in range(n)])
+    category_axis(ax, [_label(s, 18) for s in matrix.sentences], axis="y", fontsize=8)
     ax.set_xlabel("suppressed sentence")
     ax.set_ylabel("affected sentence")
     ax.grid(False)

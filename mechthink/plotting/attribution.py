@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mechthink.plotting.base import new_axes as _new_axes
 from mechthink.plotting.base import new_figure
-from mechthink.plotting.style import styled, token_axis
+from mechthink.plotting.style import category_axis, styled, token_axis
 
 if TYPE_CHECKING:
     from mechthink.attribution import (
@@ -165,8 +165,7 @@ def plot_binned(
         for i, lab in enumerate(row_labels):
             ax.bar(x - 0.4 + w * (i + 0.5), v[i], width=w, label=lab)
         ax.legend(fontsize=7, ncol=2)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
+    category_axis(ax, labels)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
@@ -320,8 +319,7 @@ def plot_hit_fractions(hits: "dict[str, GroundTruthHits]", ax: Axes | None = Non
     w = 0.8 / max(len(hits), 1)
     for i, (method, h) in enumerate(hits.items()):
         ax.bar(x - 0.4 + w * (i + 0.5), list(h.fractions().values()), width=w, label=METHOD_NAMES.get(method, method) or None)
-    ax.set_xticks(x)
-    ax.set_xticklabels([n.replace("_", " ") for n in names], rotation=15, fontsize=7)
+    category_axis(ax, [n.replace("_", " ") for n in names], fontsize=8, max_lines=3)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of examples")
     if len(hits) > 1:

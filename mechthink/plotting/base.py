@@ -17,6 +17,6 @@ def new_figure(width: float | int, height: float | int, constrained: bool = True
 
 
 def new_axes(figsize: tuple[float | int, float | int]) -> tuple[Figure, Axes]:
-    """A Figure (no layout engine; callers use ``tight_layout``) with one Axes."""
-    fig = new_figure(*figsize, constrained=False)
+    """A Figure (constrained layout, like :func:`new_figure`) with one Axes."""
+    fig = new_figure(*figsize)
     return fig, fig.add_subplot()

@@ -76,7 +76,7 @@ def plot_probe(result: "AnswerProbeResult", ax: Axes | None = None, title: str |
         ax2.plot(xs, [mass[i] for i in order], ls="--", color="grey", lw=1, label="mass on choices")
         ax2.set_ylim(0, 1.05)
         ax2.set_ylabel("mass")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)  # "best" also keeps clear of the marks' names
     if title:
         ax.set_title(title)
     if not fig.get_constrained_layout():

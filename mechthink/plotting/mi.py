@@ -13,7 +13,7 @@ from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_axes as _new_axes
 from mechthink.plotting.base import new_figure
-from mechthink.plotting.style import styled
+from mechthink.plotting.style import category_axis, styled
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -110,8 +110,7 @@ def plot_peak_token_counts(
     head = counts.head(top)
     labels = [repr(str(t)) for t in head.index]
     ax.bar(range(len(head)), head.to_numpy(), color=bar_kwargs.pop("color", "#6a7fc1"), **bar_kwargs)
-    ax.set_xticks(range(len(head)))
-    ax.set_xticklabels(labels, rotation=45, ha="right")
+    category_axis(ax, labels)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if not fig.get_constrained_layout():

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure, FigureBase
 
 from mechthink.plotting.base import new_figure
-from mechthink.plotting.style import color_for, integer_axis, styled, value_labels
+from mechthink.plotting.style import category_axis, color_for, integer_axis, styled, value_labels
 
 if TYPE_CHECKING:
     from mechthink.readiness import (
@@ -53,13 +53,10 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[FigureBase, Axes]
 
 
 def _layer_ticks(ax: Axes, layers: Sequence[str], axis: str = "x", max_labels: int = 12) -> None:
-    """Layer labels (``pre_3``, ``post_29``) on ``axis``, thinned to at most ``max_labels``."""
-    step = max(1, -(-len(layers) // max_labels))
-    shown = sorted(set(range(0, len(layers), step)) | {len(layers) - 1})
-    if len(shown) > 1 and shown[-1] - shown[-2] < step:
-        shown.pop(-2)
-    text = [layers[k].replace("resid_", "") for k in shown]
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(shown, text)
+    """Layer labels (``pre_3``, ``post_29``) on ``axis``, thinned to at most ``max_labels`` and to
+    the room the axes have, the last layer always shown."""
+    category_axis(ax, [name.replace("resid_", "") for name in layers], axis=axis, thin=True, keep=[len(layers) - 1],
+                  max_labels=max_labels)
 
 
 def _bars(ax: Axes, xs: Sequence[int], heights: Sequence[float | int], colors: Sequence[str], xlabel: str,

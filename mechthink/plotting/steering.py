@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mechthink.plotting.base import new_figure as _base_figure
-from mechthink.plotting.style import styled
+from mechthink.plotting.style import category_axis, styled
 
 if TYPE_CHECKING:
     from mechthink.steering import CoefficientSweep, SteeringVector
@@ -76,8 +76,7 @@ def plot_bars(
     bars = ax.bar(xs, list(values), yerr=None if errors is None else list(errors), color=colors, capsize=3)
     for b, v in zip(bars, values):
         ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(list(labels), rotation=20, fontsize=8)
+    category_axis(ax, list(labels), fontsize=8)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=9)

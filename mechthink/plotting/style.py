@@ -11,6 +11,8 @@ backtracking word has the same colour in every figure.
 from __future__ import annotations
 
 import functools
+import math
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -18,7 +20,18 @@ import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["COLORS", "OKABE_ITO", "RC", "color_for", "finalize", "integer_axis", "styled", "token_axis", "value_labels"]
+__all__ = [
+    "COLORS",
+    "OKABE_ITO",
+    "RC",
+    "category_axis",
+    "color_for",
+    "finalize",
+    "integer_axis",
+    "styled",
+    "token_axis",
+    "value_labels",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,9 +105,11 @@ _INTEGER_ANYWHERE = ("budget", "extensions")
 def finalize(fig: Any) -> None:
     """Rules for every axes of a figure: heatmaps (axes with images) get no grid and integer
     ticks; axes whose label names an integer quantity (layer, instance, step, budget, …) get
-    integer ticks. Explicitly set ticks are left alone. Idempotent."""
+    integer ticks; titles wider than their axes (the suptitle: than the figure) are wrapped onto
+    more lines. Explicitly set ticks are left alone. Idempotent."""
     from matplotlib.ticker import AutoLocator
 
+    _fit_titles(fig)
     for ax in fig.get_axes():
         heat = bool(ax.images)
         if heat:
@@ -104,6 +119,131 @@ def finalize(fig: Any) -> None:
             integer = label.startswith(_INTEGER_START) or any(w in label for w in _INTEGER_ANYWHERE)
             if isinstance(axis.get_major_locator(), AutoLocator) and (heat or integer):
                 axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _renderer(fig: Any) -> Any:
+    """The figure canvas's renderer (text sizes without drawing), or None on canvases without one."""
+    get = getattr(getattr(fig, "canvas", None), "get_renderer", None)
+    try:
+        return get() if get is not None else None
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _wrap(text: str, width: int) -> str:
+    """Each line of ``text`` wrapped at ``width`` characters (its own line breaks kept)."""
+    return "\n".join(textwrap.fill(line, width) if line.strip() else line for line in text.split("\n"))
+
+
+def _fit_text(artist: Any, width_px: float | int, renderer: Any) -> None:
+    """Wrap a text artist onto more lines until its box is at most ``width_px`` wide."""
+    original = artist.get_text()
+    if not original.strip() or width_px <= 0:
+        return
+    longest = max(len(line) for line in original.split("\n"))
+    chars = longest
+    for _ in range(8):
+        width = artist.get_window_extent(renderer).width
+        if width <= width_px or chars <= 12:
+            return
+        chars = max(12, min(chars - 1, int(chars * width_px / width)))
+        artist.set_text(_wrap(original, chars))
+
+
+def _fit_titles(fig: Any) -> None:
+    """Titles no wider than their axes, the suptitle no wider than the figure (wrapped)."""
+    renderer = _renderer(fig)
+    if renderer is None:
+        return
+    fig_px = fig.bbox.width
+    for ax in fig.get_axes():
+        if ax.axison and ax.title.get_visible():
+            _fit_text(ax.title, ax.get_position().width * fig_px, renderer)
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None:
+        _fit_text(sup, 0.96 * fig_px, renderer)
+
+
+def _text_px(fig: Any, renderer: Any, text: str, size: float | int) -> tuple[float, float]:
+    """Width and height in pixels of ``text`` at ``size`` points (an estimate without a renderer)."""
+    from matplotlib.font_manager import FontProperties
+
+    lines = text.split("\n")
+    if renderer is None:
+        return 0.6 * size * max(map(len, lines)) * fig.dpi / 72, 1.2 * size * len(lines) * fig.dpi / 72
+    prop = FontProperties(size=size)
+    sizes = [renderer.get_text_width_height_descent(line or " ", prop, ismath=False) for line in lines]
+    return max(w for w, _, _ in sizes), 1.2 * size * len(lines) * fig.dpi / 72
+
+
+def category_axis(ax: Axes, labels: Sequence[str], axis: str = "x", fontsize: float | int | None = None, max_lines: int = 2,
+                  thin: bool | None = None, keep: Sequence[int] = (), max_labels: int | None = None) -> None:
+    """One tick per category at 0, 1, …, its label fitted to the room a category has.
+
+    On the x axis labels stay horizontal when they fit (wrapped onto up to ``max_lines`` lines),
+    else turn vertical; numbers and other short labels (or all, with ``thin=True``) are thinned
+    to every k-th instead, always keeping ``keep``. On the y axis labels are thinned. The room
+    is measured on the axes as they are placed now (before the layout engine runs); at most
+    ``max_labels`` labels are shown when given.
+    """
+    from matplotlib.font_manager import FontProperties
+
+    n = len(labels)
+    size = FontProperties(size=fontsize if fontsize is not None else mpl.rcParams[f"{axis}tick.labelsize"]).get_size_in_points()
+    fig = ax.figure
+    renderer = _renderer(fig)
+    box = ax.get_position()
+    span = box.width * fig.bbox.width if axis == "x" else box.height * fig.bbox.height
+    slot = 0.9 * span / max(n, 1)
+    line = 1.2 * size * fig.dpi / 72
+    text = [str(t) for t in labels]
+    widths = [_text_px(fig, renderer, t, size)[0] for t in text]
+    rotation = 0
+    if axis == "y":
+        step = max(1, math.ceil(1.1 * line / slot))
+    elif max(widths, default=0.0) <= slot:
+        step = 1
+    else:
+        short = all(len(t) <= 3 or t.strip().lstrip("-").isdigit() for t in text)
+        wrapped = [] if thin or short else _wrap_all(fig, renderer, text, widths, size, slot, max_lines)
+        if wrapped:
+            text, step = wrapped, 1
+        elif thin or short:
+            step = max(1, math.ceil(1.1 * max(widths) / slot))
+        else:
+            rotation, step = 90, max(1, math.ceil(1.1 * line / slot))
+    if max_labels is not None:
+        step = max(step, math.ceil(n / max(1, max_labels)))
+    shown = _thinned(n, step, keep)
+    setter = ax.set_xticks if axis == "x" else ax.set_yticks
+    setter([float(i) for i in shown], [text[i] for i in shown], fontsize=size, rotation=rotation,
+           **({"ha": "center"} if axis == "x" else {}))
+
+
+def _wrap_all(fig: Any, renderer: Any, texts: Sequence[str], widths: Sequence[float], size: float | int,
+              width_px: float, max_lines: int) -> list[str]:
+    """Every text wrapped onto at most ``max_lines`` lines no wider than ``width_px``, or [] when
+    one of them cannot be (a word wider than that, or more lines needed)."""
+    out = []
+    for text, width in zip(texts, widths):
+        chars = min(len(text), int(len(text) * width_px / max(width, 1e-9)) + 1)
+        while True:
+            lines = textwrap.wrap(text, max(1, chars), break_long_words=False)
+            if chars < 1 or len(lines) > max_lines:
+                return []
+            if width <= width_px or _text_px(fig, renderer, "\n".join(lines), size)[0] <= width_px:
+                break
+            chars -= 1
+        out.append("\n".join(lines) if width > width_px else text)
+    return out
+
+
+def _thinned(n: int, step: int, keep: Sequence[int] = ()) -> list[int]:
+    """Every ``step``-th of ``range(n)`` plus ``keep``; regular ticks closer than ``step`` to a
+    kept one are dropped (their labels would collide)."""
+    kept = {i for i in keep if 0 <= i < n}
+    regular = [i for i in range(0, n, step) if all(abs(i - k) >= step for k in kept - {i})]
+    return sorted(set(regular) | kept)
 
 
 def color_for(role: str, index: int = 0) -> str:
@@ -130,7 +270,7 @@ def token_axis(ax: Axes, labels: Sequence[str], max_labels: int = 40, axis: str 
     """
     n = len(labels)
     step = max(1, -(-n // max_labels))
-    shown = sorted(set(range(0, n, step)) | {i for i in keep if 0 <= i < n})
+    shown = _thinned(n, step, keep)
     text = [_visible(labels[i]) for i in shown]
     if axis == "x":
         ax.set_xticks(shown, text, rotation=0, fontsize=8 if len(shown) > 20 else 9)

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import FigureBase
 
 from mechthink.plotting.base import new_figure
-from mechthink.plotting.style import styled
+from mechthink.plotting.style import category_axis, styled
 
 if TYPE_CHECKING:
     from mechthink.value_vectors import (
@@ -68,11 +68,12 @@ def plot_ablation_bars(
         ax: Axes to draw on (None: a new figure).
         ylabel: Axis label (default names the targets).
     """
-    fig, ax = _axes(ax, 5.0, 3.0)
+    fig, ax = _axes(ax, 5.0, 3.5)
     means = result.mean_prob()
     names = ["clean"] + [(labels or {}).get(k, k) for k in result.plans]
     colors = ["grey"] + [_PLAN_COLORS[i % len(_PLAN_COLORS)] for i in range(len(result.plans))]
-    ax.bar(names, list(means.values()), color=colors)
+    ax.bar(range(len(names)), list(means.values()), color=colors)
+    category_axis(ax, names)
     ax.set_ylabel(ylabel or f"P({', '.join(repr(t) for t in result.targets[:3])}…)")
     ax.set_title("ablating value vectors")
     return fig
