@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import einops
 import torch
@@ -82,9 +82,9 @@ __all__ = [
 ]
 
 Metric = Callable[[Tensor], Tensor]
-Method = Literal["eap", "eap-ig"]
+Method = Literal["eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs"]
 #: The estimators of :func:`edge_attribution`.
-EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig")
+EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs")
 #: Interpolation steps of EAP-IG when none are given (Hanna et al. use 5).
 DEFAULT_IG_STEPS = 5
 Baseline = Any  # "mean" | "zero" | token ids of a same-length input | Float[Tensor, "pos sender d_model"]
@@ -305,9 +305,15 @@ class _Engine:
 
         def hook(act: Tensor, hook: Any) -> Tensor:
             if self.ablate is not None and self.base is not None:
+                if self.base.shape[1] not in (1, act.shape[1]):
+                    raise ValueError(f"the baseline has {self.base.shape[1]} positions but the input has "
+                                     f"{act.shape[1]}; a corrupted input (minimal pair) must have the same length")
+                if self.ablate.shape[0] not in (1, act.shape[0]):
+                    raise ValueError(f"ablated holds {self.ablate.shape[0]} masks but the input has {act.shape[0]} "
+                                     "rows; pass one mask, or one per row")
                 cur = torch.stack([c for c in self.cur[:up] if c is not None], dim=2)
                 delta = self.base[..., :up, :].to(act.dtype) - cur
-                mask = self.ablate[:, :up, first : first + n].to(act.dtype)
+                mask = self.ablate[:, :up, first : first + n].to(act.dtype).expand(act.shape[0], -1, -1)
                 corr = einops.einsum(delta, mask, "b pos u d, b u r -> b pos r d")
                 act = act + (corr if per_head else corr[:, :, 0])
             if self.keep_inputs:  # a node of its own: the hook's input may also be the residual
@@ -400,10 +406,11 @@ def baseline_outputs(model: "ThinkingModel", tokens: Any, graph: EdgeGraph | Non
     return eng.senders().detach()
 
 
-def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline,
+def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor | None, baseline: Baseline,
               means: SenderMeans | None) -> Tensor:
-    """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row."""
-    T, n, d = row.shape[1], len(graph.senders), int(model.cfg.d_model)
+    """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row (``None``:
+    any length, checked when the model runs)."""
+    n, d = len(graph.senders), int(model.cfg.d_model)
     if isinstance(baseline, str):
         if baseline == "zero":
             return torch.zeros(1, 1, n, d, device=model.device)
@@ -414,15 +421,16 @@ def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: B
                 raise ValueError(f"means has shape {tuple(means.means.shape)}; this graph needs [{n}, {d}]")
             return means.means.to(model.device)[None, None]
         raise ValueError(f"baseline={baseline!r}; use 'mean', 'zero', token ids of a same-length input or a tensor")
+    T = None if row is None else row.shape[1]
     t = torch.as_tensor(baseline)
     if t.is_floating_point():
         t = t if t.dim() == 4 else t.unsqueeze(0)
-        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] not in (1, T) or tuple(t.shape[2:]) != (n, d):
+        if t.dim() != 4 or t.shape[0] != 1 or (T is not None and t.shape[1] not in (1, T)) or tuple(t.shape[2:]) != (n, d):
             raise ValueError(f"baseline tensor has shape {tuple(torch.as_tensor(baseline).shape)}; "
-                             f"use [pos or 1, {n}, {d}] (pos = {T})")
+                             f"use [pos or 1, {n}, {d}]" + (f" (pos = {T})" if T is not None else ""))
         return t.to(model.device)
     b = _as_row(t, model.device)
-    if b.shape[1] != T:
+    if T is not None and b.shape[1] != T:
         raise ValueError(f"baseline tokens have length {b.shape[1]} but the clean input has {T}; "
                          "a corrupted input (minimal pair) must have the same length")
     return baseline_outputs(model, b, graph)
@@ -516,8 +524,10 @@ def edge_attribution(
     means: SenderMeans | None = None,
     ig_steps: int | None = None,
     graph: EdgeGraph | None = None,
+    batch_size: int = 64,
 ) -> EdgeScores:
-    """Score every edge by EAP or EAP-IG (one sequence, or the mean over a list of them).
+    """Score every edge by EAP or one of the EAP-IG variants (one sequence, or the mean over a
+    list of them).
 
     Args:
         model: The loaded model.
@@ -527,10 +537,15 @@ def edge_attribution(
         baseline: ``"mean"`` (needs ``means``), ``"zero"``, the tokens of a same-length
             corrupted input (one per clean sequence: e.g. the minimal pairs), or sender outputs
             ``[pos or 1, sender, d_model]``.
-        method: ``"eap"`` or ``"eap-ig"``.
+        method: One of :data:`EDGE_METHODS`: ``"eap"``; ``"eap-ig"`` (the token embeddings
+            interpolated); ``"eap-ig-inputs"`` (each receiver's input interpolated on its own,
+            the rest of the model clean; ``receivers x ig_steps`` rows of forward/backward);
+            ``"eap-ig-outputs"`` (each sender's output interpolated in every receiver it
+            feeds; ``senders x ig_steps`` rows).
         means: :func:`sender_means` for ``baseline="mean"``.
-        ig_steps: Interpolation steps of EAP-IG (default 5).
+        ig_steps: Interpolation steps of the EAP-IG variants (default 5).
         graph: A prebuilt :func:`build_graph` (built if omitted).
+        batch_size: Rows per batched forward/backward of ``"eap-ig-inputs"`` / ``"-outputs"``.
 
     Returns:
         :class:`EdgeScores`.
@@ -538,8 +553,10 @@ def edge_attribution(
     if method not in EDGE_METHODS:
         raise ValueError(f"method={method!r}; use one of {EDGE_METHODS}")
     steps = DEFAULT_IG_STEPS if ig_steps is None else ig_steps
-    if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
+    if method != "eap" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"ig_steps={ig_steps!r}; use an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; use an integer >= 1")
     graph = graph or build_graph(model)
     pairs = _examples(tokens, baseline)
     total = torch.zeros(graph.edges.shape)
@@ -547,7 +564,10 @@ def edge_attribution(
     for seq, base in track(pairs, f"edge attribution ({method})") if len(pairs) > 1 else pairs:
         row = _as_row(seq, model.device)
         b = _baseline(model, graph, row, base, means)
-        s, m = _eap_one(model, graph, row, b, metric, steps if method == "eap-ig" else 0)
+        if method in ("eap", "eap-ig"):
+            s, m = _eap_one(model, graph, row, b, metric, steps if method == "eap-ig" else 0)
+        else:
+            s, m = _eap_ig_paths(model, graph, row, b, metric, steps, _ig_groups(graph, method), batch_size)
         total += s
         m_clean += m
     n = len(pairs)
@@ -557,7 +577,7 @@ def edge_attribution(
 
 def _eap_one(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric,
              ig_steps: int) -> tuple[Tensor, float]:
-    """EAP (``ig_steps=0``) or EAP-IG scores ``[sender, receiver]`` of one sequence."""
+    """EAP (``ig_steps=0``) or EAP-IG (embeddings) scores ``[sender, receiver]`` of one sequence."""
     eng = _Engine(model, graph, keep_inputs=True)
     with torch.inference_mode(False), torch.enable_grad():
         logits = eng.run(row)
@@ -577,15 +597,87 @@ def _eap_one(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor
     return scores, float(m.detach()[0])
 
 
+def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:
+    """The edges interpolated together by an EAP-IG path variant, one mask per group: a
+    receiver's column (``"eap-ig-inputs"``) or a sender's row (``"eap-ig-outputs"``). The same
+    mask names the edges the group's gradients score."""
+    e = graph.edges
+    if method == "eap-ig-inputs":
+        return torch.stack([e * (torch.arange(e.shape[1]) == v) for v in range(e.shape[1])])
+    return torch.stack([e * (torch.arange(e.shape[0]) == u)[:, None] for u in range(e.shape[0]) if e[u].any()])
+
+
+def _eap_ig_paths(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric, steps: int,
+                  groups: Tensor, batch_size: int) -> tuple[Tensor, float]:
+    """EAP-IG along edge-wise paths: for each group (a ``[sender, receiver]`` edge mask) the
+    group's edges carry ``α · baseline + (1 − α) · clean`` of their senders (``α = (k + ½)/n``,
+    every other edge clean, the model recomputed); its edges are scored by the mean gradient at
+    their receiver along that path: ``Σ_pos (a_u^base − a_u^clean) · mean_α ∂m/∂x_v``.
+
+    Summed over a group, the scores are the integrated gradient of the group's path, so they add
+    up to exact patching of all the group's edges at once (to the midpoint rule's error)."""
+    clean = baseline_outputs(model, row, graph)
+    with torch.no_grad():
+        m_clean = float(_per_row(metric, _Engine(model, graph).run(row))[0])
+    delta = (base[0] - clean[0]).expand_as(clean[0]).float()
+    alpha = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    rows = einops.rearrange(groups.float()[:, None] * alpha[None, :, None, None], "g n u r -> (g n) u r")
+    which = einops.repeat(torch.arange(groups.shape[0]), "g -> (g n)", n=steps)
+    scores = torch.zeros(graph.edges.shape)
+    for c0 in range(0, rows.shape[0], batch_size):
+        chunk = rows[c0 : c0 + batch_size].to(model.device)
+        eng = _Engine(model, graph, base=base, ablate=chunk, keep_inputs=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            m = _per_row(metric, eng.run(row.expand(chunk.shape[0], -1)))
+            g = eng.receiver_grads(m.sum()).float()
+        per_row = einops.einsum(delta, g, "pos u d, b pos r d -> b u r").detach().cpu()
+        scores += (per_row * groups[which[c0 : c0 + batch_size]]).sum(0) / steps
+    return scores, m_clean
+
+
 # --------------------------------------------------------------------------- exact patching
 @contextmanager
-def ablate_edges(model: "ThinkingModel", ablated: Tensor, base: Tensor, graph: EdgeGraph | None = None) -> Iterator[_Engine]:
-    """Context manager: while active, forwards through :func:`run_with_ablated_edges` use the
-    given ablation (kept for symmetry with the other interventions; hooks never outlive it)."""
+def ablate_edges(
+    model: "ThinkingModel",
+    ablated: Bool[Tensor, "sender receiver"] | Bool[Tensor, "batch sender receiver"],
+    baseline: Baseline = "mean",
+    means: SenderMeans | None = None,
+    graph: EdgeGraph | None = None,
+) -> Iterator[EdgeGraph]:
+    """Context manager: every forward of ``model.bridge`` inside it runs with the ``ablated``
+    edges carrying the baseline (every other edge clean); yields the graph.
+
+    Args:
+        ablated: ``[sender, receiver]`` (every row of a batch) or ``[batch, sender, receiver]``
+            (one mask per row).
+        baseline: As in :func:`edge_attribution`; corrupted tokens must match the length of
+            the inputs run inside the block.
+        means: :func:`sender_means` for ``baseline="mean"``.
+        graph: A prebuilt :func:`build_graph`.
+
+    The hooks and the bridge's edge flags are removed/restored on exit, also when the block
+    raises. With no edge ablated nothing is installed (the clean run, bit for bit); otherwise the
+    split q/k/v inputs make clean edges differ from a plain forward by float rounding (~1e-6).
+    """
     graph = graph or build_graph(model)
-    eng = _Engine(model, graph, base=base, ablate=ablated)
+    a = _ablation_masks(graph, ablated)
+    base = _baseline(model, graph, None, baseline, means)
+    if not a.any():
+        yield graph
+        return
+    eng = _Engine(model, graph, base=base, ablate=a.float().to(model.device))
     with _edge_mode(model), model.bridge.hooks(fwd_hooks=eng.hooks()):
-        yield eng
+        yield graph
+
+
+def _ablation_masks(graph: EdgeGraph, ablated: Tensor) -> Bool[Tensor, "batch sender receiver"]:
+    """``ablated`` as ``[batch, sender, receiver]`` edges of the graph (one-line error otherwise)."""
+    a = torch.as_tensor(ablated)
+    a = a if a.dim() == 3 else a.unsqueeze(0)
+    if a.dim() != 3 or tuple(a.shape[1:]) != tuple(graph.edges.shape):
+        raise ValueError(f"ablated has shape {tuple(torch.as_tensor(ablated).shape)}; use [{len(graph.senders)}, "
+                         f"{len(graph.receivers)}] (or with a leading batch axis)")
+    return a.bool() & graph.edges
 
 
 def run_with_ablated_edges(
@@ -602,12 +694,9 @@ def run_with_ablated_edges(
     """
     graph = graph or build_graph(model)
     row = _as_row(tokens, model.device)
-    a = ablated if ablated.dim() == 3 else ablated.unsqueeze(0)
-    if tuple(a.shape[1:]) != tuple(graph.edges.shape):
-        raise ValueError(f"ablated has shape {tuple(ablated.shape)}; use [{len(graph.senders)}, {len(graph.receivers)}]"
-                         " (or with a leading batch axis)")
+    a = _ablation_masks(graph, ablated)
     base = _baseline(model, graph, row, baseline, means)
-    eng = _Engine(model, graph, base=base, ablate=(a & graph.edges).float().to(model.device))
+    eng = _Engine(model, graph, base=base, ablate=a.float().to(model.device))
     with torch.no_grad():
         return eng.run(row.expand(a.shape[0], -1))
 
