@@ -17,7 +17,7 @@ import time
 import torch
 
 import mechthink as mt
-from mechthink import attribution, circuits, stats
+from mechthink import attribution, circuits
 from mechthink.models.organism import minimal_pairs_for
 
 
@@ -35,18 +35,6 @@ def _layer_groups(graph: circuits.EdgeGraph) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _rho_ci(est: torch.Tensor, ex: torch.Tensor, keep: torch.Tensor | None, n_boot: int = 1000) -> tuple[float, float, float]:
-    """ρ of the pair means (on ``keep`` edges) and its bootstrap interval over pairs."""
-    def rho(idx: torch.Tensor) -> float:
-        a, b = est[idx].mean(0), ex[idx].mean(0)
-        return stats.spearman(a if keep is None else a[keep], b if keep is None else b[keep])
-
-    n = est.shape[0]
-    g = torch.Generator().manual_seed(0)
-    boots = sorted(rho(torch.randint(n, (n,), generator=g)) for _ in range(n_boot))
-    return rho(torch.arange(n)), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
-
-
 def main(n: int = 16, steps: int = 5, save: str | None = None) -> None:
     torch.set_num_threads(1)
     model = mt.load_model("tiny-thinker")
@@ -54,35 +42,31 @@ def main(n: int = 16, steps: int = 5, save: str | None = None) -> None:
     metric = attribution.logit_metric(-1, model.token_variants("Wait")[" Wait"])
     graph = circuits.build_graph(model)
     names = [*circuits.EDGE_METHODS, "eap-ig-inputs (per layer)"]
-    per: dict[str, list[torch.Tensor]] = {k: [] for k in [*names, "exact"]}
+    per: dict[str, list[circuits.EdgeScores]] = {k: [] for k in [*names, "exact"]}
     secs = dict.fromkeys(per, 0.0)
     for a, b in pairs:
         clean, base = a.input_ids, b.input_ids
         for name in per:
             t = time.perf_counter()
             if name == "exact":
-                s = circuits.edge_patching(model, clean, metric, base, graph=graph).values()
+                s = circuits.edge_patching(model, clean, metric, base, graph=graph)
             elif name.endswith("(per layer)"):
-                row = torch.tensor([clean])
                 bo = circuits.baseline_outputs(model, base, graph)
-                s = circuits._eap_ig_paths(model, graph, row, bo, metric, steps, _layer_groups(graph), 64)[0][graph.edges]
+                sc, m = circuits._eap_ig_paths(model, graph, torch.tensor([clean]), bo, metric, steps, _layer_groups(graph), 64)
+                s = circuits.EdgeScores(scores=sc * graph.edges, graph=graph, method=name, baseline="tokens", metric_clean=m)
             else:
-                s = circuits.edge_attribution(model, clean, metric, base, method=name, ig_steps=steps, graph=graph).values()
+                s = circuits.edge_attribution(model, clean, metric, base, method=name, ig_steps=steps, graph=graph)
             secs[name] += time.perf_counter() - t
             per[name].append(s)
-    ex = torch.stack(per["exact"])
-    big = ex.mean(0).abs() >= 0.01 * ex.mean(0).abs().max()
-    print(f"tiny-thinker, {graph.n_edges} edges, {n} minimal pairs, {steps} IG steps; "
-          f"{int(big.sum())} edges with exact |score| >= 1% of the largest")
-    print(f"{'method':28s} {'rho all edges [95% CI]':>28s} {'rho |exact|>=1% max [95% CI]':>30s} {'s/pair':>8s}")
+    print(f"tiny-thinker, {graph.n_edges} edges, {n} minimal pairs, {steps} IG steps")
+    print(f"{'method':28s} {'rho all edges [95% CI]':>26s} {'rho |exact|>=1% max [95% CI]':>32s} {'s/pair':>8s}")
     for name in names:
-        est = torch.stack(per[name])
-        r, lo, hi = _rho_ci(est, ex, None)
-        rb, lob, hib = _rho_ci(est, ex, big)
-        print(f"{name:28s} {r:8.3f} [{lo:6.3f}, {hi:6.3f}]       {rb:8.3f} [{lob:6.3f}, {hib:6.3f}] {secs[name] / n:8.2f}")
-    print(f"{'exact':28s} {'':58s} {secs['exact'] / n:8.2f}")
+        r = circuits.rank_agreement(per[name], per["exact"])
+        print(f"{name:28s} {r.rho:8.3f} [{r.ci[0]:6.3f}, {r.ci[1]:6.3f}]     {r.rho_large:8.3f} [{r.ci_large[0]:6.3f}, "
+              f"{r.ci_large[1]:6.3f}] ({r.n_large:3d} edges) {secs[name] / n:8.2f}")
+    print(f"{'exact':28s} {'':68s} {secs['exact'] / n:8.2f}")
     if save:
-        torch.save(per, save)
+        torch.save({k: [e.scores for e in v] for k, v in per.items()}, save)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import einops
 import torch
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from mechthink.attribution import _as_row, _per_row
 from mechthink.progress import track
-from mechthink.results import Result
+from mechthink.results import FlatResult, Result
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +66,7 @@ __all__ = [
     "EdgeGraph",
     "EdgeScores",
     "FaithfulnessCurve",
+    "RankAgreement",
     "SenderMeans",
     "ablate_edges",
     "attention_mass",
@@ -74,8 +75,11 @@ __all__ = [
     "edge_attribution",
     "edge_patching",
     "faithfulness",
+    "mean_scores",
     "prune",
+    "query_attention",
     "random_circuit",
+    "rank_agreement",
     "run_with_ablated_edges",
     "sender_means",
     "token_probability",
@@ -509,6 +513,23 @@ class EdgeScores(Result):
         return plot_circuit_graph(self.graph, self, ax=ax)
 
 
+def mean_scores(parts: Sequence[EdgeScores]) -> EdgeScores:
+    """The mean of scores of disjoint sets of sequences (same graph and method), weighted by
+    their ``n_samples``: scoring pairs in parts (e.g. some one by one) gives the scores of all."""
+    if not parts:
+        raise ValueError("parts is empty; pass at least one EdgeScores")
+    if len({p.method for p in parts}) != 1 or any(p.graph is not parts[0].graph for p in parts):
+        raise ValueError("parts mix methods or graphs; pass scores of one method on one graph")
+    n = sum(p.n_samples for p in parts)
+
+    def avg(name: str) -> float:
+        return sum(getattr(p, name) * p.n_samples for p in parts) / n
+
+    return EdgeScores(scores=sum(p.scores * p.n_samples for p in parts) / n, graph=parts[0].graph, method=parts[0].method,
+                      baseline=parts[0].baseline, metric_clean=avg("metric_clean"), metric_ablated=avg("metric_ablated"),
+                      n_samples=n, scored=parts[0].scored)
+
+
 def _label(baseline: Baseline) -> str:
     if isinstance(baseline, str):
         return baseline
@@ -757,6 +778,69 @@ def edge_patching(
                       metric_ablated=m_abl / n, n_samples=n, scored=want.clone())
 
 
+@dataclass
+class RankAgreement(FlatResult):
+    """Spearman ρ between an estimator's edge scores and exact edge patching, over pairs.
+
+    Attributes:
+        rho: ρ of the pair-averaged scores over every scored edge.
+        ci: 95% percentile bootstrap interval of ``rho`` over pairs (pairs resampled with
+            replacement, scores re-averaged, ρ recomputed).
+        rho_large: ρ over the edges whose exact ``|score|`` is at least ``min_fraction`` of the
+            largest (most edges have ~0 effect; their ranks are noise).
+        ci_large: The bootstrap interval of ``rho_large`` (the edge set fixed).
+        n_large: Edges in that set.
+        n_edges: Edges compared.
+        n_pairs: Pairs.
+        min_fraction: The fraction defining the large edges.
+    """
+
+    plotted_by: ClassVar[str] = "the analysis JSON (spearman_vs_exact)"
+
+    rho: float
+    ci: tuple[float, float]
+    rho_large: float
+    ci_large: tuple[float, float]
+    n_large: int
+    n_edges: int
+    n_pairs: int
+    min_fraction: float = 0.01
+
+
+def rank_agreement(estimates: Sequence[EdgeScores], exact: Sequence[EdgeScores], min_fraction: float = 0.01,
+                   n_boot: int = 1000, seed: int = 0) -> RankAgreement:
+    """Spearman ρ of per-pair estimates (one :class:`EdgeScores` per pair) against exact edge
+    patching of the same pairs, with bootstrap intervals over pairs (:class:`RankAgreement`)."""
+    from mechthink import stats
+
+    if len(estimates) != len(exact) or not estimates:
+        raise ValueError(f"estimates has {len(estimates)} pairs and exact {len(exact)}; pass the same pairs (>= 1)")
+    mask = exact[0].mask
+    est = torch.stack([e.scores[mask] for e in estimates])
+    ex = torch.stack([e.scores[mask] for e in exact])
+    ref = ex.mean(0).abs()
+    large = ref >= min_fraction * ref.max()
+
+    def rho(idx: Tensor, keep: Tensor | None) -> float:
+        a, b = est[idx].mean(0), ex[idx].mean(0)
+        return stats.spearman(a, b) if keep is None else stats.spearman(a[keep], b[keep])
+
+    n = est.shape[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    draws = [torch.randint(n, (n,), generator=gen) for _ in range(n_boot)]
+
+    def interval(keep: Tensor | None) -> tuple[float, float]:
+        boots = sorted(v for v in (rho(d, keep) for d in draws) if not math.isnan(v))
+        if not boots:
+            return (float("nan"), float("nan"))
+        lo, hi = max(round(0.025 * len(boots)) - 1, 0), max(round(0.975 * len(boots)) - 1, 0)
+        return boots[lo], boots[hi]
+
+    every = torch.arange(n)
+    return RankAgreement(rho=rho(every, None), ci=interval(None), rho_large=rho(every, large), ci_large=interval(large),
+                         n_large=int(large.sum()), n_edges=int(mask.sum()), n_pairs=n, min_fraction=min_fraction)
+
+
 # ------------------------------------------------------------------------------------ circuits
 @dataclass
 class Circuit(Result):
@@ -812,6 +896,17 @@ class Circuit(Result):
         from mechthink.plotting.circuits import plot_circuit_graph
 
         return plot_circuit_graph(self.graph, self.scores, ax=ax, circuit=self)
+
+    def to_html(self, path: Any, str_tokens: Sequence[str] | None = None,
+                attention: Float[Tensor, "layer head pos"] | None = None, title: str | None = None) -> Any:
+        """Write a self-contained interactive HTML view (inline SVG and script, no network):
+        the circuit on the graph with a tooltip per node and edge and, given ``str_tokens`` and
+        ``attention`` (:func:`query_attention`), the attention of the head under the pointer
+        over the tokens. Returns the path.
+        """
+        from mechthink.plotting.circuits import save_circuit_html
+
+        return save_circuit_html(path, self, str_tokens, attention, title)
 
 
 def _on_paths(graph: EdgeGraph, chosen: Tensor) -> Tensor:
@@ -1002,6 +1097,18 @@ def token_probability(
         logits = run_with_ablated_edges(model, seq, ablated, b, means=means, graph=graph)
         out.append(logits[:, -1].float().softmax(-1)[:, ids.to(logits.device)].sum(-1).cpu())
     return torch.stack(out)
+
+
+def query_attention(model: "ThinkingModel", tokens: Any, position: int = -1) -> Float[Tensor, "layer head pos"]:
+    """Every head's attention from ``position`` (the query) over the tokens of one sequence."""
+    from mechthink.hooks import gather, hook_name
+
+    seq = _as_row(tokens, torch.device("cpu"))[0].tolist()
+    if not -len(seq) <= position < len(seq):
+        raise ValueError(f"position={position}; use -{len(seq)}..{len(seq) - 1} for a sequence of {len(seq)} tokens")
+    names = [hook_name(L, "pattern") for L in range(int(model.cfg.n_layers))]
+    cache = gather(model, [seq], names, positions=position)
+    return torch.stack([cache.per_sequence(n)[0][:, -1] for n in names]).float()
 
 
 def attention_mass(

@@ -147,6 +147,55 @@ def test_bad_input(tiny_loaded):
         C.edge_attribution(model, clean, metric, "zero", method="acdc", graph=g)
     with pytest.raises(ValueError, match="ks="):
         C.faithfulness(model, clean, metric, eap, corrupt, ks=[0, 3])
+    cases = {  # each a one-line ValueError naming the argument
+        "k=-1": lambda: C.prune(eap, k=-1),
+        "no selected edge lies on a path": lambda: C.prune(eap, threshold=1e9),
+        "ablated has shape": lambda: C.run_with_ablated_edges(model, clean, g.edges[:, :-1], corrupt, graph=g),
+        "edges selects no edge": lambda: C.edge_patching(model, clean, metric, corrupt, edges=torch.zeros_like(g.edges), graph=g),
+        "baseline has 1 sequences for 2": lambda: C.edge_attribution(model, [clean, clean], metric, [corrupt], graph=g),
+        "baseline tokens have length": lambda: C.edge_patching(model, clean, metric, corrupt[:-2], graph=g),
+        "ig_steps=0": lambda: C.edge_attribution(model, clean, metric, corrupt, method="eap-ig-inputs", ig_steps=0, graph=g),
+        "batch_size=0": lambda: C.edge_attribution(model, clean, metric, corrupt, batch_size=0, graph=g),
+        "n_edges=0": lambda: C.random_circuit(g, 0),
+        "position=": lambda: C.query_attention(model, clean, position=len(clean)),
+        "parts mix methods": lambda: C.mean_scores([eap, C.EdgeScores(eap.scores, g, "exact", "x", 0.0)]),
+        "estimates has 1 pairs and exact 0": lambda: C.rank_agreement([eap], []),
+    }
+    for needle, call in cases.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        assert needle in str(err.value) and "\n" not in str(err.value), (needle, str(err.value))
+
+
+def test_analysis_config_checks_methods():
+    from analyses import circuits as an
+
+    with pytest.raises(ValueError, match="methods"):
+        an.Config(methods="eap,acdc")
+    with pytest.raises(ValueError, match="circuit_method"):
+        an.Config(methods="eap", circuit_method="eap-ig-inputs")
+    assert an.Config(methods="eap", circuit_method="eap").circuit_method == "eap"
+
+
+def test_mean_scores_and_rank_agreement(tiny_loaded):
+    """Scores of pairs scored apart and averaged = scored together; rho of exact against itself is 1."""
+    model = tiny_loaded("Qwen2ForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    other, other_base = clean.clone(), corrupt.clone()
+    other[1], other_base[1] = 77, 78
+    g = C.build_graph(model)
+    both = C.edge_attribution(model, [clean, other], metric, [corrupt, other_base], graph=g)
+    parts = [C.edge_attribution(model, s, metric, b, graph=g) for s, b in ((clean, corrupt), (other, other_base))]
+    mean = C.mean_scores(parts)
+    torch.testing.assert_close(mean.scores, both.scores, atol=1e-6, rtol=1e-5)
+    assert mean.n_samples == 2 and mean.metric_clean == pytest.approx(both.metric_clean, abs=1e-6)
+    exact = [C.edge_patching(model, s, metric, b, graph=g) for s, b in ((clean, corrupt), (other, other_base))]
+    same = C.rank_agreement(exact, exact, n_boot=50)
+    assert same.rho == pytest.approx(1.0) and same.ci == pytest.approx((1.0, 1.0)) and same.rho_large == pytest.approx(1.0)
+    r = C.rank_agreement(parts, exact, n_boot=50)
+    assert r.ci[0] <= r.rho <= r.ci[1] or r.ci[0] <= r.ci[1]
+    assert 0 < r.n_large <= r.n_edges == g.n_edges and r.n_pairs == 2
+    assert list(r.to_frame()["rho"]) == [r.rho]
 
 
 def test_plots_pass_layout_check(tiny_loaded):
@@ -260,3 +309,70 @@ def test_eap_ig_paths_add_up_to_exact_patching(tiny_loaded, arch, method):
     tol = 0.02 * exact.abs().max()
     assert (got - exact).abs().max() < tol, (got, exact)
     assert (first - exact).abs().max() > 2 * (got - exact).abs().max()  # the path integral is what helps
+
+
+HOSTILE_TOKEN = "</script><script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
+
+
+def test_circuit_html_view(tiny_loaded, tmp_path):
+    """The HTML view is self-contained (no URL anywhere it could load from), draws every node and
+    edge of the circuit, keeps hostile tokens as text, and its script shows a head's attention."""
+    import json
+    from html.parser import HTMLParser
+
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    g = C.build_graph(model)
+    circ = C.prune(C.edge_attribution(model, clean, metric, corrupt, graph=g), k=15)
+    att = C.query_attention(model, clean)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(clean[None], names_filter=["blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(att[1], cache["blocks.1.attn.hook_pattern"][0, :, -1], atol=1e-6, rtol=0)
+    toks = model.to_str_tokens(clean)
+    toks[2] = HOSTILE_TOKEN
+    path = circ.to_html(tmp_path / "c.html", toks, att, title="<b>bold</b>")
+    page = path.read_text()
+
+    class Tags(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[tuple[str, dict]] = []
+            self.scripts: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+        def handle_data(self, data):
+            if self.lasttag == "script":
+                self.scripts.append(data)
+
+    p = Tags()
+    p.feed(page)
+    names = {t for t, _ in p.tags}
+    assert "img" not in names and "link" not in names and "iframe" not in names
+    for tag, attrs in p.tags:
+        assert not {"src", "href", "xlink:href", "onerror", "onload"} & set(attrs), (tag, attrs)
+    assert "http:" not in page and "https:" not in page and "//" not in page.replace("://", "")
+    assert "</script><script>document" not in page and "<b>bold" not in page
+    assert [t for t, a in p.tags if t == "script"] == ["script", "script"]
+    drawn = {a["data-node"] for t, a in p.tags if "data-node" in a}
+    used = {g.senders[u] for u, _ in circ.edges.nonzero().tolist()}
+    used |= {g.senders[n] if n >= 0 else "logits" for _, v in circ.edges.nonzero().tolist() for n in (g.receiver_nodes(v) or [-1])}
+    assert used <= drawn and len(drawn) == len(g.senders) + 1
+    assert sum(1 for t, a in p.tags if a.get("class") == "edge") == circ.n_edges
+    off = {a["data-node"] for t, a in p.tags if a.get("class") == "node off"}
+    assert not (used & off) and off == drawn - used
+    data = json.loads(next(s for s in p.scripts if s.lstrip().startswith("{")))
+    assert data["tokens"][2] == HOSTILE_TOKEN and len(data["attention"]) == g.n_layers * g.n_heads
+    assert data["first"] == f"L{circ.heads[0][0]}H{circ.heads[0][1]}"
+    with pytest.raises(ValueError, match="both str_tokens and attention"):
+        circ.to_html(tmp_path / "x.html", toks)
+    with pytest.raises(ValueError, match="attention has shape"):
+        circ.to_html(tmp_path / "x.html", toks, att[:, :, :-1])
+    from test_report import _render
+
+    dom = _render(path)  # skips without chromium
+    assert 'data-ready="1"' in dom and "PWNED" not in dom.split("<title>")[1].split("</title>")[0]
+    tokens_div = dom.split('id="tokens"')[1].split("</div>")[0]
+    assert tokens_div.count("<span") == len(toks) and "&lt;/script&gt;&lt;script&gt;document" in tokens_div
+    assert "<img" not in dom
