@@ -235,6 +235,8 @@ def test_analysis_on_tiny_thinker(tmp_path):
     assert "circuits" in REGISTRY
     nums = an.main(an.Config(n_pairs=4, n_exact=1, n_random=2, out=str(tmp_path)))
     assert (tmp_path / "circuits" / "tiny-thinker.png").exists()
+    page = (tmp_path / "circuits" / nums["html_view"]).read_text()
+    assert all(f'data-node="{h}"' in page for h in nums["circuit_heads"]) and "http" not in page
     assert nums["p_backtrack_clean"] > 0.5 and nums["n_edges_graph"] == 479
     assert set(nums["spearman_vs_exact"]) == set(C.EDGE_METHODS)
 
