@@ -19,6 +19,14 @@ Edge scores (``score = m(patched) − m(clean)``, patching the edge to a baselin
   "Have Faith in Faithfulness"): the gradient is averaged over ``ig_steps`` interpolations of the
   token embeddings between the baseline and the clean input (midpoints ``α = (k + ½)/n``), all
   steps as the rows of one batched forward/backward.
+* ``"eap-ig-inputs"``: integrated gradients along each receiver's own input: receiver ``v``
+  alone reads ``x_v + α Σ_u (a_u^base − a_u^clean)`` (every other receiver clean, the model
+  downstream recomputed) and its edges are scored with the mean gradient along that path.
+* ``"eap-ig-outputs"``: the same along each sender's output (``a_u`` replaced by
+  ``α a_u^base + (1 − α) a_u^clean`` in every receiver it feeds), the activation variant of the
+  public repository hannamw/EAP-IG (there a layer at a time; Marks et al. 2024, "Sparse Feature
+  Circuits", integrate a node's gradient the same way). Both path variants are complete: summed
+  over a receiver's (a sender's) edges they give exact patching of all those edges together.
 * :func:`edge_patching`: exact edge patching, the reference: the receiver gets
   ``x_v + (a_u^base − a_u^clean)`` (only that receiver, everything else recomputed), one row of a
   batched forward per edge.
