@@ -1,4 +1,4 @@
-"""EAP / EAP-IG / exact edge patching cost against one plain forward + backward (tiny-thinker).
+"""EAP / the EAP-IG variants / exact edge patching cost against one plain forward + backward (tiny-thinker).
 
     python benchmarks/bench_circuits.py [n_pairs]
 
@@ -40,12 +40,13 @@ def main(n: int = 5) -> None:
     plain = timed(fwd_bwd)
     rows = {
         "eap": timed(lambda: circuits.edge_attribution(model, clean, metric, base, graph=graph)),
-        "eap-ig (5 steps)": timed(lambda: circuits.edge_attribution(model, clean, metric, base, method="eap-ig", graph=graph)),
+        **{f"{m} (5 steps)": timed(lambda m=m: circuits.edge_attribution(model, clean, metric, base, method=m, graph=graph))
+           for m in circuits.EDGE_METHODS if m != "eap"},
         "exact edge patching": timed(lambda: circuits.edge_patching(model, clean, metric, base, graph=graph)),
     }
     print(f"tiny-thinker, {graph.n_edges} edges, {n} sequences; plain forward+backward {plain * 1e3:.1f} ms/seq")
     for name, t in rows.items():
-        print(f"{name:22s} {t * 1e3:9.1f} ms/seq  = {t / plain:7.1f} x forward+backward")
+        print(f"{name:26s} {t * 1e3:9.1f} ms/seq  = {t / plain:7.1f} x forward+backward")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ Edge scores (``score = m(patched) − m(clean)``, patching the edge to a baselin
   "Have Faith in Faithfulness"): the gradient is averaged over ``ig_steps`` interpolations of the
   token embeddings between the baseline and the clean input (midpoints ``α = (k + ½)/n``), all
   steps as the rows of one batched forward/backward.
+* ``"eap-ig-inputs"``: integrated gradients along each receiver's own input: receiver ``v``
+  alone reads ``x_v + α Σ_u (a_u^base − a_u^clean)`` (every other receiver clean, the model
+  downstream recomputed) and its edges are scored with the mean gradient along that path.
+* ``"eap-ig-outputs"``: the same along each sender's output (``a_u`` replaced by
+  ``α a_u^base + (1 − α) a_u^clean`` in every receiver it feeds), the activation variant of the
+  public repository hannamw/EAP-IG (there a layer at a time; Marks et al. 2024, "Sparse Feature
+  Circuits", integrate a node's gradient the same way). Both path variants are complete: summed
+  over a receiver's (a sender's) edges they give exact patching of all those edges together.
 * :func:`edge_patching`: exact edge patching, the reference: the receiver gets
   ``x_v + (a_u^base − a_u^clean)`` (only that receiver, everything else recomputed), one row of a
   batched forward per edge.
@@ -41,10 +49,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import einops
 import torch
@@ -53,7 +61,7 @@ from torch import Tensor
 
 from mechthink.attribution import _as_row, _per_row
 from mechthink.progress import track
-from mechthink.results import Result
+from mechthink.results import FlatResult, Result
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +74,7 @@ __all__ = [
     "EdgeGraph",
     "EdgeScores",
     "FaithfulnessCurve",
+    "RankAgreement",
     "SenderMeans",
     "ablate_edges",
     "attention_mass",
@@ -74,17 +83,20 @@ __all__ = [
     "edge_attribution",
     "edge_patching",
     "faithfulness",
+    "mean_scores",
     "prune",
+    "query_attention",
     "random_circuit",
+    "rank_agreement",
     "run_with_ablated_edges",
     "sender_means",
     "token_probability",
 ]
 
 Metric = Callable[[Tensor], Tensor]
-Method = Literal["eap", "eap-ig"]
+Method = Literal["eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs"]
 #: The estimators of :func:`edge_attribution`.
-EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig")
+EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs")
 #: Interpolation steps of EAP-IG when none are given (Hanna et al. use 5).
 DEFAULT_IG_STEPS = 5
 Baseline = Any  # "mean" | "zero" | token ids of a same-length input | Float[Tensor, "pos sender d_model"]
@@ -305,9 +317,15 @@ class _Engine:
 
         def hook(act: Tensor, hook: Any) -> Tensor:
             if self.ablate is not None and self.base is not None:
+                if self.base.shape[1] not in (1, act.shape[1]):
+                    raise ValueError(f"the baseline has {self.base.shape[1]} positions but the input has "
+                                     f"{act.shape[1]}; a corrupted input (minimal pair) must have the same length")
+                if self.ablate.shape[0] not in (1, act.shape[0]):
+                    raise ValueError(f"ablated holds {self.ablate.shape[0]} masks but the input has {act.shape[0]} "
+                                     "rows; pass one mask, or one per row")
                 cur = torch.stack([c for c in self.cur[:up] if c is not None], dim=2)
                 delta = self.base[..., :up, :].to(act.dtype) - cur
-                mask = self.ablate[:, :up, first : first + n].to(act.dtype)
+                mask = self.ablate[:, :up, first : first + n].to(act.dtype).expand(act.shape[0], -1, -1)
                 corr = einops.einsum(delta, mask, "b pos u d, b u r -> b pos r d")
                 act = act + (corr if per_head else corr[:, :, 0])
             if self.keep_inputs:  # a node of its own: the hook's input may also be the residual
@@ -400,10 +418,11 @@ def baseline_outputs(model: "ThinkingModel", tokens: Any, graph: EdgeGraph | Non
     return eng.senders().detach()
 
 
-def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline,
+def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor | None, baseline: Baseline,
               means: SenderMeans | None) -> Tensor:
-    """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row."""
-    T, n, d = row.shape[1], len(graph.senders), int(model.cfg.d_model)
+    """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row (``None``:
+    any length, checked when the model runs)."""
+    n, d = len(graph.senders), int(model.cfg.d_model)
     if isinstance(baseline, str):
         if baseline == "zero":
             return torch.zeros(1, 1, n, d, device=model.device)
@@ -414,15 +433,16 @@ def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: B
                 raise ValueError(f"means has shape {tuple(means.means.shape)}; this graph needs [{n}, {d}]")
             return means.means.to(model.device)[None, None]
         raise ValueError(f"baseline={baseline!r}; use 'mean', 'zero', token ids of a same-length input or a tensor")
+    T = None if row is None else row.shape[1]
     t = torch.as_tensor(baseline)
     if t.is_floating_point():
         t = t if t.dim() == 4 else t.unsqueeze(0)
-        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] not in (1, T) or tuple(t.shape[2:]) != (n, d):
+        if t.dim() != 4 or t.shape[0] != 1 or (T is not None and t.shape[1] not in (1, T)) or tuple(t.shape[2:]) != (n, d):
             raise ValueError(f"baseline tensor has shape {tuple(torch.as_tensor(baseline).shape)}; "
-                             f"use [pos or 1, {n}, {d}] (pos = {T})")
+                             f"use [pos or 1, {n}, {d}]" + (f" (pos = {T})" if T is not None else ""))
         return t.to(model.device)
     b = _as_row(t, model.device)
-    if b.shape[1] != T:
+    if T is not None and b.shape[1] != T:
         raise ValueError(f"baseline tokens have length {b.shape[1]} but the clean input has {T}; "
                          "a corrupted input (minimal pair) must have the same length")
     return baseline_outputs(model, b, graph)
@@ -501,6 +521,23 @@ class EdgeScores(Result):
         return plot_circuit_graph(self.graph, self, ax=ax)
 
 
+def mean_scores(parts: Sequence[EdgeScores]) -> EdgeScores:
+    """The mean of scores of disjoint sets of sequences (same graph and method), weighted by
+    their ``n_samples``: scoring pairs in parts (e.g. some one by one) gives the scores of all."""
+    if not parts:
+        raise ValueError("parts is empty; pass at least one EdgeScores")
+    if len({p.method for p in parts}) != 1 or any(p.graph is not parts[0].graph for p in parts):
+        raise ValueError("parts mix methods or graphs; pass scores of one method on one graph")
+    n = sum(p.n_samples for p in parts)
+
+    def avg(name: str) -> float:
+        return sum(getattr(p, name) * p.n_samples for p in parts) / n
+
+    return EdgeScores(scores=sum(p.scores * p.n_samples for p in parts) / n, graph=parts[0].graph, method=parts[0].method,
+                      baseline=parts[0].baseline, metric_clean=avg("metric_clean"), metric_ablated=avg("metric_ablated"),
+                      n_samples=n, scored=parts[0].scored)
+
+
 def _label(baseline: Baseline) -> str:
     if isinstance(baseline, str):
         return baseline
@@ -516,8 +553,10 @@ def edge_attribution(
     means: SenderMeans | None = None,
     ig_steps: int | None = None,
     graph: EdgeGraph | None = None,
+    batch_size: int = 64,
 ) -> EdgeScores:
-    """Score every edge by EAP or EAP-IG (one sequence, or the mean over a list of them).
+    """Score every edge by EAP or one of the EAP-IG variants (one sequence, or the mean over a
+    list of them).
 
     Args:
         model: The loaded model.
@@ -527,10 +566,15 @@ def edge_attribution(
         baseline: ``"mean"`` (needs ``means``), ``"zero"``, the tokens of a same-length
             corrupted input (one per clean sequence: e.g. the minimal pairs), or sender outputs
             ``[pos or 1, sender, d_model]``.
-        method: ``"eap"`` or ``"eap-ig"``.
+        method: One of :data:`EDGE_METHODS`: ``"eap"``; ``"eap-ig"`` (the token embeddings
+            interpolated); ``"eap-ig-inputs"`` (each receiver's input interpolated on its own,
+            the rest of the model clean; ``receivers x ig_steps`` rows of forward/backward);
+            ``"eap-ig-outputs"`` (each sender's output interpolated in every receiver it
+            feeds; ``senders x ig_steps`` rows).
         means: :func:`sender_means` for ``baseline="mean"``.
-        ig_steps: Interpolation steps of EAP-IG (default 5).
+        ig_steps: Interpolation steps of the EAP-IG variants (default 5).
         graph: A prebuilt :func:`build_graph` (built if omitted).
+        batch_size: Rows per batched forward/backward of ``"eap-ig-inputs"`` / ``"-outputs"``.
 
     Returns:
         :class:`EdgeScores`.
@@ -538,8 +582,10 @@ def edge_attribution(
     if method not in EDGE_METHODS:
         raise ValueError(f"method={method!r}; use one of {EDGE_METHODS}")
     steps = DEFAULT_IG_STEPS if ig_steps is None else ig_steps
-    if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
+    if method != "eap" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"ig_steps={ig_steps!r}; use an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; use an integer >= 1")
     graph = graph or build_graph(model)
     pairs = _examples(tokens, baseline)
     total = torch.zeros(graph.edges.shape)
@@ -547,7 +593,10 @@ def edge_attribution(
     for seq, base in track(pairs, f"edge attribution ({method})") if len(pairs) > 1 else pairs:
         row = _as_row(seq, model.device)
         b = _baseline(model, graph, row, base, means)
-        s, m = _eap_one(model, graph, row, b, metric, steps if method == "eap-ig" else 0)
+        if method in ("eap", "eap-ig"):
+            s, m = _eap_one(model, graph, row, b, metric, steps if method == "eap-ig" else 0)
+        else:
+            s, m = _eap_ig_paths(model, graph, row, b, metric, steps, _ig_groups(graph, method), batch_size)
         total += s
         m_clean += m
     n = len(pairs)
@@ -557,7 +606,7 @@ def edge_attribution(
 
 def _eap_one(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric,
              ig_steps: int) -> tuple[Tensor, float]:
-    """EAP (``ig_steps=0``) or EAP-IG scores ``[sender, receiver]`` of one sequence."""
+    """EAP (``ig_steps=0``) or EAP-IG (embeddings) scores ``[sender, receiver]`` of one sequence."""
     eng = _Engine(model, graph, keep_inputs=True)
     with torch.inference_mode(False), torch.enable_grad():
         logits = eng.run(row)
@@ -577,15 +626,87 @@ def _eap_one(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor
     return scores, float(m.detach()[0])
 
 
+def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:
+    """The edges interpolated together by an EAP-IG path variant, one mask per group: a
+    receiver's column (``"eap-ig-inputs"``) or a sender's row (``"eap-ig-outputs"``). The same
+    mask names the edges the group's gradients score."""
+    e = graph.edges
+    if method == "eap-ig-inputs":
+        return torch.stack([e * (torch.arange(e.shape[1]) == v) for v in range(e.shape[1])])
+    return torch.stack([e * (torch.arange(e.shape[0]) == u)[:, None] for u in range(e.shape[0]) if e[u].any()])
+
+
+def _eap_ig_paths(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric, steps: int,
+                  groups: Tensor, batch_size: int) -> tuple[Tensor, float]:
+    """EAP-IG along edge-wise paths: for each group (a ``[sender, receiver]`` edge mask) the
+    group's edges carry ``α · baseline + (1 − α) · clean`` of their senders (``α = (k + ½)/n``,
+    every other edge clean, the model recomputed); its edges are scored by the mean gradient at
+    their receiver along that path: ``Σ_pos (a_u^base − a_u^clean) · mean_α ∂m/∂x_v``.
+
+    Summed over a group, the scores are the integrated gradient of the group's path, so they add
+    up to exact patching of all the group's edges at once (to the midpoint rule's error)."""
+    clean = baseline_outputs(model, row, graph)
+    with torch.no_grad():
+        m_clean = float(_per_row(metric, _Engine(model, graph).run(row))[0])
+    delta = (base[0] - clean[0]).expand_as(clean[0]).float()
+    alpha = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    rows = einops.rearrange(groups.float()[:, None] * alpha[None, :, None, None], "g n u r -> (g n) u r")
+    which = einops.repeat(torch.arange(groups.shape[0]), "g -> (g n)", n=steps)
+    scores = torch.zeros(graph.edges.shape)
+    for c0 in range(0, rows.shape[0], batch_size):
+        chunk = rows[c0 : c0 + batch_size].to(model.device)
+        eng = _Engine(model, graph, base=base, ablate=chunk, keep_inputs=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            m = _per_row(metric, eng.run(row.expand(chunk.shape[0], -1)))
+            g = eng.receiver_grads(m.sum()).float()
+        per_row = einops.einsum(delta, g, "pos u d, b pos r d -> b u r").detach().cpu()
+        scores += (per_row * groups[which[c0 : c0 + batch_size]]).sum(0) / steps
+    return scores, m_clean
+
+
 # --------------------------------------------------------------------------- exact patching
 @contextmanager
-def ablate_edges(model: "ThinkingModel", ablated: Tensor, base: Tensor, graph: EdgeGraph | None = None) -> Iterator[_Engine]:
-    """Context manager: while active, forwards through :func:`run_with_ablated_edges` use the
-    given ablation (kept for symmetry with the other interventions; hooks never outlive it)."""
+def ablate_edges(
+    model: "ThinkingModel",
+    ablated: Bool[Tensor, "sender receiver"] | Bool[Tensor, "batch sender receiver"],
+    baseline: Baseline = "mean",
+    means: SenderMeans | None = None,
+    graph: EdgeGraph | None = None,
+) -> Iterator[EdgeGraph]:
+    """Context manager: every forward of ``model.bridge`` inside it runs with the ``ablated``
+    edges carrying the baseline (every other edge clean); yields the graph.
+
+    Args:
+        ablated: ``[sender, receiver]`` (every row of a batch) or ``[batch, sender, receiver]``
+            (one mask per row).
+        baseline: As in :func:`edge_attribution`; corrupted tokens must match the length of
+            the inputs run inside the block.
+        means: :func:`sender_means` for ``baseline="mean"``.
+        graph: A prebuilt :func:`build_graph`.
+
+    The hooks and the bridge's edge flags are removed/restored on exit, also when the block
+    raises. With no edge ablated nothing is installed (the clean run, bit for bit); otherwise the
+    split q/k/v inputs make clean edges differ from a plain forward by float rounding (~1e-6).
+    """
     graph = graph or build_graph(model)
-    eng = _Engine(model, graph, base=base, ablate=ablated)
+    a = _ablation_masks(graph, ablated)
+    base = _baseline(model, graph, None, baseline, means)
+    if not a.any():
+        yield graph
+        return
+    eng = _Engine(model, graph, base=base, ablate=a.float().to(model.device))
     with _edge_mode(model), model.bridge.hooks(fwd_hooks=eng.hooks()):
-        yield eng
+        yield graph
+
+
+def _ablation_masks(graph: EdgeGraph, ablated: Tensor) -> Bool[Tensor, "batch sender receiver"]:
+    """``ablated`` as ``[batch, sender, receiver]`` edges of the graph (one-line error otherwise)."""
+    a = torch.as_tensor(ablated)
+    a = a if a.dim() == 3 else a.unsqueeze(0)
+    if a.dim() != 3 or tuple(a.shape[1:]) != tuple(graph.edges.shape):
+        raise ValueError(f"ablated has shape {tuple(torch.as_tensor(ablated).shape)}; use [{len(graph.senders)}, "
+                         f"{len(graph.receivers)}] (or with a leading batch axis)")
+    return a.bool() & graph.edges
 
 
 def run_with_ablated_edges(
@@ -602,12 +723,9 @@ def run_with_ablated_edges(
     """
     graph = graph or build_graph(model)
     row = _as_row(tokens, model.device)
-    a = ablated if ablated.dim() == 3 else ablated.unsqueeze(0)
-    if tuple(a.shape[1:]) != tuple(graph.edges.shape):
-        raise ValueError(f"ablated has shape {tuple(ablated.shape)}; use [{len(graph.senders)}, {len(graph.receivers)}]"
-                         " (or with a leading batch axis)")
+    a = _ablation_masks(graph, ablated)
     base = _baseline(model, graph, row, baseline, means)
-    eng = _Engine(model, graph, base=base, ablate=(a & graph.edges).float().to(model.device))
+    eng = _Engine(model, graph, base=base, ablate=a.float().to(model.device))
     with torch.no_grad():
         return eng.run(row.expand(a.shape[0], -1))
 
@@ -668,6 +786,69 @@ def edge_patching(
                       metric_ablated=m_abl / n, n_samples=n, scored=want.clone())
 
 
+@dataclass
+class RankAgreement(FlatResult):
+    """Spearman ρ between an estimator's edge scores and exact edge patching, over pairs.
+
+    Attributes:
+        rho: ρ of the pair-averaged scores over every scored edge.
+        ci: 95% percentile bootstrap interval of ``rho`` over pairs (pairs resampled with
+            replacement, scores re-averaged, ρ recomputed).
+        rho_large: ρ over the edges whose exact ``|score|`` is at least ``min_fraction`` of the
+            largest (most edges have ~0 effect; their ranks are noise).
+        ci_large: The bootstrap interval of ``rho_large`` (the edge set fixed).
+        n_large: Edges in that set.
+        n_edges: Edges compared.
+        n_pairs: Pairs.
+        min_fraction: The fraction defining the large edges.
+    """
+
+    plotted_by: ClassVar[str] = "the analysis JSON (spearman_vs_exact)"
+
+    rho: float
+    ci: tuple[float, float]
+    rho_large: float
+    ci_large: tuple[float, float]
+    n_large: int
+    n_edges: int
+    n_pairs: int
+    min_fraction: float = 0.01
+
+
+def rank_agreement(estimates: Sequence[EdgeScores], exact: Sequence[EdgeScores], min_fraction: float = 0.01,
+                   n_boot: int = 1000, seed: int = 0) -> RankAgreement:
+    """Spearman ρ of per-pair estimates (one :class:`EdgeScores` per pair) against exact edge
+    patching of the same pairs, with bootstrap intervals over pairs (:class:`RankAgreement`)."""
+    from mechthink import stats
+
+    if len(estimates) != len(exact) or not estimates:
+        raise ValueError(f"estimates has {len(estimates)} pairs and exact {len(exact)}; pass the same pairs (>= 1)")
+    mask = exact[0].mask
+    est = torch.stack([e.scores[mask] for e in estimates])
+    ex = torch.stack([e.scores[mask] for e in exact])
+    ref = ex.mean(0).abs()
+    large = ref >= min_fraction * ref.max()
+
+    def rho(idx: Tensor, keep: Tensor | None) -> float:
+        a, b = est[idx].mean(0), ex[idx].mean(0)
+        return stats.spearman(a, b) if keep is None else stats.spearman(a[keep], b[keep])
+
+    n = est.shape[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    draws = [torch.randint(n, (n,), generator=gen) for _ in range(n_boot)]
+
+    def interval(keep: Tensor | None) -> tuple[float, float]:
+        boots = sorted(v for v in (rho(d, keep) for d in draws) if not math.isnan(v))
+        if not boots:
+            return (float("nan"), float("nan"))
+        lo, hi = max(round(0.025 * len(boots)) - 1, 0), max(round(0.975 * len(boots)) - 1, 0)
+        return boots[lo], boots[hi]
+
+    every = torch.arange(n)
+    return RankAgreement(rho=rho(every, None), ci=interval(None), rho_large=rho(every, large), ci_large=interval(large),
+                         n_large=int(large.sum()), n_edges=int(mask.sum()), n_pairs=n, min_fraction=min_fraction)
+
+
 # ------------------------------------------------------------------------------------ circuits
 @dataclass
 class Circuit(Result):
@@ -723,6 +904,17 @@ class Circuit(Result):
         from mechthink.plotting.circuits import plot_circuit_graph
 
         return plot_circuit_graph(self.graph, self.scores, ax=ax, circuit=self)
+
+    def to_html(self, path: Any, str_tokens: Sequence[str] | None = None,
+                attention: Float[Tensor, "layer head pos"] | None = None, title: str | None = None) -> Any:
+        """Write a self-contained interactive HTML view (inline SVG and script, no network):
+        the circuit on the graph with a tooltip per node and edge and, given ``str_tokens`` and
+        ``attention`` (:func:`query_attention`), the attention of the head under the pointer
+        over the tokens. Returns the path.
+        """
+        from mechthink.plotting.circuits import save_circuit_html
+
+        return save_circuit_html(path, self, str_tokens, attention, title)
 
 
 def _on_paths(graph: EdgeGraph, chosen: Tensor) -> Tensor:
@@ -913,6 +1105,18 @@ def token_probability(
         logits = run_with_ablated_edges(model, seq, ablated, b, means=means, graph=graph)
         out.append(logits[:, -1].float().softmax(-1)[:, ids.to(logits.device)].sum(-1).cpu())
     return torch.stack(out)
+
+
+def query_attention(model: "ThinkingModel", tokens: Any, position: int = -1) -> Float[Tensor, "layer head pos"]:
+    """Every head's attention from ``position`` (the query) over the tokens of one sequence."""
+    from mechthink.hooks import gather, hook_name
+
+    seq = _as_row(tokens, torch.device("cpu"))[0].tolist()
+    if not -len(seq) <= position < len(seq):
+        raise ValueError(f"position={position}; use -{len(seq)}..{len(seq) - 1} for a sequence of {len(seq)} tokens")
+    names = [hook_name(L, "pattern") for L in range(int(model.cfg.n_layers))]
+    cache = gather(model, [seq], names, positions=position)
+    return torch.stack([cache.per_sequence(n)[0][:, -1] for n in names]).float()
 
 
 def attention_mass(

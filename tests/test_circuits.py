@@ -147,6 +147,55 @@ def test_bad_input(tiny_loaded):
         C.edge_attribution(model, clean, metric, "zero", method="acdc", graph=g)
     with pytest.raises(ValueError, match="ks="):
         C.faithfulness(model, clean, metric, eap, corrupt, ks=[0, 3])
+    cases = {  # each a one-line ValueError naming the argument
+        "k=-1": lambda: C.prune(eap, k=-1),
+        "no selected edge lies on a path": lambda: C.prune(eap, threshold=1e9),
+        "ablated has shape": lambda: C.run_with_ablated_edges(model, clean, g.edges[:, :-1], corrupt, graph=g),
+        "edges selects no edge": lambda: C.edge_patching(model, clean, metric, corrupt, edges=torch.zeros_like(g.edges), graph=g),
+        "baseline has 1 sequences for 2": lambda: C.edge_attribution(model, [clean, clean], metric, [corrupt], graph=g),
+        "baseline tokens have length": lambda: C.edge_patching(model, clean, metric, corrupt[:-2], graph=g),
+        "ig_steps=0": lambda: C.edge_attribution(model, clean, metric, corrupt, method="eap-ig-inputs", ig_steps=0, graph=g),
+        "batch_size=0": lambda: C.edge_attribution(model, clean, metric, corrupt, batch_size=0, graph=g),
+        "n_edges=0": lambda: C.random_circuit(g, 0),
+        "position=": lambda: C.query_attention(model, clean, position=len(clean)),
+        "parts mix methods": lambda: C.mean_scores([eap, C.EdgeScores(eap.scores, g, "exact", "x", 0.0)]),
+        "estimates has 1 pairs and exact 0": lambda: C.rank_agreement([eap], []),
+    }
+    for needle, call in cases.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        assert needle in str(err.value) and "\n" not in str(err.value), (needle, str(err.value))
+
+
+def test_analysis_config_checks_methods():
+    from analyses import circuits as an
+
+    with pytest.raises(ValueError, match="methods"):
+        an.Config(methods="eap,acdc")
+    with pytest.raises(ValueError, match="circuit_method"):
+        an.Config(methods="eap", circuit_method="eap-ig-inputs")
+    assert an.Config(methods="eap", circuit_method="eap").circuit_method == "eap"
+
+
+def test_mean_scores_and_rank_agreement(tiny_loaded):
+    """Scores of pairs scored apart and averaged = scored together; rho of exact against itself is 1."""
+    model = tiny_loaded("Qwen2ForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    other, other_base = clean.clone(), corrupt.clone()
+    other[1], other_base[1] = 77, 78
+    g = C.build_graph(model)
+    both = C.edge_attribution(model, [clean, other], metric, [corrupt, other_base], graph=g)
+    parts = [C.edge_attribution(model, s, metric, b, graph=g) for s, b in ((clean, corrupt), (other, other_base))]
+    mean = C.mean_scores(parts)
+    torch.testing.assert_close(mean.scores, both.scores, atol=1e-6, rtol=1e-5)
+    assert mean.n_samples == 2 and mean.metric_clean == pytest.approx(both.metric_clean, abs=1e-6)
+    exact = [C.edge_patching(model, s, metric, b, graph=g) for s, b in ((clean, corrupt), (other, other_base))]
+    same = C.rank_agreement(exact, exact, n_boot=50)
+    assert same.rho == pytest.approx(1.0) and same.ci == pytest.approx((1.0, 1.0)) and same.rho_large == pytest.approx(1.0)
+    r = C.rank_agreement(parts, exact, n_boot=50)
+    assert r.ci[0] <= r.rho <= r.ci[1] or r.ci[0] <= r.ci[1]
+    assert 0 < r.n_large <= r.n_edges == g.n_edges and r.n_pairs == 2
+    assert list(r.to_frame()["rho"]) == [r.rho]
 
 
 def test_plots_pass_layout_check(tiny_loaded):
@@ -186,5 +235,146 @@ def test_analysis_on_tiny_thinker(tmp_path):
     assert "circuits" in REGISTRY
     nums = an.main(an.Config(n_pairs=4, n_exact=1, n_random=2, out=str(tmp_path)))
     assert (tmp_path / "circuits" / "tiny-thinker.png").exists()
+    page = (tmp_path / "circuits" / nums["html_view"]).read_text()
+    assert all(f'data-node="{h}"' in page for h in nums["circuit_heads"]) and "http" not in page
     assert nums["p_backtrack_clean"] > 0.5 and nums["n_edges_graph"] == 479
     assert set(nums["spearman_vs_exact"]) == set(C.EDGE_METHODS)
+
+
+def _hooked(model) -> int:
+    """Hook functions attached anywhere on the bridge."""
+    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.bridge.hook_dict.values())
+
+
+@pytest.mark.parametrize("arch", ("LlamaForCausalLM", "Glm4ForCausalLM"))
+def test_ablate_edges(tiny_loaded, arch):
+    """No edge ablated = the clean run bit for bit; every edge = the corrupted run; a random set
+    = run_with_ablated_edges; hooks and flags gone on exit, also when the block raises."""
+    model = tiny_loaded(arch)[0]
+    clean, corrupt, _ = _setup(model)
+    g = C.build_graph(model)
+    n_hooks = _hooked(model)
+    with torch.no_grad():
+        lc, lb = model.bridge(clean[None]), model.bridge(corrupt[None])
+        with C.ablate_edges(model, torch.zeros_like(g.edges), corrupt, graph=g) as graph:
+            assert graph is g
+            none = model.bridge(clean[None])
+        with C.ablate_edges(model, g.edges, corrupt, graph=g):
+            assert _hooked(model) > n_hooks and model.bridge.cfg.use_split_qkv_input
+            every = model.bridge(clean[None])
+        rnd = torch.stack([C.random_circuit(g, 60, seed=s) for s in range(3)])
+        with C.ablate_edges(model, rnd, corrupt, graph=g):
+            some = model.bridge(clean[None].expand(3, -1))
+    assert torch.equal(none, lc)
+    torch.testing.assert_close(every, lb, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(some, C.run_with_ablated_edges(model, clean, rnd, corrupt, graph=g), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(some[0], lc[0], atol=1e-3)  # the ablation did something
+    assert _hooked(model) == n_hooks and not model.bridge.cfg.use_split_qkv_input
+    with pytest.raises(RuntimeError, match="inside"):
+        with C.ablate_edges(model, g.edges, corrupt, graph=g):
+            raise RuntimeError("inside")
+    assert _hooked(model) == n_hooks and not model.bridge.cfg.use_attn_result and not model.bridge.cfg.use_hook_mlp_in
+    with torch.no_grad(), pytest.raises(ValueError, match="same length"):  # a hook raising also cleans up
+        with C.ablate_edges(model, g.edges, corrupt[:-1], graph=g):
+            model.bridge(clean[None])
+    with pytest.raises(ValueError, match="ablated has shape"):
+        with C.ablate_edges(model, g.edges[:-1], corrupt, graph=g):
+            pass
+    assert _hooked(model) == n_hooks and not model.bridge.cfg.use_split_qkv_input
+    with torch.no_grad():
+        assert torch.equal(model.bridge(clean[None]), lc)
+
+
+@pytest.mark.parametrize("arch", ("LlamaForCausalLM", "Glm4ForCausalLM"))
+@pytest.mark.parametrize("method", ("eap-ig-inputs", "eap-ig-outputs"))
+def test_eap_ig_paths_add_up_to_exact_patching(tiny_loaded, arch, method):
+    """Completeness: the scores of one receiver's edges (``-inputs``) or of one sender's
+    (``-outputs``) sum to exact patching of all those edges at once, for a corrupted input far
+    from the clean one (midpoint rule, 16 steps); EAP, a first-order estimate, does not."""
+    model = tiny_loaded(arch)[0]
+    clean, corrupt, metric = _setup(model)
+    g = C.build_graph(model)
+    ig = C.edge_attribution(model, clean, metric, corrupt, method=method, ig_steps=16, graph=g)
+    eap = C.edge_attribution(model, clean, metric, corrupt, graph=g)
+    if method == "eap-ig-inputs":
+        picks = [g.logits_receiver, g.receiver_slice(2, "mlp").start, g.receiver_slice(1, "q").start,
+                 g.receiver_slice(2, "k").start, g.receiver_slice(1, "v").start]
+        groups = [g.edges & (torch.arange(len(g.receivers)) == v)[None, :] for v in picks]
+    else:
+        picks = [0, g.head_sender(0, 1), g.mlp_sender(0), g.head_sender(1, 2), g.mlp_sender(2)]
+        groups = [g.edges & (torch.arange(len(g.senders)) == u)[:, None] for u in picks]
+    masks = torch.stack([torch.zeros_like(g.edges), *groups])
+    m = metric(C.run_with_ablated_edges(model, clean, masks, corrupt, graph=g))
+    exact = m[1:] - m[0]
+    got = torch.stack([ig.scores[mk].sum() for mk in groups])
+    first = torch.stack([eap.scores[mk].sum() for mk in groups])
+    tol = 0.02 * exact.abs().max()
+    assert (got - exact).abs().max() < tol, (got, exact)
+    assert (first - exact).abs().max() > 2 * (got - exact).abs().max()  # the path integral is what helps
+
+
+HOSTILE_TOKEN = "</script><script>document.title='PWNED'</script><img src=x onerror=\"document.title='PWNED'\">"
+
+
+def test_circuit_html_view(tiny_loaded, tmp_path):
+    """The HTML view is self-contained (no URL anywhere it could load from), draws every node and
+    edge of the circuit, keeps hostile tokens as text, and its script shows a head's attention."""
+    import json
+    from html.parser import HTMLParser
+
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    clean, corrupt, metric = _setup(model)
+    g = C.build_graph(model)
+    circ = C.prune(C.edge_attribution(model, clean, metric, corrupt, graph=g), k=15)
+    att = C.query_attention(model, clean)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(clean[None], names_filter=["blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(att[1], cache["blocks.1.attn.hook_pattern"][0, :, -1], atol=1e-6, rtol=0)
+    toks = model.to_str_tokens(clean)
+    toks[2] = HOSTILE_TOKEN
+    path = circ.to_html(tmp_path / "c.html", toks, att, title="<b>bold</b>")
+    page = path.read_text()
+
+    class Tags(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[tuple[str, dict]] = []
+            self.scripts: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+        def handle_data(self, data):
+            if self.lasttag == "script":
+                self.scripts.append(data)
+
+    p = Tags()
+    p.feed(page)
+    names = {t for t, _ in p.tags}
+    assert "img" not in names and "link" not in names and "iframe" not in names
+    for tag, attrs in p.tags:
+        assert not {"src", "href", "xlink:href", "onerror", "onload"} & set(attrs), (tag, attrs)
+    assert "http:" not in page and "https:" not in page and "//" not in page.replace("://", "")
+    assert "</script><script>document" not in page and "<b>bold" not in page
+    assert [t for t, a in p.tags if t == "script"] == ["script", "script"]
+    drawn = {a["data-node"] for t, a in p.tags if "data-node" in a}
+    used = {g.senders[u] for u, _ in circ.edges.nonzero().tolist()}
+    used |= {g.senders[n] if n >= 0 else "logits" for _, v in circ.edges.nonzero().tolist() for n in (g.receiver_nodes(v) or [-1])}
+    assert used <= drawn and len(drawn) == len(g.senders) + 1
+    assert sum(1 for t, a in p.tags if a.get("class") == "edge") == circ.n_edges
+    off = {a["data-node"] for t, a in p.tags if a.get("class") == "node off"}
+    assert not (used & off) and off == drawn - used
+    data = json.loads(next(s for s in p.scripts if s.lstrip().startswith("{")))
+    assert data["tokens"][2] == HOSTILE_TOKEN and len(data["attention"]) == g.n_layers * g.n_heads
+    assert data["first"] == f"L{circ.heads[0][0]}H{circ.heads[0][1]}"
+    with pytest.raises(ValueError, match="both str_tokens and attention"):
+        circ.to_html(tmp_path / "x.html", toks)
+    with pytest.raises(ValueError, match="attention has shape"):
+        circ.to_html(tmp_path / "x.html", toks, att[:, :, :-1])
+    from test_report import _render
+
+    dom = _render(path)  # skips without chromium
+    assert 'data-ready="1"' in dom and "PWNED" not in dom.split("<title>")[1].split("</title>")[0]
+    tokens_div = dom.split('id="tokens"')[1].split("</div>")[0]
+    assert tokens_div.count("<span") == len(toks) and "&lt;/script&gt;&lt;script&gt;document" in tokens_div
+    assert "<img" not in dom
