@@ -48,6 +48,10 @@ class Config(AnalysisConfig):
     """The faithfulness the smallest reported circuit keeps."""
 
     ALLOW_ZERO = ("n_exact",)
+    NO_SHARD = (
+        "its circuit is pruned from edge scores averaged over all pairs and its faithfulness curve and "
+        "ablation use that one circuit, so a shard's numbers depend on the other shards' pairs; run it unsharded"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
