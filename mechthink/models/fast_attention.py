@@ -22,7 +22,15 @@ forward does not cover (split Q/K/V inputs, ``use_attn_result``, soft-capping, a
 gated queries, training with dropout, a non-4-D mask, global module hooks, ...), runs the
 bridge's exact forward instead. Which hooks are requested is therefore decided by the hooks
 themselves: a ``gather`` of ``pattern`` at two layers runs those two layers exactly and the
-others fast. ``FastAttention.fast_calls`` / ``exact_calls`` count the layer calls of each kind.
+others fast. Attention of fewer than :data:`MIN_SCORES` queries x keys runs exact too (short
+inputs: cheap on the exact path, and their numbers stay those of the exact path bit for bit).
+``FastAttention.fast_calls`` / ``exact_calls`` / ``short_calls`` count the layer calls of each
+kind.
+
+Measured on CPU (torch 2.13, one causal layer of 9 heads x 64, forward + backward): the fused
+kernel's extra peak memory is 18 / 22 / 54 MB at 1,024 / 2,048 / 4,096 positions (linear: the
+gradients of q, k, v), against 150 / 576 / 2,304 MB for the materialised softmax; with a
+boolean mask it adds the mask itself (``q·kv`` bytes).
 
 ``output_attentions`` is not a hook and does not select the exact path (TransformerLens'
 ``run_with_cache`` sets it on every call and discards the attentions): inside the block the HF
@@ -42,7 +50,6 @@ whose hook order this reproduces.
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,7 +64,6 @@ from mechthink.models import kvcache
 
 __all__ = ["MIN_SCORES", "PATTERN_HOOKS", "FastAttention", "fast_attention", "fast_path_blockers"]
 
-log = logging.getLogger(__name__)
 
 #: Hook points of an attention component that only the exact (bridge) path fires.
 PATTERN_HOOKS: tuple[str, ...] = ("hook_attn_scores", "hook_pattern")
