@@ -237,7 +237,9 @@ class MeanActivations(Result):
         """Add samples (1-D token tensors or lists) to the running sums; returns ``self``.
 
         One forward per sample, hooks on the requested names only; memory does not grow with
-        the number of samples (progress through :func:`mechthink.progress.track`).
+        the number of samples (progress through :func:`mechthink.progress.track`). Attention
+        runs on the fused kernel where no pattern is hooked
+        (:func:`mechthink.models.fast_attention.fast_attention`; short samples run exact).
         """
         bos = model.bos_token_id
         sums = self.sums
@@ -252,7 +254,7 @@ class MeanActivations(Result):
 
         start = [0]
         seen = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_attention(model):
             for sample in track(dataset, "mean activations"):
                 if max_samples is not None and seen >= max_samples:
                     break
