@@ -1,9 +1,11 @@
 """Hooked forward vs raw HF forward on SmolLM2-135M, 256 tokens (issue 2).
 
 Hooked = ``bridge.run_with_cache`` in compatibility mode caching resid_pre, attn_out and mlp_out
-of every layer. Raw = the same HF model's forward (eager attention, which the bridge uses too;
-sdpa printed for reference). Runs are interleaved and the median of each is reported, so the
-printed ratio is measured in one run under the same machine load.
+of every layer, on the bridge's own attention and inside ``fast_attention`` (the fused SDPA
+kernel; ``min_scores=0`` so it applies at any length), and ``mechthink.hooks.gather`` of the
+same hooks. Raw = the same HF model's forward (eager attention, which the bridge's own attention
+reproduces; sdpa, which the fast path uses). Runs are interleaved and the median of each is
+reported, so the printed ratios are measured in one run under the same machine load.
 
     python benchmarks/bench_hooked_forward.py [--tokens 256] [--repeats 15] [--threads 1]
 """
@@ -26,6 +28,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mechthink as mt
+    from mechthink.hooks import gather
+    from mechthink.models.fast_attention import fast_attention
     from mechthink.models.loading import smollm2_hf_dir
     from transformers import AutoModelForCausalLM
 
@@ -39,6 +43,13 @@ def main() -> None:
     def hooked() -> None:
         model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
 
+    def hooked_fast() -> None:
+        with fast_attention(model, min_scores=0):
+            model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+
+    def gathered() -> None:
+        gather(model, tokens[0], ["resid_pre", "attn_out", "mlp_out"])
+
     def bridge_plain() -> None:
         model.bridge(tokens)
 
@@ -48,7 +59,14 @@ def main() -> None:
     def raw_sdpa() -> None:
         sdpa(tokens)
 
-    fns = {"hooked (3 hooks x 30 layers cached)": hooked, "bridge forward, no cache": bridge_plain, "HF eager": raw_eager, "HF sdpa": raw_sdpa}
+    fns = {
+        "hooked (3 hooks x 30 layers cached)": hooked,
+        "hooked, fast_attention": hooked_fast,
+        "gather (same hooks)": gathered,
+        "bridge forward, no cache": bridge_plain,
+        "HF eager": raw_eager,
+        "HF sdpa": raw_sdpa,
+    }
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
         for fn in fns.values():  # warm-up
@@ -64,6 +82,9 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:40s} {v * 1e3:8.1f} ms   ratio to HF eager {v / base:5.2f}x")
     print(f"RATIO hooked/raw_hf_eager = {med['hooked (3 hooks x 30 layers cached)'] / base:.3f} (goal <= 1.15)")
+    sdpa_t = med["HF sdpa"]
+    for k in ("hooked, fast_attention", "gather (same hooks)"):
+        print(f"RATIO {k}/raw_hf_sdpa = {med[k] / sdpa_t:.3f} (goal <= 1.2 at 2048 tokens)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 For each technique and T, a fresh worker process loads the model, warms up on 64 tokens and
 then runs the technique once on T random tokens; it reports the wall time and the extra peak
-resident memory over the warmed-up process (``ru_maxrss``, so every transient tensor counts).
+resident memory over the warmed-up process (the ``VmHWM`` high-water mark, reset after the
+warm-up through ``/proc/self/clear_refs``, so every transient tensor counts and the peak of
+loading the model does not hide them; ``ru_maxrss`` where that is unavailable).
 A worker that needs more than ``--mem-limit-gb`` of address space fails and is reported as
 over the limit. The summary prints each figure, the growth exponent (log-log slope of time and
 of extra memory over T) and each technique's time relative to the HF model's own default
@@ -49,6 +51,20 @@ def t_hooked_forward(model: Any, ids: Any, ctx: dict) -> None:
     model.bridge.run_with_cache(ids[None], names_filter=lambda n: n in names)
 
 
+def t_hooked_fast(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink.models.fast_attention import fast_attention
+
+    names = _names(model, ("resid_pre", "attn_out", "mlp_out"))
+    with fast_attention(model):
+        model.bridge.run_with_cache(ids[None], names_filter=lambda n: n in names)
+
+
+def t_gather(model: Any, ids: Any, ctx: dict) -> None:
+    from mechthink.hooks import gather
+
+    gather(model, ids, ["resid_pre", "attn_out", "mlp_out"])
+
+
 def t_hf_sdpa(model: Any, ids: Any, ctx: dict) -> None:
     ctx["hf"]("sdpa")(ids[None])
 
@@ -75,6 +91,10 @@ def _atp(model: Any, ids: Any, ctx: dict, **kw: Any) -> None:
 
 def t_atp(model: Any, ids: Any, ctx: dict) -> None:
     _atp(model, ids, ctx, nodes=("resid_pre", "attn_out", "mlp_out", "z"))
+
+
+def t_atp_exact(model: Any, ids: Any, ctx: dict) -> None:
+    _atp(model, ids, ctx, nodes=("resid_pre", "attn_out", "mlp_out", "z"), fast=False)
 
 
 def t_qkfix(model: Any, ids: Any, ctx: dict) -> None:
@@ -115,8 +135,11 @@ TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
     "hf_sdpa": t_hf_sdpa,
     "hf_eager": t_hf_eager,
     "hooked_forward": t_hooked_forward,
+    "hooked_fast": t_hooked_fast,
+    "gather": t_gather,
     "lens_dla": t_lens_dla,
     "atp": t_atp,
+    "atp_exact": t_atp_exact,
     "qkfix": t_qkfix,
     "exact_per_node": t_exact_per_node,
     "fork_probes16": t_fork_probes16,
@@ -126,8 +149,34 @@ TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
 
 
 # ============================================================================ worker
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> float:
+    """Reset the resident-memory high-water mark (Linux ``clear_refs``); the current RSS in MB.
+
+    Without it the peak of loading the model (compatibility mode folds weights at ~5x the model
+    size) hides every smaller transient of the technique.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return _status_mb("VmRSS") or 0.0
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _context(model: Any, device: str) -> dict:
@@ -163,10 +212,10 @@ def worker(tech: str, T: int, model_name: str, threads: int, device: str) -> dic
     ctx = _context(model, device)
     fn = TECHNIQUES[tech]
     vocab = int(model.bridge.cfg.d_vocab)
-    grad = tech in ("atp", "qkfix")
+    grad = tech in ("atp", "atp_exact", "qkfix")
     with torch.inference_mode(mode=not grad):
         fn(model, _tokens(64, vocab, 1), ctx)  # warm-up (and lazy loads, e.g. the HF copy)
-        base = _peak_mb()
+        base = _reset_peak()
         t0 = time.perf_counter()
         fn(model, _tokens(T, vocab), ctx)
         dt = time.perf_counter() - t0

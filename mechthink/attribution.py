@@ -50,6 +50,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink import stats
+from mechthink.models.fast_attention import fast_attention
 from mechthink.progress import track
 from mechthink.hooks import hook_name
 from mechthink.results import Result
@@ -236,7 +237,9 @@ class MeanActivations(Result):
         """Add samples (1-D token tensors or lists) to the running sums; returns ``self``.
 
         One forward per sample, hooks on the requested names only; memory does not grow with
-        the number of samples (progress through :func:`mechthink.progress.track`).
+        the number of samples (progress through :func:`mechthink.progress.track`). Attention
+        runs on the fused kernel where no pattern is hooked
+        (:func:`mechthink.models.fast_attention.fast_attention`; short samples run exact).
         """
         bos = model.bos_token_id
         sums = self.sums
@@ -251,7 +254,7 @@ class MeanActivations(Result):
 
         start = [0]
         seen = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_attention(model):
             for sample in track(dataset, "mean activations"):
                 if max_samples is not None and seen >= max_samples:
                     break
@@ -634,6 +637,7 @@ def attribution_patching(
     estimator: Estimator = "atp",
     ig_steps: int | None = None,
     ig_batch_size: int | None = None,
+    fast: bool = True,
 ) -> AttributionResult:
     """Estimated patching scores for every (layer, position[, head]) node without a forward per node.
 
@@ -654,15 +658,22 @@ def attribution_patching(
             and ``pos · heads`` for ``z``). See the module docstring.
         ig_steps: Midpoints of the IG path (default :data:`DEFAULT_IG_STEPS`); ``"ig"`` only.
         ig_batch_size: Rows per batched IG forward (default 64); ``"ig"`` only.
+        fast: For ``"atp"`` and ``"ig"``, run attention on the fused SDPA kernel
+            (:func:`mechthink.models.fast_attention.fast_attention`): no ``pos x pos`` pattern is
+            stored for the backward, so memory grows linearly with ``pos``; every node type
+            (``z`` included) fires as on the exact path, scores equal to float rounding.
+            ``False`` runs the bridge's exact attention. ``"qkfix"`` has its own forward.
 
     Returns:
         An :class:`AttributionResult` whose ``method`` is the estimator.
     """
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be True or False, got {fast!r}")
     node_types = _split_nodes(nodes)
     options = _estimator_options(estimator, ig_steps, ig_batch_size)
     row = _as_row(tokens, model.device)
     names = {n: [_node_hook(n, L) for L in range(model.n_layers)] for n in node_types}
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), fast_attention(model, enabled=fast and estimator != "qkfix"):
         scores, metric_clean = _ESTIMATE[estimator](model, row, metric, names, baseline, means, **options)
     tok = row[0].detach().cpu()
     return AttributionResult(

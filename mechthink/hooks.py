@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechthink.models.fast_attention import fast_attention
 from mechthink.progress import track
 from mechthink.results import Result
 
@@ -482,6 +483,7 @@ def gather(
     past_key_values: Any = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    fast: bool = True,
 ) -> ActivationCache:
     """Run token sequences through the model and keep the named activations only.
 
@@ -514,10 +516,16 @@ def gather(
             a constant (gradients stop at its cached keys and values).
         dtype: Cast the stored tensors (default: the activations' dtype; reductions float32).
         device: Where the stored tensors go (default CPU).
+        fast: Run attention on the fused SDPA kernel in every layer whose ``hook_pattern`` /
+            ``hook_attn_scores`` is not requested (:func:`mechthink.models.fast_attention.fast_attention`:
+            memory linear in ``pos``, the same hooks fire, values equal to float rounding);
+            ``False`` runs the bridge's exact attention everywhere.
 
     Returns:
         An :class:`ActivationCache`.
     """
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be True or False, got {fast!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -543,7 +551,7 @@ def gather(
     logit_store = _Store(len(seqs), n_slots, 0, None)
     grad_store = _Store(len(seqs), n_slots, prefix_len + last + 1, None)
     metric_vals = torch.zeros(len(seqs))
-    run = _Runner(model, names, store, logit_store, grad_store, metric, logits, past_key_values, dtype, device, chunk_size)
+    run = _Runner(model, names, store, logit_store, grad_store, metric, logits, past_key_values, dtype, device, chunk_size, fast)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in track(batches, desc="gather") if len(batches) > 1 else batches:
@@ -584,6 +592,7 @@ class _Runner:
     dtype: torch.dtype | None
     device: torch.device | str
     chunk_size: int | None
+    fast: bool = True
     plan: _Plan = field(default_factory=lambda: _Plan(*(torch.zeros(0, dtype=torch.long) for _ in range(4))))
     live: list[tuple[str, Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)  # (name, glob, slot, col, sel)
     batch_rows: int = 0
@@ -635,7 +644,9 @@ class _Runner:
             return None
         with_grad = self.metric is not None
         with torch.inference_mode(False) if with_grad else torch.inference_mode(), torch.set_grad_enabled(with_grad):
-            with self.model.bridge.hooks(fwd_hooks=[(n, self._hook(n)) for n in self.names]):
+            with fast_attention(self.model, enabled=self.fast), self.model.bridge.hooks(
+                fwd_hooks=[(n, self._hook(n)) for n in self.names]
+            ):
                 logits = self._forward([s[:width] for s in seqs], width)
             return self._backward(logits, lengths) if with_grad else None
 

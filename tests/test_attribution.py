@@ -494,3 +494,25 @@ def test_mean_activations_views(normal):
     js = json.loads(means.to_json())
     assert js["count"] == means.count and len(js["means"]["blocks.0.hook_resid_pre"]) == normal.d_model
     assert means.plot().axes
+
+
+# ------------------------------------------------------------------- fused-kernel attention
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"])
+@pytest.mark.parametrize("estimator", ["atp", "ig"])
+def test_scores_on_the_fused_kernel_equal_the_exact_path(tiny_loaded, arch, estimator):
+    """Every node type, ``z`` included, scores the same with the SDPA forward (forced on for
+    these short inputs, ``min_scores=0``) as with the bridge's exact attention."""
+    from mechthink.models.fast_attention import fast_attention
+
+    model = tiny_loaded(arch)[0]
+    toks = model.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    kw = dict(nodes=A.NODE_TYPES, estimator=estimator, **({"ig_steps": 2} if estimator == "ig" else {}))
+    exact = A.attribution_patching(model, toks, metric, "zero", fast=False, **kw)
+    with fast_attention(model, min_scores=0) as fa:
+        fast = A.attribution_patching(model, toks, metric, "zero", **kw)
+    assert fa.fast_calls > 0 and fa.exact_calls == 0
+    assert fast.metric_clean == pytest.approx(exact.metric_clean, abs=1e-5)
+    for n in A.NODE_TYPES:
+        scale = max(1.0, float(exact[n].abs().max()))
+        assert float((fast[n] - exact[n]).abs().max()) <= 1e-4 * scale, n
