@@ -28,14 +28,15 @@ from mechthink.plotting.base import new_figure
 from mechthink.plotting.checks import layout_problems
 
 # real special tokens such as "<｜User｜>" have glyphs DejaVu Sans lacks (drawn as boxes)
-pytestmark = pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
+# small tensor ops (circuit pruning) on one torch thread: far faster on a busy machine
+pytestmark = [pytest.mark.filterwarnings("ignore:Glyph .* missing from font"), pytest.mark.usefixtures("one_thread")]
 
 #: Modules of mechthink.plotting that hold no plot functions.
 NOT_PLOTS_MODULES = {"style", "checks", "base"}
 #: Public helpers that are not plot functions (figure / axes factories).
 HELPERS = {"new_figure", "new_axes", "axes_or_new"}
 #: Public functions that write HTML, not figures (checked by test_html_writers_produce_html).
-HTML_WRITERS = {"colored_tokens_html", "save_colored_tokens"}
+HTML_WRITERS = {"colored_tokens_html", "save_colored_tokens", "circuit_html", "save_circuit_html"}
 
 
 def discover() -> dict[str, Callable[..., Any]]:
@@ -215,6 +216,68 @@ def mean_activations(n_layers: int) -> Any:
     sums = {f"blocks.{L}.{h}": randn(16, seed=L) * (L + 1) for L in range(n_layers)
             for h in ("hook_resid_pre", "attn.hook_z", "hook_mlp_out")}
     return MeanActivations(sums, count=480, n_samples=8)
+
+
+# ---------------------------------------------------------------------------- circuits
+def edge_graph(n_layers: int, n_heads: int, n_kv_heads: int, name: str = MODEL) -> Any:
+    """The graph :func:`mechthink.circuits.build_graph` makes (it reads only the config and hook names)."""
+    from types import SimpleNamespace
+
+    from mechthink.circuits import build_graph
+
+    hooks = dict.fromkeys(("hook_embed", "ln_final.hook_in", "blocks.0.attn.hook_q_input", "blocks.0.attn.hook_result",
+                           "blocks.0.hook_mlp_in"))
+    cfg = SimpleNamespace(n_layers=n_layers, n_heads=n_heads, n_key_value_heads=n_kv_heads)
+    return build_graph(SimpleNamespace(cfg=cfg, bridge=SimpleNamespace(hook_dict=hooks), spec=SimpleNamespace(name=name)))
+
+
+def _inputs(graph: Any, node: tuple[int, int] | int | None) -> list[int]:
+    """Receivers of a head ``(layer, head)`` (q, k, v), of MLP ``layer``, or of the logits (None)."""
+    if node is None:
+        return [graph.logits_receiver]
+    if isinstance(node, int):
+        return [graph.receiver_slice(node, "mlp").start]
+    L, h = node
+    g = h * graph.n_kv_heads // graph.n_heads
+    return [graph.receiver_slice(L, "q").start + h] + [graph.receiver_slice(L, kv).start + g for kv in ("k", "v")]
+
+
+def edge_scores(graph: Any, method: str = "eap-ig", seed: int = 0) -> Any:
+    from mechthink.circuits import EdgeScores
+
+    nl, nh = graph.n_layers, graph.n_heads
+    s = 0.05 * randn(*graph.edges.shape, seed=seed) * graph.edges
+    # a planted circuit: embed -> L0 head -> middle head -> last MLP -> logits, plus direct paths to the logits
+    path = [0, graph.head_sender(0, 1), graph.head_sender(nl // 2, nh - 1), graph.mlp_sender(nl - 1)]
+    nodes: list[Any] = [(0, 1), (nl // 2, nh - 1), nl - 1, None]
+    for k, (u, node) in enumerate(zip(path, nodes)):
+        s[u, _inputs(graph, node)] = (-1.0) ** k * (2.0 - 0.3 * k)
+    for u in path[:-1]:
+        s[u, graph.logits_receiver] = 0.8
+    s[graph.mlp_sender(0), _inputs(graph, (nl // 2, nh - 1))] = -1.2
+    s[0, graph.receiver_slice(0, "mlp").start] = 1.1
+    return EdgeScores(s, graph, method, "tokens", 4.1, -0.3, n_samples=8)
+
+
+def circuit(n_layers: int, n_heads: int, n_kv_heads: int, k: int = 40) -> Any:
+    from mechthink.circuits import prune
+
+    name = MODEL if n_layers > 8 else "tiny-thinker"
+    return prune(edge_scores(edge_graph(n_layers, n_heads, n_kv_heads, name)), k=k)
+
+
+def faithfulness_curve(n_points: int, n_total: int, methods: tuple[str, ...] = ("eap", "eap-ig", "exact")) -> Any:
+    from mechthink.circuits import FaithfulnessCurve
+
+    # the analysis's recipe: every k up to a third of the points, then geometric up to every edge
+    ks = sorted(set(range(1, n_points // 3 + 1)) | {round(n_total ** (i / (n_points - 1))) for i in range(n_points)})
+    n_edges = {m: [max(1, round(k * (0.6 + 0.1 * j))) for k in ks] for j, m in enumerate(methods)}
+    faith = {m: (1 - (-torch.tensor(n_edges[m], dtype=torch.float) / (8 + 20 * j)).exp()
+                 + 0.05 * randn(len(ks), seed=j)).tolist() for j, m in enumerate(methods)}
+    return FaithfulnessCurve(ks, n_edges, faith, 4.1, -0.3, n_total)
+
+
+P_BACKTRACK = {"clean": 0.62, "circuit": 0.07, "random": 0.55}
 
 
 # ---------------------------------------------------------------------------- confidence
@@ -508,6 +571,7 @@ def figure_case(name: str, cid: str, draw: Callable[[], Any]) -> None:
 def register() -> None:
     from mechthink.plotting import anchors as A
     from mechthink.plotting import attribution as T
+    from mechthink.plotting import circuits as X
     from mechthink.plotting import confidence as C
     from mechthink.plotting import interventions as I
     from mechthink.plotting import lens as L
@@ -553,6 +617,27 @@ def register() -> None:
     case("attribution.plot_hit_fractions", "1method", lambda f: T.plot_hit_fractions({"atp": hits()}, ax=_ax(f)))
     for nl in (2, 28):
         case("attribution.plot_mean_norms", f"{nl}L", lambda f, nl=nl: T.plot_mean_norms(mean_activations(nl), ax=_ax(f)))
+
+    # circuits (tiny-thinker-like 4 layers x 4 heads with 2 kv heads; R1-Distill-like 28 x 12 with 2; 32 x 16 with 4)
+    for nl, nh, nkv in ((4, 4, 2), (28, 12, 2), (32, 16, 4)):
+        cid = f"{nl}x{nh}kv{nkv}"
+        case("circuits.plot_circuit_graph", f"{cid}-circuit", lambda f, nl=nl, nh=nh, nkv=nkv: _circuit_graph(X, circuit(nl, nh, nkv), f))
+        case("circuits.plot_circuit_graph", f"{cid}-top", lambda f, nl=nl, nh=nh, nkv=nkv: X.plot_circuit_graph(
+            circuit(nl, nh, nkv).graph, circuit(nl, nh, nkv).scores, ax=_ax(f), top_fraction=0.01))
+        figure_case("circuits.plot_circuits_overview", cid, lambda nl=nl, nh=nh, nkv=nkv: X.plot_circuits_overview(
+            faithfulness_curve(60 if nl < 10 else 200, circuit(nl, nh, nkv).graph.n_edges), circuit(nl, nh, nkv), P_BACKTRACK, MODEL,
+            {"random": 0.04}))
+    case("circuits.plot_circuit_graph", "4x4kv2-all", lambda f: X.plot_circuit_graph(edge_graph(4, 4, 2, "tiny-thinker"), ax=_ax(f)))
+    for npt, n_total in ((20, 600), (200, 180_000)):
+        case("circuits.plot_faithfulness", f"{npt}pts", lambda f, npt=npt, n_total=n_total: X.plot_faithfulness(
+            faithfulness_curve(npt, n_total), ax=_ax(f)))
+    case("circuits.plot_faithfulness", "5methods", lambda f: X.plot_faithfulness(faithfulness_curve(
+        200, 180_000, ("eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs", "exact")), ax=_ax(f)))
+    case("circuits.plot_ablation_bars", "3conds", lambda f: X.plot_ablation_bars(P_BACKTRACK, {"random": 0.04}, ax=_ax(f)))
+    case("circuits.plot_ablation_bars", "8conds", lambda f: X.plot_ablation_bars(
+        {"clean": 0.62, "circuit ablated": 0.07, "random edges (seed 0)": 0.55, "random edges (seed 1)": 0.58,
+         "circuit heads only": 0.2, "circuit MLPs only": 0.5, "everything ablated": 0.01, "top 1% edges": 0.1},
+        ax=_ax(f), ylabel="P(Wait)"))
 
     # confidence
     case("confidence.plot_probe", "yes-no", lambda f: C.plot_probe(probe_result(12, ["Yes", "No"]), ax=_ax(f), title="is the answer ready?"))
@@ -652,6 +737,10 @@ def _head_ranking(T: Any, nl: int, nh: int, fig: Any) -> Any:
     return T.plot_head_ranking(HeadRanking(-rand(nl, nh), [(1, 2), (nl - 1, 0), (nl // 2, nh - 1)]), ax=_ax(fig))
 
 
+def _circuit_graph(X: Any, c: Any, fig: Any) -> Any:
+    return X.plot_circuit_graph(c.graph, c.scores, ax=_ax(fig), circuit=c)
+
+
 def _estimators(T: Any, nt: int, nl: int, fig: Any) -> Any:
     comp = comparison(nt, nl)
     axes = None if fig is None else list(fig.subplots(3, 1))
@@ -723,3 +812,20 @@ def test_html_writers_produce_html(tmp_path):
     assert "<h3>AtP importance</h3>" in page and "boxed" in page and "Janet" in page
     saved = save_colored_tokens(tmp_path / "tokens.html", toks, vals, title="AtP importance").read_text(encoding="utf-8")
     assert saved.startswith("<!DOCTYPE html>") and "<h3>AtP importance</h3>" in saved and len(saved) == len(page)  # ids differ
+
+
+def test_circuit_html_produces_the_page(tmp_path):
+    from mechthink.plotting.circuits import circuit_html, save_circuit_html
+
+    c = circuit(4, 4, 2)
+    toks = tokens(12)
+    att = rand(4, 4, len(toks)).softmax(-1)
+    page = circuit_html(c, toks, att, title="tiny-thinker: the circuit behind ' Wait'")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "<h2>tiny-thinker: the circuit behind &#x27; Wait&#x27;</h2>" in page and "<svg" in page
+    assert f"{c.n_edges} of {c.graph.n_edges} edges" in page and "L0H1" in page and "Janet" in page
+    assert page.count('class="edge"') == c.n_edges
+    bare = circuit_html(c)  # no tokens: the page says so instead of an attention panel
+    assert "No attention patterns were given" in bare and 'id="tokens"' not in bare
+    saved = save_circuit_html(tmp_path / "circuit" / "view.html", c, toks, att, title="tiny-thinker: the circuit behind ' Wait'")
+    assert saved.read_text(encoding="utf-8") == page

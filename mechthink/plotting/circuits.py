@@ -18,7 +18,7 @@ from matplotlib.figure import FigureBase
 from matplotlib.lines import Line2D
 
 from mechthink.plotting.base import new_figure
-from mechthink.plotting.style import COLORS, color_for, styled
+from mechthink.plotting.style import COLORS, category_axis, color_for, styled, value_labels
 
 if TYPE_CHECKING:
     from mechthink.circuits import Circuit, EdgeGraph, EdgeScores, FaithfulnessCurve
@@ -87,8 +87,10 @@ def plot_circuit_graph(
     key-value head end at the first head of its group.
     """
     import torch
+    from matplotlib.collections import LineCollection
 
-    fig, ax = _axes(ax, (7.5, 1.3 * graph.n_layers + 2.4))
+    n_rows = graph.n_layers + 2
+    fig, ax = _axes(ax, (7.5, min(1.3 * graph.n_layers + 2.4, 13.0)))
     pos = _layout(graph)
     if circuit is not None:
         shown = circuit.edges
@@ -99,29 +101,38 @@ def plot_circuit_graph(
         shown = (vals >= thr) & scores.mask
     else:
         shown = graph.edges
-    idx = shown.nonzero().tolist()
-    vmax = max((abs(float(scores.scores[u, v])) for u, v in idx), default=1.0) if scores is not None else 1.0
+    idx = shown.nonzero()
+    s = scores.scores[idx[:, 0], idx[:, 1]].float() if scores is not None else torch.zeros(len(idx))
+    order = s.abs().argsort().tolist()  # the strongest edges drawn last (on top)
+    idx, s = idx[order].tolist(), s[order]
+    segments = []
     for u, v in idx:
         nodes = graph.receiver_nodes(v)
-        x0, y0 = pos[u]
-        x1, y1 = pos[nodes[0] if nodes else -1]
-        if scores is None:
-            ax.plot([x0, x1], [y0, y1], color="#BBBBBB", lw=0.4, zorder=1)
-            continue
-        s = float(scores.scores[u, v])
-        ax.plot([x0, x1], [y0, y1], color=_POS if s > 0 else _NEG, lw=0.5 + 4.5 * abs(s) / (vmax or 1.0), alpha=0.8, zorder=1)
-    used = set(torch.tensor(idx)[:, 0].tolist()) if idx else set()
+        segments.append([pos[u], pos[nodes[0] if nodes else -1]])
+    if scores is None:
+        ax.add_collection(LineCollection(segments, colors="#BBBBBB", linewidths=0.4, zorder=1))
+    else:
+        vmax = float(s.abs().max()) if len(idx) and float(s.abs().max()) > 0 else 1.0
+        ax.add_collection(LineCollection(segments, colors=[_POS if x > 0 else _NEG for x in s.tolist()],
+                                         linewidths=(0.5 + 4.5 * s.abs() / vmax).tolist(), alpha=0.8, zorder=1))
+    used = {u for u, _ in idx}
     for v in {v for _, v in idx}:
         used |= set(graph.receiver_nodes(v)) or {-1}
-    for key, (x, y) in pos.items():
-        kind = "embed" if key == 0 else "logits" if key == -1 else "mlp" if graph.senders[key].startswith("MLP") else "head"
-        ax.scatter([x], [y], s=260, color=_NODE_COLORS[kind], alpha=1.0 if key in used else 0.25, zorder=2,
-                   marker="s" if kind in ("mlp", "embed", "logits") else "o")
-    ax.set_yticks([0] + [L + 1 for L in range(graph.n_layers)] + [graph.n_layers + 1],
-                  ["embed"] + [f"layer {L}" for L in range(graph.n_layers)] + ["logits"])
-    ax.set_xticks(list(range(graph.n_heads)) + [graph.n_heads + 0.6], [f"H{h}" for h in range(graph.n_heads)] + ["MLP"])
     ax.set_xlim(-0.7, graph.n_heads + 1.3)
     ax.set_ylim(-0.6, graph.n_layers + 1.6)
+    # markers no larger than the room a node has (rows and head columns, in points)
+    box = ax.get_position()
+    room = min(box.height * fig.get_figheight() / (n_rows + 0.2), box.width * fig.get_figwidth() / (graph.n_heads + 2.0)) * 72
+    size = min(260.0, (0.75 * room) ** 2)
+    groups: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for key, xy in pos.items():
+        kind = "embed" if key == 0 else "logits" if key == -1 else "mlp" if graph.senders[key].startswith("MLP") else "head"
+        groups.setdefault((kind, key in used), []).append(xy)
+    for (kind, on), xys in groups.items():
+        ax.scatter([x for x, _ in xys], [y for _, y in xys], s=size, color=_NODE_COLORS[kind], alpha=1.0 if on else 0.25,
+                   zorder=2, marker="o" if kind == "head" else "s")
+    category_axis(ax, ["embed"] + [f"layer {L}" for L in range(graph.n_layers)] + ["logits"], axis="y", keep=[0, n_rows - 1])
+    ax.set_xticks(list(range(graph.n_heads)) + [graph.n_heads + 0.6], [f"H{h}" for h in range(graph.n_heads)] + ["MLP"])
     ax.grid(False)
     handles = [Line2D([], [], color=_POS, lw=3, label="score > 0"), Line2D([], [], color=_NEG, lw=3, label="score < 0")]
     if scores is not None:
@@ -140,12 +151,11 @@ def plot_ablation_bars(values: Mapping[str, float], errors: Mapping[str, float] 
     fig, ax = _axes(ax, (5.5, 3.6))
     names = list(values)
     colors = [color_for(n, i) for i, n in enumerate(names)]
-    ax.bar(range(len(names)), [values[n] for n in names], color=colors,
-           yerr=[errors.get(n, 0.0) for n in names] if errors else None, capsize=3)
-    ax.set_xticks(range(len(names)), names)
-    for i, n in enumerate(names):
-        ax.text(i, values[n] + 0.02, f"{values[n]:.2f}", ha="center", va="bottom", fontsize=9)
-    ax.set_ylim(0, 1.15)
+    errs = [errors.get(n, 0.0) for n in names] if errors else None
+    ax.bar(range(len(names)), [values[n] for n in names], color=colors, yerr=errs, capsize=3)
+    category_axis(ax, names)
+    ax.set_ylim(0, 1.0)
+    value_labels(ax, range(len(names)), [values[n] for n in names], errs)
     ax.set_ylabel(ylabel)
     ax.grid(axis="x", visible=False)
     return fig
