@@ -122,6 +122,8 @@ def _nan_copy(ref):
 @pytest.mark.parametrize("case", sorted(LOAD_CASES))
 def test_load_model_bad_input(case, tmp_path, llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if case == "tokenizer of a larger model" and not (SHARED / "data" / "tokenizers" / "qwen3" / "tokenizer.json").exists():
+        pytest.skip(f"no real tokenizers in {SHARED / 'data' / 'tokenizers'}")
     fn, exc, *needles = LOAD_CASES[case]
     _expect(lambda: fn(tmp_path, llama), exc, *needles)
 
