@@ -166,7 +166,8 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_resume_after_sigkill(tiny_hf, tmp_path):
+def _child_setup(tiny_hf, tmp_path):
+    """A saved tiny Llama, the child script and its environment (for the subprocess tests)."""
     ref, tok = tiny_hf("LlamaForCausalLM")
     mdir = tmp_path / "model"
     ref.save_pretrained(mdir)
@@ -174,6 +175,11 @@ def test_resume_after_sigkill(tiny_hf, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return mdir, script, env
+
+
+def test_resume_after_sigkill(tiny_hf, tmp_path):
+    mdir, script, env = _child_setup(tiny_hf, tmp_path)
     n_q, n_tok = "10", "24"
     killed = tmp_path / "killed.jsonl"
     proc = subprocess.Popen([sys.executable, str(script), str(mdir), str(killed), n_q, n_tok, "slow"], env=env)
@@ -219,13 +225,7 @@ def test_store_is_keyed_on_the_request(tiny_loaded, tiny_hf, tmp_path):
 
 
 def test_concurrent_writers_never_duplicate_ids(tiny_hf, tmp_path):
-    ref, tok = tiny_hf("LlamaForCausalLM")
-    mdir = tmp_path / "model"
-    ref.save_pretrained(mdir)
-    tok.save_pretrained(mdir)
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    mdir, script, env = _child_setup(tiny_hf, tmp_path)
     store = tmp_path / "shared.jsonl"
     procs = [subprocess.Popen([sys.executable, str(script), str(mdir), str(store), "6", "6", "slow"], env=env) for _ in range(2)]
     for p in procs:
