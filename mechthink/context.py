@@ -447,15 +447,24 @@ class BinnedAttention(Result):
 def _query_patterns(
     model: "ThinkingModel", row: Tensor, layers: Sequence[int], query_pos: int
 ) -> dict[int, Tensor]:
-    """Per layer, ``[head, key]`` attention of the query position (only that row is gathered)."""
+    """Per layer, ``[head, key]`` attention of the query position.
+
+    Only that row is computed (:func:`mechthink.models.fast_attention.attention_rows`: memory
+    linear in the length); a layer the fused path does not cover gathers its ``hook_pattern``
+    row on the exact path instead."""
     from mechthink.attribution import _as_row
     from mechthink.hooks import gather
+    from mechthink.models.fast_attention import attention_rows
 
     row = _as_row(row, model.device)
     ls = sorted(set(int(L) for L in layers))
-    names = hook_names(model, "pattern", ls)
-    cache = gather(model, row, names, positions=[int(query_pos)])
-    return {L: cache[n][0, :, 0, :].float() for L, n in zip(ls, names)}
+    out = {L: r[0, :, 0, :].float() for L, r in attention_rows(model, row, ls, [int(query_pos)]).items()}
+    rest = [L for L in ls if L not in out]
+    if rest:
+        names = hook_names(model, "pattern", rest)
+        cache = gather(model, row, names, positions=[int(query_pos)])
+        out.update({L: cache[n][0, :, 0, :].float() for L, n in zip(rest, names)})
+    return out
 
 
 def _is_many(tokens: Any) -> bool:
@@ -569,6 +578,7 @@ def receiver_heads(
     from scipy.stats import kurtosis
 
     from mechthink.attribution import _as_row
+    from mechthink.models.fast_attention import attention_reduce
 
     row = _as_row(tokens, model.device)
     T = row.shape[1]
@@ -595,10 +605,20 @@ def receiver_heads(
 
         return hook
 
-    with torch.no_grad():
-        # a streaming reduction per layer (never all [head, pos, pos] patterns at once)
-        model.bridge.run_with_hooks(row, fwd_hooks=[(n, make(L)) for L, n in enumerate(hook_names(model, "pattern"))],
-                                    return_type=None)
+    # a streaming reduction, layer by layer and query rows by chunks: no [head, pos, pos] pattern
+    blocks = torch.zeros(n_layers, n_heads, U, U)
+
+    def reduce(L: int, rows: Tensor, p: Tensor) -> None:
+        blocks[L] += torch.einsum("ui,hij,vj->huv", assign[:, rows.cpu()], p[0].float().cpu(), assign)
+
+    rest = attention_reduce(model, row, range(n_layers), reduce)
+    for L in range(n_layers):
+        if L not in rest:
+            vertical[L] = (blocks[L] * mask).sum(1) / n_q.clamp_min(1)
+    if rest:  # layers the fused path does not cover: their hook_pattern on the exact path
+        with torch.no_grad():
+            names = hook_names(model, "pattern")
+            model.bridge.run_with_hooks(row, fwd_hooks=[(names[L], make(L)) for L in rest], return_type=None)
     vertical[:, :, ~valid] = float("nan")
     if int(valid.sum()) < 4:
         raise ValueError(f"only {int(valid.sum())} key units have queries ≥{proximity_ignore} units later; use a longer text or smaller proximity_ignore")

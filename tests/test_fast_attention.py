@@ -22,6 +22,8 @@ from mechthink.models import kvcache
 from mechthink.models.fast_attention import (
     PATTERN_HOOKS,
     _boolean_mask,
+    attention_reduce,
+    attention_rows,
     fast_attention,
     fast_path_blockers,
 )
@@ -244,3 +246,74 @@ def test_bad_input(tiny_loaded):
             pass
     with pytest.raises(TYPE_ERRORS):
         gather(model, [1, 2, 3], "resid_pre", fast="yes")
+
+
+# ------------------------------------------------------------------ pattern rows without [pos, pos]
+@pytest.mark.parametrize("arch", [*ARCHS, "organism"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_rows_equal_the_exact_pattern(request, tiny_loaded, arch, padded):
+    model = _model(request, tiny_loaded, arch)
+    ids = _ids(model, 2, 24)
+    kw = {}
+    if padded:  # left padding, as batched generation pads
+        valid = torch.ones_like(ids)
+        valid[1, :6] = 0
+        kw["attention_mask"] = valid
+    layers = list(range(model.n_layers))
+    names = [hook_name(L, "pattern") for L in layers]
+    with torch.inference_mode():
+        _, exact = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names, **kw)
+        rows = attention_rows(model, ids, layers, [-1, 3, 10], **kw)
+    assert set(rows) == set(layers)
+    for L in layers:
+        want = exact[names[L]][:, :, [23, 3, 10]].float()
+        assert rows[L].shape == want.shape
+        assert _close(rows[L], want) < 1e-5, (arch, L)
+
+
+def test_attention_reduce_streams_every_row_in_chunks(tiny_loaded):
+    model = tiny_loaded("Qwen3ForCausalLM")[0]
+    ids = _ids(model, 1, 30)
+    full = {L: torch.zeros(1, int(model.cfg.n_heads), 30, 30) for L in range(model.n_layers)}
+    seen = []
+
+    def reduce(L, r, p):
+        seen.append((L, len(r)))
+        full[L][:, :, r] = p.cpu()
+
+    with torch.inference_mode():
+        missing = attention_reduce(model, ids, range(model.n_layers), reduce, chunk=7)
+        _, exact = model.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert missing == [] and seen[:5] == [(0, 7), (0, 7), (0, 7), (0, 7), (0, 2)]
+    for L in range(model.n_layers):
+        assert _close(full[L], exact[hook_name(L, "pattern")].float()) < 1e-5
+    assert not _has_capture(model)
+
+
+def _has_capture(model) -> bool:
+    return any("_mechthink_pattern_rows" in m.__dict__ for m in model.bridge.modules())
+
+
+def test_attention_rows_fall_back_where_the_fast_path_does_not_cover(tiny_loaded):
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    ids = _ids(model, 1, 10)
+    model.bridge.set_use_attn_result(True)
+    try:
+        assert attention_rows(model, ids, [0, 1], [-1]) == {}
+    finally:
+        model.bridge.set_use_attn_result(False)
+    assert not _has_capture(model)
+
+
+def test_attention_rows_bad_input(tiny_loaded):
+    model = tiny_loaded("LlamaForCausalLM")[0]
+    ids = _ids(model, 1, 10)
+    with pytest.raises(ValueError, match=r"query positions \[10\] are not in \[-10, 10\)"):
+        attention_rows(model, ids, [0], [10])
+    with pytest.raises(ValueError, match="layers .* must be in"):
+        attention_rows(model, ids, [99], [0])
+    with pytest.raises(ValueError, match=r"tokens must be a \[batch, pos\] tensor"):
+        attention_rows(model, ids[0], [0], [0])
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        attention_reduce(model, ids, [0], lambda *a: None, chunk=0)
+    assert not _has_capture(model)

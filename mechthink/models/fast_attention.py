@@ -62,7 +62,7 @@ from torch import Tensor
 
 from mechthink.models import kvcache
 
-__all__ = ["MIN_SCORES", "PATTERN_HOOKS", "FastAttention", "fast_attention", "fast_path_blockers"]
+__all__ = ["MIN_SCORES", "PATTERN_HOOKS", "FastAttention", "attention_reduce", "attention_rows", "fast_attention", "fast_path_blockers"]
 
 
 #: Hook points of an attention component that only the exact (bridge) path fires.
@@ -72,6 +72,7 @@ PATTERN_HOOKS: tuple[str, ...] = ("hook_attn_scores", "hook_pattern")
 MIN_SCORES: int = 256 * 256
 
 _DEPTH_ATTR = "_mechthink_fast_attention"
+_ROWS_ATTR = "_mechthink_pattern_rows"
 
 
 def _attention_class() -> type:
@@ -224,7 +225,7 @@ def _fast_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         hidden_states, args = args[0], args[1:]
     else:
         return cls.forward(self, *args, **kwargs)
-    if state is not None and _n_scores(self, hidden_states, kwargs) < state.min_scores:
+    if state is not None and _ROWS_ATTR not in self.__dict__ and _n_scores(self, hidden_states, kwargs) < state.min_scores:
         state.short_calls += 1
         return cls.forward(self, hidden_states, *args, **kwargs)
     blockers = fast_path_blockers(self, kwargs)
@@ -264,6 +265,9 @@ def _fast_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
 
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     mask, causal = _sdpa_mask(attention_mask, q.shape[-2], k.shape[-2], q.device)
+    capture = self.__dict__.get(_ROWS_ATTR)
+    if capture is not None:
+        capture(q, k, mask, causal, float(getattr(hf_attn, "scaling", head_dim**-0.5)))
     visible = None
     if mask is not None:
         visible = mask.any(-1, keepdim=True)  # rows with no visible key: 0 out (compatibility mode), no NaN
@@ -284,6 +288,24 @@ def _fast_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if state is not None:
         state.fast_calls += 1
     return out, None
+
+
+def _pattern_rows(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float, rows: Tensor) -> Tensor:
+    """The softmax attention of query rows ``rows`` (indices into this call's queries):
+    ``[batch, head, len(rows), kv]`` float32, with the mask the kernel gets (module docstring of
+    :func:`attention_rows`)."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    r = rows.to(q.device)
+    scores = (q[..., r, :].float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        allowed = mask[..., r, :].to(torch.bool)
+    else:  # the bottom-right-aligned causal band (no mask for one query: every key)
+        keys = torch.arange(kv_len, device=q.device)
+        allowed = keys[None, :] <= (r[:, None] + (kv_len - q_len)) if (causal or q_len > 1) else torch.ones(
+            len(r), kv_len, dtype=torch.bool, device=q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = scores.softmax(-1)
+    return torch.nan_to_num(out, nan=0.0).detach()  # a row with no visible key: 0 (compatibility mode)
 
 
 @dataclass
@@ -377,3 +399,93 @@ def fast_attention(model: Any, enabled: bool = True, min_scores: int | None = No
                 object.__setattr__(a, "forward", fwd)
         hf_config._attn_implementation = old_impl
         bridge.__dict__.pop(_DEPTH_ATTR, None)
+
+
+
+def attention_reduce(
+    model: Any,
+    tokens: Tensor,
+    layers: Any,
+    reduce: Any,
+    query_positions: Any = None,
+    chunk: int = 256,
+    attention_mask: Tensor | None = None,
+) -> list[int]:
+    """Stream attention patterns through ``reduce``, ``chunk`` query rows at a time, in one forward.
+
+    One forward in :func:`fast_attention` (every call fast, ``min_scores=0``). In each requested
+    layer, the pattern rows of ``chunk`` queries at a time are computed from the same (rotated,
+    normed) queries and keys, scale and mask the fused kernel gets, soft-maxed in float32 as the
+    bridge's exact path computes ``hook_pattern``, and handed to
+    ``reduce(layer, query_rows [n], pattern [batch, head, n, kv])``. Nothing ``[pos, pos]`` is ever
+    stored: memory is ``O(heads · chunk · pos)`` per layer. Rows of queries that see no key are 0
+    (compatibility mode).
+
+    Args:
+        model: A ThinkingModel or its TransformerBridge.
+        tokens: ``[batch, pos]`` token ids.
+        layers: Block indices.
+        reduce: Called once per (layer, chunk of queries), layer by layer.
+        query_positions: Query positions (negative counts from the end); default all.
+        chunk: Query rows per call of ``reduce``.
+        attention_mask: Optional ``[batch, pos]`` padding mask passed to the model.
+
+    Returns:
+        The layers that could not run the fast forward (:func:`fast_path_blockers`) and were not
+        reduced; callers fall back to hooking their ``hook_pattern``.
+    """
+    bridge = _bridge(model)
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise ValueError(f"attention patterns: tokens must be a [batch, pos] tensor, got {getattr(tokens, 'shape', tokens)!r}")
+    T = int(tokens.shape[1])
+    qs = list(range(T)) if query_positions is None else [int(p) for p in query_positions]
+    bad = [p for p in qs if not -T <= p < T]
+    if bad or not qs:
+        raise ValueError(f"attention patterns: query positions {bad or qs} are not in [-{T}, {T}) for {T} tokens")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"attention patterns: chunk must be a positive int, got {chunk!r}")
+    rows = torch.tensor([p % T for p in qs], dtype=torch.long)
+    ls = sorted({int(L) for L in layers})
+    blocks = bridge.blocks
+    if any(not 0 <= L < len(blocks) for L in ls):
+        raise ValueError(f"attention patterns: layers {ls} must be in [0, {len(blocks)})")
+    done: set[int] = set()
+
+    def make(L: int) -> Any:
+        def capture(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float) -> None:
+            if q.shape[-2] != T:
+                raise RuntimeError(f"attention patterns: layer {L} saw {q.shape[-2]} queries for {T} tokens")
+            for c0 in range(0, len(rows), chunk):
+                r = rows[c0 : c0 + chunk]
+                reduce(L, r, _pattern_rows(q, k, mask, causal, scale, r))
+            done.add(L)
+
+        return capture
+
+    mods = {L: blocks[L].attn for L in ls}
+    kw: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+    try:
+        for L in ls:
+            object.__setattr__(mods[L], _ROWS_ATTR, make(L))
+        with torch.no_grad(), fast_attention(bridge, min_scores=0):
+            bridge(tokens, return_type=None, **kw)
+    finally:
+        for L in ls:
+            mods[L].__dict__.pop(_ROWS_ATTR, None)
+    return [L for L in ls if L not in done]
+
+
+def attention_rows(
+    model: Any, tokens: Tensor, layers: Any, query_positions: Any, attention_mask: Tensor | None = None
+) -> dict[int, Tensor]:
+    """Attention patterns of a few query rows at chosen layers, without any ``[pos, pos]`` pattern
+    (:func:`attention_reduce`).
+
+    Returns:
+        ``{layer: [batch, head, len(query_positions), pos]}`` (float32, on the model's device);
+        layers the fused path does not cover are left out.
+    """
+    got: dict[int, list[Tensor]] = {}
+    attention_reduce(model, tokens, layers, lambda L, r, p: got.setdefault(L, []).append(p), query_positions,
+                     chunk=1 << 30, attention_mask=attention_mask)
+    return {L: v[0] for L, v in got.items()}
