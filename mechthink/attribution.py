@@ -71,9 +71,9 @@ __all__ = [
     "activation_patching",
     "attribution_patching",
     "compare_estimators",
-    
     "logit_diff_metric",
     "logit_metric",
+    "logits_kwargs",
     "mean_activations",
     "node_hooks",
     "rank_heads",
@@ -174,7 +174,7 @@ def logit_metric(
     def metric(logits: Tensor) -> Tensor:
         return _select(logits, pos, token_ids, reduce, log_probs)
 
-    return metric
+    return _reads_last(metric, pos)
 
 
 def logit_diff_metric(
@@ -189,7 +189,27 @@ def logit_diff_metric(
     def metric(logits: Tensor) -> Tensor:
         return _select(logits, pos, good_ids, reduce, log_probs) - _select(logits, pos, bad_ids, reduce, log_probs)
 
+    return _reads_last(metric, pos)
+
+
+def _reads_last(metric: Metric, pos: int) -> Metric:
+    """Mark a metric that reads only ``logits[:, pos]`` with ``pos < 0``: its ``logits_to_keep``
+    attribute (``-pos``) lets the forwards unembed only the last ``-pos`` positions (a
+    ``[batch, pos, d_vocab]`` logits tensor and its gradient are the largest tensors of a long
+    trace's AtP). A negative index means the same on the kept slice."""
+    if isinstance(pos, int) and pos < 0:
+        metric.logits_to_keep = -pos  # type: ignore[attr-defined]
     return metric
+
+
+def logits_kwargs(model: "ThinkingModel", metric: Metric) -> dict[str, Any]:
+    """``{"logits_to_keep": k}`` for a forward whose logits only ``metric`` reads, where the metric
+    declares it reads the last ``k`` positions only (:func:`logit_metric` with a negative
+    position) and the wrapped model takes ``logits_to_keep``; else ``{}`` (every position)."""
+    k = getattr(metric, "logits_to_keep", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not model.last_logits_kwargs():
+        return {}
+    return {"logits_to_keep": k}
 
 
 # ------------------------------------------------------------------------------ mean activations
@@ -562,7 +582,7 @@ def _estimate_atp(
 
         return hook
 
-    logits = model.bridge.run_with_hooks(row, fwd_hooks=[(h, make(h)) for h in all_names])
+    logits = model.bridge.run_with_hooks(row, fwd_hooks=[(h, make(h)) for h in all_names], **logits_kwargs(model, metric))
     m = _per_row(metric, logits).sum()
     grads = torch.autograd.grad(m, [acts[h] for h in all_names], allow_unused=True)
     metric_clean = float(m.detach())
@@ -604,7 +624,7 @@ def _estimate_ig(
     clean = _run_cache(model, row, all_names)
     base = _baselines(model, row, all_names, baseline, means, clean)
     with torch.no_grad():
-        metric_clean = float(_per_row(metric, model.bridge(row)).sum())
+        metric_clean = float(_per_row(metric, model.bridge(row, **logits_kwargs(model, metric))).sum())
     scores = {n: _ig_scores(model, row, metric, hs, clean, base, steps, batch_size) for n, hs in names.items()}
     return scores, metric_clean
 
@@ -727,7 +747,8 @@ def _ig_scores(
             return hook
 
         batch = row.expand(len(chunk), -1)
-        logits = model.bridge.run_with_hooks(batch, fwd_hooks=[(names[i], make(i)) for i in rows_by_layer])
+        logits = model.bridge.run_with_hooks(batch, fwd_hooks=[(names[i], make(i)) for i in rows_by_layer],
+                                             **logits_kwargs(model, metric))
         m = _per_row(metric, logits).sum()
         order = list(rows_by_layer)
         grads = torch.autograd.grad(m, [leaves[i] for i in order], allow_unused=True)
@@ -784,8 +805,9 @@ def activation_patching(
     scores = {
         n: torch.full((model.n_layers, T, n_heads) if n == "z" else (model.n_layers, T), float("nan")) for n in node_types
     }
-    with torch.no_grad():
-        m_clean = float(_per_row(metric, model.bridge(row))[0])
+    keep = logits_kwargs(model, metric)
+    with torch.no_grad(), fast_attention(model):
+        m_clean = float(_per_row(metric, model.bridge(row, **keep))[0])
         for c0 in track(range(0, len(jobs), batch_size), "exact patching"):
             chunk = jobs[c0 : c0 + batch_size]
             groups: dict[str, list[tuple[int, int, int]]] = {}
@@ -808,7 +830,7 @@ def activation_patching(
 
                 return hook
 
-            logits = model.bridge.run_with_hooks(row.expand(len(chunk), -1), fwd_hooks=[(h, make(h)) for h in groups])
+            logits = model.bridge.run_with_hooks(row.expand(len(chunk), -1), fwd_hooks=[(h, make(h)) for h in groups], **keep)
             vals = _per_row(metric, logits).cpu() - m_clean
             for r, (n, L, p, h) in enumerate(chunk):
                 if h >= 0:

@@ -367,6 +367,29 @@ def test_qkfix_saturated_columns_recomputed_consistently(normal, monkeypatch):
     assert torch.allclose(out[2.0], out[-1.0], atol=1e-3 * float(out[-1.0].abs().max()))
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"])
+def test_qkfix_long_input_path_equals_the_materialised_one(tiny_loaded, arch, monkeypatch):
+    """Long inputs run the QK-fix clean pass on the fused kernel with block-wise log-sum-exp and
+    8 unembedded positions (linear memory); forced on a short input it gives the scores of the
+    materialised-pattern path, and still refuses a metric that reads another position."""
+    from mechthink import _qkfix
+
+    model = tiny_loaded(arch)[0]
+    toks = model.to_tokens(TEXT)[0]
+    metric = A.logit_metric(-1, model.token_ids("Wait"))
+    nodes = ("resid_pre", "attn_out", "z")
+    ref = A.attribution_patching(model, toks, metric, "zero", nodes=nodes, estimator="qkfix")
+    monkeypatch.setattr(_qkfix, "_FUSED_FROM", 0)
+    monkeypatch.setattr(_qkfix, "_CHUNK_ELEMENTS", 64)  # several query blocks and recompute blocks
+    assert _qkfix._fused(len(toks))
+    got = A.attribution_patching(model, toks, metric, "zero", nodes=nodes, estimator="qkfix")
+    assert got.metric_clean == pytest.approx(ref.metric_clean, abs=1e-5)
+    for n in nodes:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-4 * max(1.0, float(ref[n].abs().max())), rtol=1e-4)
+    with pytest.raises(ValueError, match="last position"):
+        A.attribution_patching(model, toks, A.logit_metric(-2, model.token_ids("Wait")), "zero", nodes=("resid_pre",), estimator="qkfix")
+
+
 def test_qkfix_errors(tiny_loaded):
     model = tiny_loaded("Qwen2ForCausalLM")[0]
     toks = model.to_tokens(TEXT)[0]
@@ -516,3 +539,32 @@ def test_scores_on_the_fused_kernel_equal_the_exact_path(tiny_loaded, arch, esti
     for n in A.NODE_TYPES:
         scale = max(1.0, float(exact[n].abs().max()))
         assert float((fast[n] - exact[n]).abs().max()) <= 1e-4 * scale, n
+
+
+def test_last_position_metrics_unembed_only_what_they_read(normal):
+    """logit_metric / logit_diff_metric at a negative position declare ``logits_to_keep``; the
+    forwards then unembed only those positions, and every score equals the full-logits run
+    (the same metric without the declaration)."""
+    means, toks, metric = _setup(normal)
+    diff = A.logit_diff_metric(-2, normal.token_ids("Wait"), normal.token_ids("So"))
+    assert metric.logits_to_keep == 1 and diff.logits_to_keep == 2
+    assert not hasattr(A.logit_metric(3, 5), "logits_to_keep")
+    assert A.logits_kwargs(normal, metric) == {"logits_to_keep": 1}
+    assert A.logits_kwargs(normal, lambda lg: lg[:, -1, 0]) == {}
+    shapes = []
+    normal.bridge.unembed.add_hook(lambda x, hook: shapes.append(tuple(x.shape)) or x)  # noqa: B023
+    try:
+        for m in (metric, diff):
+            plain = lambda lg, m=m: m(lg)  # noqa: E731 - the same metric without logits_to_keep
+            for fn, kw in ((A.attribution_patching, {"nodes": ("resid_pre", "z")}),
+                           (A.attribution_patching, {"nodes": ("mlp_out",), "estimator": "ig", "ig_steps": 2}),
+                           (A.activation_patching, {"nodes": ("resid_pre",), "layers": [1], "batch_size": 4})):
+                shapes.clear()
+                kept = fn(normal, toks, m, "mean", means=means, **kw)
+                assert shapes and all(s[1] <= m.logits_to_keep < len(toks) for s in shapes), shapes
+                full = fn(normal, toks, plain, "mean", means=means, **kw)
+                assert kept.metric_clean == pytest.approx(full.metric_clean, abs=1e-6)
+                for n in kept.scores:
+                    torch.testing.assert_close(kept.scores[n], full.scores[n], atol=1e-6, rtol=1e-5, equal_nan=True)
+    finally:
+        normal.bridge.unembed.remove_hooks()
