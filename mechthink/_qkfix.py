@@ -178,12 +178,47 @@ class _Clean:
         self.metric = 0.0
 
 
+def _fused(T: int) -> bool:
+    """Whether a clean run over ``T`` positions uses the fused attention kernel (long inputs)."""
+    from mechthink.models.fast_attention import MIN_SCORES
+
+    return T * T >= (MIN_SCORES if _FUSED_FROM is None else _FUSED_FROM)
+
+
+_FUSED_FROM: int | None = None  # tests lower it; None: fast_attention.MIN_SCORES queries x keys
+
+
+def _lse_by_chunks(fn: _Functional, q: Tensor, k: Tensor) -> Tensor:
+    """float64 log-sum-exp of each query's causal scores, ``[H, T]``, a block of queries at a time
+    (``O(heads · chunk · T)`` memory, never ``[H, T, T]``)."""
+    H, T = q.shape[0], q.shape[1]
+    kx = fn.expand_kv(k).double().transpose(-1, -2)
+    out = torch.empty(H, T, dtype=torch.float64, device=q.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, H * T))
+    keys = torch.arange(T, device=q.device)
+    for c0 in range(0, T, step):
+        qi = torch.arange(c0, min(T, c0 + step), device=q.device)
+        s64 = (q[:, qi].double() @ kx) * fn.scale
+        out[:, qi] = s64.masked_fill(keys[None, None, :] > qi[None, :, None], float("-inf")).logsumexp(-1)
+    return out
+
+
 def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Tensor]) -> tuple[_Clean, Tensor]:
-    """Functional clean forward + backward; returns the clean quantities and the full logits."""
+    """Functional clean forward + backward; returns the clean quantities and the logits.
+
+    Short inputs materialise each layer's ``[H, T, T]`` pattern and return the logits of every
+    position. Long ones (``T² ≥`` :data:`mechthink.models.fast_attention.MIN_SCORES`) run the
+    attention on the fused kernel (its backward recomputes the pattern blockwise), take the
+    log-sum-exp by blocks of queries and unembed only the last 8 positions (the metric reads the
+    last one; the other 7 let :func:`check_last_position_metric` catch a metric that reads
+    elsewhere): memory linear in T."""
+    import torch.nn.functional as F
+
     T = row.shape[1]
+    fused = _fused(T)
     pos = torch.arange(T, device=fn.device)
     cos, sin = fn.rope(pos)
-    causal = torch.ones(T, T, dtype=torch.bool, device=fn.device).tril()
+    causal = None if fused else torch.ones(T, T, dtype=torch.bool, device=fn.device).tril()
     c = _Clean()
     zs: list[Tensor] = []
     with torch.enable_grad():
@@ -192,12 +227,18 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
             c.R.append(r.detach())
             q, k, v = fn.qkv(l, r[None], cos, sin)
             q, k, v = q[0], k[0], v[0].float()
-            s = ((q @ fn.expand_kv(k).transpose(-1, -2)) * fn.scale).masked_fill(~causal, float("-inf"))
-            a = s.softmax(-1)
-            z = a @ fn.expand_kv(v)  # [H, T, dh]
+            if fused:
+                z = F.scaled_dot_product_attention(
+                    q.float()[None], fn.expand_kv(k).float()[None], fn.expand_kv(v)[None], is_causal=True, scale=fn.scale
+                )[0]
+                c.LSE.append(_lse_by_chunks(fn, q.detach(), k.detach()))
+            else:
+                s = ((q @ fn.expand_kv(k).transpose(-1, -2)) * fn.scale).masked_fill(~causal, float("-inf"))
+                a = s.softmax(-1)
+                z = a @ fn.expand_kv(v)  # [H, T, dh]
+                s64 = (q.detach().double() @ fn.expand_kv(k.detach()).double().transpose(-1, -2)) * fn.scale
+                c.LSE.append(s64.masked_fill(~causal, float("-inf")).logsumexp(-1))
             zs.append(z)
-            s64 = (q.detach().double() @ fn.expand_kv(k.detach()).double().transpose(-1, -2)) * fn.scale
-            c.LSE.append(s64.masked_fill(~causal, float("-inf")).logsumexp(-1))
             c.Q.append(q.detach())
             c.K.append(k.detach())
             c.V.append(v.detach())
@@ -206,7 +247,7 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
             c.M.append(m_mid.detach())
             r = fn.mlp_tail(l, m_mid)
         c.R.append(r.detach())
-        logits = fn.logits(r)
+        logits = fn.logits(r[-8:] if fused else r)
         m = metric_last(logits[None])
         c.metric = float(m.detach())
         grads = torch.autograd.grad(m, zs, allow_unused=True)
@@ -245,14 +286,17 @@ def _column_terms(fn: _Functional, c: _Clean, l: int, ps: Tensor, k_new: Tensor,
     if bool(sel.any()):
         Kx, Vx = fn.expand_kv(c.K[l]).double(), fn.expand_kv(c.V[l]).double()
         j = torch.arange(T, device=ps.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, T))  # rows·T per block of recomputed entries
         for h in sel.any(2).any(1).nonzero().flatten().tolist():
-            q_i, n_i = sel[h].nonzero(as_tuple=True)
-            p_i, m = ps[n_i], torch.arange(len(n_i), device=ps.device)
-            rows = ((Q[h, q_i] @ Kx[h].T) * fn.scale).masked_fill(j[None] > q_i[:, None], float("-inf"))
-            rows[m, p_i] += ds[h, q_i, n_i]
-            a_new = rows.softmax(-1)
-            z_new = a_new @ Vx[h] + a_new[m, p_i, None] * (vn[h, n_i] - Vp[h, n_i]).double()
-            contrib[h, q_i, n_i] = (GZ[h, q_i].double() * (z_new - Z[h, q_i].double())).sum(-1)
+            q_all, n_all = sel[h].nonzero(as_tuple=True)
+            for e0 in range(0, len(q_all), step):
+                q_i, n_i = q_all[e0 : e0 + step], n_all[e0 : e0 + step]
+                p_i, m = ps[n_i], torch.arange(len(n_i), device=ps.device)
+                rows = ((Q[h, q_i] @ Kx[h].T) * fn.scale).masked_fill(j[None] > q_i[:, None], float("-inf"))
+                rows[m, p_i] += ds[h, q_i, n_i]
+                a_new = rows.softmax(-1)
+                z_new = a_new @ Vx[h] + a_new[m, p_i, None] * (vn[h, n_i] - Vp[h, n_i]).double()
+                contrib[h, q_i, n_i] = (GZ[h, q_i].double() * (z_new - Z[h, q_i].double())).sum(-1)
     return contrib.masked_fill(~keep[None], 0.0).sum((0, 1)).float()
 
 
@@ -371,8 +415,11 @@ def qkfix_scores(
     def metric_last(lg: Tensor) -> Tensor:
         return metric_rows(lg).sum()
 
-    with torch.no_grad():
-        ref_logits = model.bridge(row).float()
+    from mechthink.models.fast_attention import fast_attention
+
+    keep = {"logits_to_keep": 8} if _fused(T) and model.last_logits_kwargs() else {}
+    with torch.no_grad(), fast_attention(model):
+        ref_logits = model.bridge(row, **keep).float()
         metric_clean = float(metric_rows(ref_logits).sum())
         ref = ref_logits[0, -1]
     c, logits = _clean_run(fn, row, metric_last)
