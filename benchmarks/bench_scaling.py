@@ -13,9 +13,12 @@ attention (sdpa) forward at the same T, measured in the same run.
     python benchmarks/bench_scaling.py [--model smollm2-135m] [--Ts 512,1024,2048,4096]
         [--only hooked_forward,atp,...] [--threads 1] [--mem-limit-gb 16] [--json out.json]
 
-Generation is measured separately at one prompt length (``--gen-prompt``): tokens per second of
-greedy (and sampled, and steered) generation of ``--gen-tokens`` tokens at batch 1 and 8,
-against HF ``generate`` on the same weights.
+Generation is measured separately (``--gen``) at one prompt length (``--gen-prompt``): tokens per
+second of greedy, sampled and steered generation of ``--gen-tokens`` tokens per row at batch 1
+and 8 (``--batches``), against HF ``generate`` (sdpa) on the same weights, steered there by one
+forward hook on the decoder layer (the raw floor):
+
+    python benchmarks/bench_scaling.py --gen [--gen-prompt 256] [--gen-tokens 256] [--batches 1,8]
 """
 
 from __future__ import annotations
@@ -131,6 +134,80 @@ def t_mi_trajectory(model: Any, ids: Any, ctx: dict) -> None:
     mi.mi_trajectory(model, ids, ids[-8:], start=len(ids) // 10)
 
 
+# ---------------------------------------------------------------------------- generation
+# ``ids`` is the prompt; ``ctx["gen"]`` holds batch size, new tokens and the sampling mode. Both
+# sides generate exactly ``gen_tokens`` tokens per row (no end-of-sequence stop), from the same
+# ``batch`` prompts, on the same weights.
+def _prompts(ids: Any, batch: int) -> Any:
+    import torch
+
+    return torch.stack([ids.roll(17 * b) for b in range(batch)])
+
+
+def _sampling(mode: str) -> dict:
+    return {"temperature": 0.6, "top_p": 0.95} if mode == "sampled" else {"temperature": 0.0}
+
+
+def _steering_vector(model: Any) -> Any:
+    import torch
+
+    from mechthink import steering
+
+    L = (list(model.steering_layers) or [model.n_layers // 2])[0]
+    v = torch.randn(1, model.bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    return steering.SteeringVector(v / v.norm() * 4.0, [L])
+
+
+def _gen_ours(model: Any, ids: Any, ctx: dict, mode: str) -> None:
+    import contextlib
+    import dataclasses
+
+    from mechthink import generation, steering
+
+    g = ctx["gen"]
+    rows = _prompts(ids, g["batch"]).tolist()
+    dec = dataclasses.replace(generation.Decoder.for_model(model), eos_ids=frozenset())
+    samp = _sampling("sampled" if mode == "sampled" else "greedy")
+    cfg = generation.SamplingConfig(max_new_tokens=g["tokens"], **samp)
+    cm = steering.steer(model, _steering_vector(model)) if mode == "steered" else contextlib.nullcontext()
+    with cm:
+        out = generation.decode(dec, rows, cfg, batch_size=g["batch"])
+    assert all(len(c.ids) == g["tokens"] for c in out)
+
+
+def _gen_hf(model: Any, ids: Any, ctx: dict, mode: str) -> None:
+    import torch
+
+    g = ctx["gen"]
+    hf = ctx["hf"]("sdpa")
+    x = _prompts(ids, g["batch"]).to(next(hf.parameters()).device)
+    handle = None
+    if mode == "steered":  # the raw floor of steering: one forward hook adding the vector
+        sv = _steering_vector(model)
+        vec = sv.vectors[0].to(x.device)
+
+        def add(module: Any, args: Any, out: Any) -> Any:
+            if isinstance(out, tuple):
+                return (out[0] + vec, *out[1:])
+            return out + vec
+
+        handle = hf.model.layers[sv.layers[0]].register_forward_hook(add)
+    try:
+        samp = _sampling("sampled" if mode == "sampled" else "greedy")
+        kw = {"do_sample": True, "temperature": samp["temperature"], "top_p": samp["top_p"], "top_k": None} if mode == "sampled" else {"do_sample": False}
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=g["tokens"], min_new_tokens=g["tokens"],
+                          pad_token_id=0, **kw)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert out.shape[1] == x.shape[1] + g["tokens"]
+
+
+GEN_MODES = ("greedy", "sampled", "steered")
+GEN = {f"{side}_{mode}": (lambda m, i, c, _f=fn, _m=mode: _f(m, i, c, _m))
+       for side, fn in (("gen", _gen_ours), ("hfgen", _gen_hf)) for mode in GEN_MODES}
+
+
 TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
     "hf_sdpa": t_hf_sdpa,
     "hf_eager": t_hf_eager,
@@ -145,6 +222,7 @@ TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
     "fork_probes16": t_fork_probes16,
     "binned_attention": t_binned_attention,
     "mi_trajectory": t_mi_trajectory,
+    **GEN,
 }
 
 
@@ -202,7 +280,7 @@ def _context(model: Any, device: str) -> dict:
     return {"hf": hf, "target": ids[0]}
 
 
-def worker(tech: str, T: int, model_name: str, threads: int, device: str) -> dict:
+def worker(tech: str, T: int, model_name: str, threads: int, device: str, batch: int = 1, gen_tokens: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -214,17 +292,22 @@ def worker(tech: str, T: int, model_name: str, threads: int, device: str) -> dic
     vocab = int(model.bridge.cfg.d_vocab)
     grad = tech in ("atp", "atp_exact", "qkfix")
     with torch.inference_mode(mode=not grad):
+        ctx["gen"] = {"batch": batch, "tokens": 8}
         fn(model, _tokens(64, vocab, 1), ctx)  # warm-up (and lazy loads, e.g. the HF copy)
+        ctx["gen"] = {"batch": batch, "tokens": gen_tokens}
         base = _reset_peak()
         t0 = time.perf_counter()
         fn(model, _tokens(T, vocab), ctx)
         dt = time.perf_counter() - t0
-    return {"technique": tech, "T": T, "seconds": dt, "extra_peak_mb": _peak_mb() - base}
+    row = {"technique": tech, "T": T, "seconds": dt, "extra_peak_mb": _peak_mb() - base}
+    if tech in GEN:
+        row.update(batch=batch, gen_tokens=gen_tokens, tokens_per_s=batch * gen_tokens / dt)
+    return row
 
 
-def _run_worker(tech: str, T: int, args: argparse.Namespace) -> dict:
+def _run_worker(tech: str, T: int, args: argparse.Namespace, batch: int = 1) -> dict:
     cmd = [sys.executable, HERE, "--worker", tech, "--T", str(T), "--model", args.model, "--threads", str(args.threads),
-           "--device", args.device]
+           "--device", args.device, "--batch", str(batch), "--gen-tokens", str(args.gen_tokens)]
     limit = int(args.mem_limit_gb * 2**30)
 
     def cap() -> None:  # the worker's address space, so an O(T^2) technique fails instead of swapping
@@ -251,6 +334,27 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
+def gen_main(args: argparse.Namespace) -> None:
+    """Tokens/s of our decode loop (greedy, sampled, steered) vs HF ``generate``, per batch size."""
+    modes = [m for m in (args.only.split(",") if args.only else GEN_MODES) if m]
+    if set(modes) - set(GEN_MODES):
+        raise SystemExit(f"--gen --only takes modes from {', '.join(GEN_MODES)}, got {args.only!r}")
+    rows = []
+    print(f"{args.model}, {args.threads} thread(s), {args.device}; prompt {args.gen_prompt} tokens, "
+          f"{args.gen_tokens} new tokens per row")
+    for b in [int(x) for x in args.batches.split(",")]:
+        for mode in modes:
+            pair = [_run_worker(f"{side}_{mode}", args.gen_prompt, args, batch=b) for side in ("gen", "hfgen")]
+            rows += pair
+            ours, hf = (r.get("tokens_per_s") for r in pair)
+            ratio = f"{ours / hf:.2f}x HF" if ours and hf else " ".join(r.get("error", "") for r in pair)
+            fmt = lambda v: "—" if v is None else f"{v:7.1f} tok/s"  # noqa: E731
+            print(f"batch {b:2d} {mode:8s} mechthink {fmt(ours):>13s}   HF generate {fmt(hf):>13s}   {ratio}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "threads": args.threads, "rows": rows}, fh, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -261,14 +365,22 @@ def main() -> None:
     ap.add_argument("--mem-limit-gb", type=float, default=16.0)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default="")
+    ap.add_argument("--gen", action="store_true", help="measure generation (tokens/s vs HF generate) instead")
+    ap.add_argument("--gen-prompt", type=int, default=256, help="prompt length for --gen")
+    ap.add_argument("--gen-tokens", type=int, default=256, help="new tokens per row for --gen")
+    ap.add_argument("--batches", default="1,8", help="batch sizes for --gen")
     ap.add_argument("--worker", default="")
     ap.add_argument("--T", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.T, args.model, args.threads, args.device)), flush=True)
+        print(json.dumps(worker(args.worker, args.T, args.model, args.threads, args.device, args.batch, args.gen_tokens)),
+              flush=True)
         return
+    if args.gen:
+        return gen_main(args)
     Ts = [int(t) for t in args.Ts.split(",")]
-    techs = [t for t in (args.only.split(",") if args.only else TECHNIQUES) if t]
+    techs = [t for t in (args.only.split(",") if args.only else [t for t in TECHNIQUES if t not in GEN]) if t]
     unknown = set(techs) - set(TECHNIQUES)
     if unknown:
         raise SystemExit(f"unknown techniques {sorted(unknown)}; available: {', '.join(TECHNIQUES)}")

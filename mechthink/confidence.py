@@ -171,8 +171,11 @@ def _choice_sequences(model: "ThinkingModel", choices: Mapping[str, Sequence[str
 
 
 def _forward(model: "ThinkingModel", ids: Sequence[int] | Tensor, kv: Any, **kw: Any) -> tuple[Tensor, Any]:
+    from mechthink.models.fast_attention import fast_attention
+
     x = ids if isinstance(ids, Tensor) else torch.tensor([list(ids)], dtype=torch.long)
-    logits, kv = model.bridge(x.to(model.device), return_type="logits_and_cache", past_key_values=kv, **kw)
+    with fast_attention(model):  # long prefills on the fused kernel (no [pos, pos] scores); short calls exact
+        logits, kv = model.bridge(x.to(model.device), return_type="logits_and_cache", past_key_values=kv, **kw)
     return logits.float(), kv
 
 

@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechthink.models.fast_attention import fast_attention
 from mechthink.models.kvcache import cache_from_kwargs
 
 if TYPE_CHECKING:
@@ -188,8 +189,10 @@ class Decoder:
         bridge, prefill_kw = model.bridge, model.last_logits_kwargs()
 
         def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
-            extra = prefill_kw if kv is None else {"past_key_values": kv}
-            return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **extra)
+            if kv is None:  # the prefill: a long prompt runs on the fused kernel (no [pos, pos] scores)
+                with fast_attention(model):
+                    return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **prefill_kw)
+            return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, past_key_values=kv)
 
         return cls(forward, frozenset(eos), int(pad), model.device)
 
