@@ -1042,9 +1042,20 @@ def sentence_attention(
 
         return hook
 
-    model.bridge.run_with_hooks(torch.tensor([ids], device=model.device),
-                                fwd_hooks=[(f"blocks.{L}.attn.hook_pattern", make(L)) for L in range(model.n_layers)],
-                                return_type=None)
+    from mechthink.models.fast_attention import attention_reduce
+
+    row = torch.tensor([ids], device=model.device)
+    # pattern rows by chunks of queries from the fused path (no [head, pos, pos] pattern)
+    acc = {L: torch.zeros(int(model.cfg.n_heads), len(sents), len(sents), device=model.device) for L in range(model.n_layers)}
+
+    def reduce(L: int, rows: Tensor, p: Tensor) -> None:
+        acc[L] += torch.einsum("iq,hqk,jk->hij", a[:, rows.to(a.device)], p[0].float(), a)
+
+    rest = attention_reduce(model, row, range(model.n_layers), reduce)
+    out.update({L: acc[L].cpu() for L in range(model.n_layers) if L not in rest})
+    if rest:  # layers the fused path does not cover: their hook_pattern on the exact path
+        model.bridge.run_with_hooks(row, fwd_hooks=[(f"blocks.{L}.attn.hook_pattern", make(L)) for L in rest],
+                                    return_type=None)
     return torch.stack([out[L] for L in range(model.n_layers)])
 
 

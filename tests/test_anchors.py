@@ -365,6 +365,10 @@ def test_sentence_attention_and_vertical_scores(thinker, with_error):
     region = pat[sents[i].token_start : sents[i].token_end, sents[j].token_start : sents[j].token_end]
     assert float(avg[L, h, i, j]) == pytest.approx(float(region.mean()), rel=1e-5)
     assert avg.shape == (thinker.n_layers, thinker.cfg.n_heads, len(sents), len(sents))
+    a = A._assignment(sents, len(tr.ids))  # every layer and head: the streamed rows equal the whole pattern
+    ref = torch.stack([torch.einsum("iq,hqk,jk->hij", a, cache[f"blocks.{L}.attn.hook_pattern"][0].float(), a)
+                       for L in range(thinker.n_layers)])
+    torch.testing.assert_close(avg, ref, atol=1e-6, rtol=1e-5)
     m = torch.arange(16.0).reshape(4, 4)
     v = A.vertical_scores(m, proximity_ignore=2)
     assert v[0] == pytest.approx((8.0 + 12.0) / 2) and v[1] == pytest.approx(13.0) and torch.isnan(v[2:]).all()
