@@ -64,12 +64,14 @@ def build(name: str, cfg: dict[str, Any], tokenizer: Any, device: str, dtype: An
     return mt.load_model(name, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype), sdpa
 
 
-def run_techniques(model: Any, sdpa: Any, Ts: list[int], only: list[str], device: str) -> list[dict[str, Any]]:
+def run_techniques(model: Any, sdpa: Any, Ts: list[int], only: list[str], device: str,
+                   gen_tokens: int = 64) -> list[dict[str, Any]]:
     import torch
 
-    from bench_scaling import TECHNIQUES, _tokens
+    from bench_scaling import GEN, TECHNIQUES, _tokens
 
-    ctx = {"target": model.token_ids(["Wait"])[0], "hf": lambda impl: sdpa}
+    # generation techniques: batch 8, ``gen_tokens`` new tokens per row after a T-token prompt
+    ctx = {"target": model.token_ids(["Wait"])[0], "hf": lambda impl: sdpa, "gen": {"batch": 8, "tokens": gen_tokens}}
     rows = []
     vocab = int(model.bridge.cfg.d_vocab)
     for T in Ts:
@@ -94,6 +96,9 @@ def run_techniques(model: Any, sdpa: Any, Ts: list[int], only: list[str], device
             rows.append({"T": T, "technique": tech, "seconds": None if err else dt, "extra_peak_gb": None if err else peak,
                          "error": err})
             shown = err or f"{dt:8.2f} s  {peak:7.2f} GB"
+            if tech in GEN and not err:
+                rows[-1]["tokens_per_s"] = 8 * gen_tokens / dt
+                shown += f"  {8 * gen_tokens / dt:8.1f} tok/s (batch 8)"
             print(f"  T={T:5d} {tech:18s} {shown}", flush=True)
     return rows
 
@@ -128,8 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default=os.path.join(HERE, "..", "..", "shared", "data", "tokenizers", "r1-distill-qwen"))
     ap.add_argument("--Ts", default="2048,4096")
-    ap.add_argument("--only", default="hf_sdpa,hooked_forward,lens_dla,atp,qkfix,exact_per_node,fork_probes16,"
-                                      "binned_attention,mi_trajectory")
+    ap.add_argument("--only", default="hf_sdpa,hooked_forward,hooked_fast,lens_dla,atp,qkfix,exact_per_node,fork_probes16,"
+                                      "binned_attention,mi_trajectory,gen_greedy,hfgen_greedy,gen_steered")
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--dry-run", action="store_true", help="tiny configs on CPU, short inputs (for the tests)")
     ap.add_argument("--json", default="")
@@ -153,7 +158,8 @@ def main() -> None:
         model, sdpa = build(name, configs[name], tok, device, dtype)
         print(f"{name}: built and loaded in {time.perf_counter() - t0:.1f} s "
               f"({sum(p.numel() for p in model.bridge.original_model.parameters()) / 1e9:.2f} B parameters)", flush=True)
-        report["models"][name] = run_techniques(model, sdpa, Ts, [t for t in args.only.split(",") if t], device)
+        report["models"][name] = run_techniques(model, sdpa, Ts, [t for t in args.only.split(",") if t], device,
+                                                gen_tokens=4 if args.dry_run else 64)
         del model, sdpa
         if device == "cuda":
             torch.cuda.empty_cache()
