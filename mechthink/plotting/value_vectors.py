@@ -110,10 +110,14 @@ def plot_value_vector_table(records: Sequence[Mapping[str, Any]], ax: Any = None
     fig, ax = _axes(ax, 13.0, 0.3 * len(records) + 1.0)
     ax.axis("off")
     rows = [[int(r["layer"]), int(r["neuron"]), f"{r['score']:.1f}", " ".join(repr(t) for t in r["top_tokens"])] for r in records]
-    table = ax.table(cellText=rows, colLabels=["layer", "neuron", "z-score", "top tokens of the value vector"], loc="center",
-                     cellLoc="left", colWidths=[0.07, 0.08, 0.08, 0.77])
+    # the table fills its axes (sized to the rows by the caller): no blank band above or below it
+    table = ax.table(cellText=rows, colLabels=["layer", "neuron", "z-score", "top tokens of the value vector"],
+                     bbox=[0.0, 0.0, 1.0, 1.0], cellLoc="left", colWidths=[0.07, 0.08, 0.08, 0.77])  # = widths
     table.auto_set_font_size(False)
-    table.set_fontsize(8)
+    table.set_fontsize(9)
+    widths = [0.07, 0.08, 0.08, 0.77]
+    for (_, col), cell in table.get_celld().items():
+        cell.PAD = 0.006 / widths[col]  # matplotlib pads by 10% of the cell's width: the same inset in every column
     if title:
         ax.set_title(title)
     return fig
@@ -130,7 +134,7 @@ def plot_value_vector_overview(
 ) -> FigureBase:
     """The value-vector figure: probe accuracy per layer, the ablation bars and the table of the
     top value vectors."""
-    table_h = 0.3 * len(records) + 0.9  # the table's own height: no blank band above it
+    table_h = 0.28 * (len(records) + 1) + 0.5  # header + rows, and the title above them
     fig = new_figure(13, 4.4 + table_h)
     grid = fig.add_gridspec(2, 2, height_ratios=[4.4, table_h], width_ratios=[1.4, 1])
     plot_probe_accuracy(probe, ax=fig.add_subplot(grid[0, 0]))
