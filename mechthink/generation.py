@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.models.fast_attention import fast_attention
+from mechthink.models.native import native_forward
 from mechthink.models.kvcache import cache_from_kwargs
 
 if TYPE_CHECKING:
@@ -192,6 +193,10 @@ class Decoder:
             if kv is None:  # the prefill: a long prompt runs on the fused kernel (no [pos, pos] scores)
                 with fast_attention(model):
                     return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **prefill_kw)
+            # a step with nothing hooked: the HF model's own forward (same weights, no wrappers)
+            out = native_forward(bridge, x, attention_mask=mask, position_ids=pos, past_key_values=kv)
+            if out is not None:
+                return out
             return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, past_key_values=kv)
 
         return cls(forward, frozenset(eos), int(pad), model.device)

@@ -1,0 +1,116 @@
+"""mechthink.models.native: the HF model's own forward with the bridge's wrappers taken out.
+
+Used for decode steps when nothing is hooked. Against the bridge on every architecture (prefill,
+left padding, KV-cache steps); refused whenever anything is hooked (hook points, torch hooks,
+steering, fast_attention, gradients); the wrappers are back after every call, errors included;
+greedy decoding gives the same tokens as decoding through the bridge.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import mechthink as mt
+from mechthink import generation, steering
+from mechthink.models.fast_attention import fast_attention
+from mechthink.models.native import _swaps, native_blockers, native_forward
+
+ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return mt.load_model("tiny-thinker")
+
+
+def _model(request, tiny_loaded, arch):
+    return request.getfixturevalue("organism") if arch == "organism" else tiny_loaded(arch)[0]
+
+
+def _wrapped(model) -> int:
+    return len(_swaps(model.bridge.original_model))
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "organism"])
+def test_native_equals_the_bridge_prefill_and_steps(request, tiny_loaded, arch):
+    model = _model(request, tiny_loaded, arch)
+    b = model.bridge
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(5, int(b.cfg.d_vocab), (2, 20), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    n_wrapped = _wrapped(model)
+    with torch.inference_mode():
+        assert native_blockers(b) == []
+        want, kv = b(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos)
+        got, kv_n = native_forward(b, x, attention_mask=mask, position_ids=pos)
+        live = mask.bool()
+        torch.testing.assert_close(got.log_softmax(-1)[live], want.log_softmax(-1)[live], atol=1e-4, rtol=0)
+        for step in range(3):
+            nxt = torch.randint(5, int(b.cfg.d_vocab), (2, 1), generator=g)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            pos = pos[:, -1:] + 1
+            a, kv = b(nxt, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, past_key_values=kv)
+            c, kv_n = native_forward(b, nxt, attention_mask=mask, position_ids=pos, past_key_values=kv_n)
+            torch.testing.assert_close(c.log_softmax(-1), a.log_softmax(-1), atol=1e-4, rtol=0)
+            assert kv_n.get_seq_length() == kv.get_seq_length() == 21 + step
+    assert _wrapped(model) == n_wrapped > 4 * model.n_layers  # every wrapper is back
+
+
+def test_refused_whenever_anything_is_hooked(organism):
+    b = organism.bridge
+    x = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert native_forward(b, x) is not None
+        b.blocks[1].hook_resid_post.add_hook(lambda a, hook: a)
+        try:
+            assert native_forward(b, x) is None and "hooks on" in native_blockers(b)[0]
+        finally:
+            b.reset_hooks()
+        h = b.blocks[0].mlp.register_forward_hook(lambda m, i, o: o)
+        try:
+            assert native_forward(b, x) is None
+        finally:
+            h.remove()
+        vec = steering.SteeringVector(torch.ones(1, organism.d_model), [organism.n_layers - 1])
+        with steering.steer(organism, vec, layers=[organism.n_layers - 1]):
+            assert native_forward(b, x) is None
+        with fast_attention(organism):
+            assert native_blockers(b) == ["inside fast_attention"]
+        assert native_forward(b, x) is not None
+    with torch.enable_grad():
+        assert "gradients are recorded" in native_blockers(b)
+
+
+def test_wrappers_restored_after_an_error(organism):
+    n, impl = _wrapped(organism), organism.bridge.original_model.config._attn_implementation
+    with torch.inference_mode(), pytest.raises(IndexError):
+        native_forward(organism.bridge, torch.tensor([[10**9]]))  # an id past the vocabulary
+    assert _wrapped(organism) == n and organism.bridge.original_model.config._attn_implementation == impl
+
+
+def test_greedy_decoding_native_equals_bridge_steps(organism, monkeypatch):
+    dec = dataclasses.replace(generation.Decoder.for_model(organism), eos_ids=frozenset())
+    rows = [organism.to_tokens(organism.prompt("Compute 3 + 5 - 2."))[0].tolist(), [5, 6, 7, 8]]
+    cfg = generation.SamplingConfig(max_new_tokens=24)
+    calls = []
+    real = generation.native_forward
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(generation, "native_forward", counting)
+    native = generation.decode(dec, rows, cfg, batch_size=2)
+    assert calls and all(calls)
+    monkeypatch.setattr(generation, "native_forward", lambda *a, **k: None)  # every step through the bridge
+    bridge = generation.decode(dec, rows, cfg, batch_size=2)
+    assert [c.ids for c in native] == [c.ids for c in bridge]
