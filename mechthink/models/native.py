@@ -29,10 +29,15 @@ from torch import Tensor
 __all__ = ["native_blockers", "native_forward"]
 
 
-#: Hooks TransformerLens 4.3 keeps on its own wrappers at all times (a re-entrancy guard on the
-#: first block, the capture of the norms' inputs for ``hook_resid_mid`` / ``hook_mlp_in``). They
-#: sit on wrappers the native forward takes out and only feed hook points; any other hook blocks it.
-_BRIDGE_INTERNAL = ("install_context_guard.", "BlockBridge._maybe_wire_capture_hooks.")
+#: Hooks that only observe and are not ours to see: TransformerLens 4.3 keeps two on its own
+#: wrappers at all times (a re-entrancy guard on the first block, the capture of the norms'
+#: inputs for ``hook_resid_mid`` / ``hook_mlp_in``; both on wrappers the native forward takes
+#: out, feeding hook points only), and transformers installs its output-capturing hooks
+#: (``output_hidden_states`` / ``output_attentions``; spelled "capuring" in 5.24) on the original
+#: modules the first time a model is asked for them, recording only while such a call runs.
+#: Any other hook blocks the native forward.
+_BRIDGE_INTERNAL = ("install_context_guard.", "BlockBridge._maybe_wire_capture_hooks.",
+                    "install_output_capuring_hook.", "install_output_capturing_hook.")
 
 
 def _foreign_hooks(module: torch.nn.Module) -> bool:
