@@ -605,16 +605,21 @@ def receiver_heads(
 
         return hook
 
-    # a streaming reduction, layer by layer and query rows by chunks: no [head, pos, pos] pattern
-    blocks = torch.zeros(n_layers, n_heads, U, U)
+    # a streaming reduction, layer by layer and query rows by chunks: neither a [head, pos, pos]
+    # pattern nor a [head, unit, unit] block matrix is held. vertical[h, v] = Σ_u mask[u, v]
+    # Σ_i Σ_j assign[u, i] P[h, i, j] assign[v, j], so each chunk of query rows i adds
+    # Σ_i w[v, i] (P[h, i, :] · assign[v, :]) with w = maskᵀ · assign[:, rows].
+    summed = torch.zeros(n_layers, n_heads, U)
 
     def reduce(L: int, rows: Tensor, p: Tensor) -> None:
-        blocks[L] += torch.einsum("ui,hij,vj->huv", assign[:, rows.cpu()], p[0].float().cpu(), assign)
+        w = mask.T @ assign[:, rows.cpu()]  # [key unit, query row]
+        per_row = torch.einsum("hij,vj->hiv", p[0].float().cpu(), assign)  # [head, query row, key unit]
+        summed[L] += torch.einsum("vi,hiv->hv", w, per_row)
 
     rest = attention_reduce(model, row, range(n_layers), reduce)
     for L in range(n_layers):
         if L not in rest:
-            vertical[L] = (blocks[L] * mask).sum(1) / n_q.clamp_min(1)
+            vertical[L] = summed[L] / n_q.clamp_min(1)
     if rest:  # layers the fused path does not cover: their hook_pattern on the exact path
         with torch.no_grad():
             names = hook_names(model, "pattern")

@@ -36,8 +36,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.models.fast_attention import fast_attention
-from mechthink.models.native import native_forward
 from mechthink.models.kvcache import cache_from_kwargs
+from mechthink.models.native import native_forward
 
 if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel

@@ -187,6 +187,17 @@ def test_receiver_heads(model):
     sents = [(0, 8), (8, 15), (15, 22), (22, 29), (29, len(ids))]
     rs = C.receiver_heads(model, ids, units=sents, proximity_ignore=1, skip_first=False)
     assert rs.vertical.shape[-1] == 5 and torch.isfinite(rs.kurtosis).all()
+    # every layer, head and key unit against the block matrix of the whole exact pattern
+    _, full = model.bridge.run_with_cache(ids.unsqueeze(0), names_filter=lambda n: n.endswith("hook_pattern"))
+    a = torch.zeros(5, len(ids))
+    for u, (s0, e0) in enumerate(sents):
+        a[u, s0:e0] = 1.0 / (e0 - s0)
+    keep = (torch.arange(5)[:, None] >= torch.arange(5)[None, :] + 1).float()
+    for L in range(model.n_layers):
+        blocks = torch.einsum("ui,hij,vj->huv", a, full[f"blocks.{L}.attn.hook_pattern"][0].float(), a)
+        want = (blocks * keep).sum(1) / keep.sum(0).clamp_min(1)
+        ok = keep.sum(0) > 0
+        torch.testing.assert_close(rs.vertical[L][:, ok], want[:, ok], atol=1e-6, rtol=1e-5)
     assert r.plot().axes and "kurtosis" in r.to_json()
 
 
