@@ -1,8 +1,9 @@
 """mechthink.models.native: the HF model's own forward with the bridge's wrappers taken out.
 
 Used for decode steps when nothing is hooked. Against the bridge on every architecture (prefill,
-left padding, KV-cache steps); refused whenever anything is hooked (hook points, torch hooks,
-steering, fast_attention, gradients); the wrappers are back after every call, errors included;
+left padding, KV-cache steps); residual hook points and the steering stream tracker carried over;
+refused whenever anything else is hooked (other hook points, torch hooks, fast_attention,
+gradients); the wrappers are back after every call, errors included;
 greedy decoding gives the same tokens as decoding through the bridge.
 """
 
@@ -64,14 +65,20 @@ def test_native_equals_the_bridge_prefill_and_steps(request, tiny_loaded, arch):
     assert _wrapped(model) == n_wrapped > 4 * model.n_layers  # every wrapper is back
 
 
-def test_refused_whenever_anything_is_hooked(organism):
+def test_refused_whenever_anything_but_a_residual_point_is_hooked(organism):
     b = organism.bridge
     x = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         assert native_forward(b, x) is not None
-        b.blocks[1].hook_resid_post.add_hook(lambda a, hook: a)
+        for point in ("hook_z", "hook_pattern"):
+            b.blocks[1].attn.get_submodule(point).add_hook(lambda a, hook: a)
+            try:
+                assert native_forward(b, x) is None and "hooks on" in native_blockers(b)[0]
+            finally:
+                b.reset_hooks()
+        b.blocks[1].hook_mlp_out.add_hook(lambda a, hook: a)
         try:
-            assert native_forward(b, x) is None and "hooks on" in native_blockers(b)[0]
+            assert native_forward(b, x) is None
         finally:
             b.reset_hooks()
         h = b.blocks[0].mlp.register_forward_hook(lambda m, i, o: o)
@@ -79,14 +86,72 @@ def test_refused_whenever_anything_is_hooked(organism):
             assert native_forward(b, x) is None
         finally:
             h.remove()
-        vec = steering.SteeringVector(torch.ones(1, organism.d_model), [organism.n_layers - 1])
-        with steering.steer(organism, vec, layers=[organism.n_layers - 1]):
+        h = b.blocks[0].register_forward_hook(lambda m, i, o: o)  # a forward (not pre-) hook on block 0
+        try:
             assert native_forward(b, x) is None
+        finally:
+            h.remove()
         with fast_attention(organism):
             assert native_blockers(b) == ["inside fast_attention"]
         assert native_forward(b, x) is not None
     with torch.enable_grad():
         assert "gradients are recorded" in native_blockers(b)
+
+
+@pytest.mark.parametrize("point", ["hook_resid_pre", "hook_resid_post"])
+def test_residual_point_hooks_are_carried_over(organism, point):
+    b = organism.bridge
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    shift = 3.0 * torch.randn(organism.d_model, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def hook(a, hook):
+        seen.append(tuple(a.shape))
+        return a + shift
+
+    L = organism.n_layers - 2
+    with torch.inference_mode():
+        clean = native_forward(b, x)[0]
+        b.blocks[L].get_submodule(point.replace("resid_pre", "in").replace("resid_post", "out")).add_hook(hook)
+        try:
+            want = b(x)
+            got = native_forward(b, x)
+        finally:
+            b.reset_hooks()
+    assert got is not None and len(seen) == 2 and seen[0] == seen[1]
+    torch.testing.assert_close(got[0].log_softmax(-1), want.log_softmax(-1), atol=1e-4, rtol=0)
+    assert float((clean - got[0]).abs().max()) > 1e-2  # the hook did change the output
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "once"}, {"mode": "every_k", "k": 3}, {"thinking_only": True},
+                                {"relative": True, "coeff": 0.8}, {"hook": "hook_resid_pre"}])
+def test_steered_decoding_native_equals_bridge_steps(organism, monkeypatch, kw):
+    """steer() hooks the residual points and pre-hooks the embedding and block 0 (its stream
+    tracker): carried over, a steered native decode gives the bridge's tokens in every mode."""
+    L = organism.n_layers - 1
+    vec = steering.SteeringVector(60.0 * torch.randn(1, organism.d_model, generator=torch.Generator().manual_seed(0)), [L])
+    dec = dataclasses.replace(generation.Decoder.for_model(organism), eos_ids=frozenset())
+    rows = [organism.to_tokens(organism.prompt("Compute 3 + 5 - 2."))[0].tolist(), [5, 6, 7, 8]]
+    cfg = generation.SamplingConfig(max_new_tokens=16)
+    calls = []
+    real = generation.native_forward
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(generation, "native_forward", counting)
+    with steering.steer(organism, vec, layers=[L], **{"coeff": 1.0, **kw}):
+        native = generation.decode(dec, rows, cfg, batch_size=2)
+    assert calls and all(calls)
+    monkeypatch.setattr(generation, "native_forward", lambda *a, **k: None)
+    with steering.steer(organism, vec, layers=[L], **{"coeff": 1.0, **kw}):
+        bridge = generation.decode(dec, rows, cfg, batch_size=2)
+    plain = generation.decode(dec, rows, cfg, batch_size=2)
+    assert [c.ids for c in native] == [c.ids for c in bridge]
+    if not kw:
+        assert [c.ids for c in native] != [c.ids for c in plain]  # the steering is felt
 
 
 def test_wrappers_restored_after_an_error(organism):

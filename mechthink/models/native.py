@@ -12,15 +12,20 @@ same computation on the same (compatibility-mode, folded) weights: the wrappers 
 compatibility mode compute what the modules they wrap compute, so the logits equal the bridge's
 to float rounding (``tests/test_native.py`` checks every architecture, KV-cache steps included).
 
-It refuses (returns ``None``) whenever anything could observe or change an intermediate: a hook
-on any module of the bridge (hook points, TransformerLens hooks, torch hooks such as the
-steering stream tracker's), global module hooks, an active :func:`fast_attention` block or
-gradients being recorded. Callers then use the bridge as before, so no hook ever goes missing.
+Hooks whose HF equivalent is exact are carried over for the call: hooks on the residual hook
+points ``blocks.L.hook_in`` / ``hook_out`` (the point is called on HF decoder layer L's input /
+output, so its hooks run as they do on the bridge; :func:`mechthink.steering.steer` uses these)
+and forward pre-hooks on the embedding and block-0 wrappers (the steering stream tracker). It
+refuses (returns ``None``) whenever anything else could observe or change an intermediate: a
+hook on any other module of the bridge, global module hooks, an active :func:`fast_attention`
+block or gradients being recorded. Callers then use the bridge as before, so no hook ever goes
+missing.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import torch
@@ -48,6 +53,38 @@ def _foreign_hooks(module: torch.nn.Module) -> bool:
     return False
 
 
+_RESID_POINT = re.compile(r"^blocks\.(\d+)\.hook_(in|out)$")
+
+
+def _foreign(d: dict[int, Any]) -> list[tuple[int, Any]]:
+    return [(k, fn) for k, fn in d.items() if not getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL)]
+
+
+def _plan(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """``(hooked modules that block the native forward, hooks it can carry over)``.
+
+    Carried over, because their HF equivalent is exact: forward hooks on the residual hook points
+    ``blocks.L.hook_in`` / ``hook_out`` (resid_pre / resid_post = the input / output of HF decoder
+    layer L; the point itself is called there, so its hooks run as on the bridge), and forward
+    pre-hooks on the embedding and block-0 wrappers (they see the same call as the original
+    module: the stream tracker of :func:`mechthink.steering.steer`)."""
+    blocked, carried = [], []
+    first = bridge.blocks[0] if len(bridge.blocks) else None
+    for name, m in bridge.named_modules():
+        fwd, pre = _foreign(m._forward_hooks), _foreign(m._forward_pre_hooks)
+        back = _foreign(m._backward_hooks) + _foreign(m._backward_pre_hooks)
+        if not (fwd or pre or back):
+            continue
+        point = _RESID_POINT.match(name)
+        if point and fwd and not pre and not back:
+            carried.append((point.group(2), bridge.blocks[int(point.group(1))], m))
+        elif (m is bridge.embed or m is first) and pre and not fwd and not back:
+            carried.append(("pre", m, pre))
+        else:
+            blocked.append(name)
+    return blocked, carried
+
+
 def native_blockers(bridge: Any) -> list[str]:
     """Why a call must go through the bridge now (empty: the native forward is the same call)."""
     out = []
@@ -57,12 +94,35 @@ def native_blockers(bridge: Any) -> list[str]:
         out.append("global module hooks are registered")
     if "_mechthink_fast_attention" in bridge.__dict__:
         out.append("inside fast_attention")
-    hooked = [name for name, m in bridge.named_modules() if _foreign_hooks(m)]
+    hooked = _plan(bridge)[0]
     if hooked:
         out.append(f"hooks on {hooked[:3]}{' …' if len(hooked) > 3 else ''}")
     if not getattr(bridge, "compatibility_mode", True):
         out.append("compatibility mode is off")
     return out
+
+
+def _carry(carried: list[tuple[str, Any, Any]]) -> list[Any]:
+    """Register the carried-over hooks on the original modules; the handles."""
+    handles = []
+    for kind, owner, what in carried:
+        orig = owner._modules["_original_component"]
+        if kind == "out":
+            def post(mod: Any, inp: Any, out: Any, hp: Any = what) -> Any:
+                return (hp(out[0]), *out[1:]) if isinstance(out, tuple) else hp(out)
+
+            handles.append(orig.register_forward_hook(post))
+        elif kind == "in":
+            def pre_in(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], hp: Any = what) -> Any:
+                if args:
+                    return (hp(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hp(kwargs["hidden_states"])}
+
+            handles.append(orig.register_forward_pre_hook(pre_in, with_kwargs=True))
+        else:
+            for hid, fn in what:
+                handles.append(orig.register_forward_pre_hook(fn, with_kwargs=hid in owner._forward_pre_hooks_with_kwargs))
+    return handles
 
 
 def _swaps(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]:
@@ -93,6 +153,7 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     """
     if native_blockers(bridge):
         return None
+    carried = _plan(bridge)[1]
     hf = bridge.original_model
     kv = kwargs.pop("past_key_values", None)
     kv = kwargs.pop("cache", kv)
@@ -102,12 +163,16 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     swaps = _swaps(hf)
     cfg = hf.config
     old_impl = cfg._attn_implementation
+    handles: list[Any] = []
     try:
         for parent, attr, _, orig in swaps:
             parent._modules[attr] = orig
         cfg._attn_implementation = "sdpa"
+        handles = _carry(carried)
         out = hf(input_ids=input_ids, use_cache=True, **kwargs)
     finally:
+        for h in handles:
+            h.remove()
         cfg._attn_implementation = old_impl
         for parent, attr, wrapper, _ in reversed(swaps):
             parent._modules[attr] = wrapper
