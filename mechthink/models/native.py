@@ -102,9 +102,9 @@ def native_blockers(bridge: Any) -> list[str]:
     return out
 
 
-def _carry(carried: list[tuple[str, Any, Any]]) -> list[Any]:
-    """Register the carried-over hooks on the original modules; the handles."""
-    handles = []
+def _carry(carried: list[tuple[str, Any, Any]], handles: list[Any]) -> None:
+    """Register the carried-over hooks on the original modules, appending each handle to
+    ``handles`` at once (so a failure part-way still removes what was registered)."""
     for kind, owner, what in carried:
         orig = owner._modules["_original_component"]
         if kind == "out":
@@ -122,7 +122,6 @@ def _carry(carried: list[tuple[str, Any, Any]]) -> list[Any]:
         else:
             for hid, fn in what:
                 handles.append(orig.register_forward_pre_hook(fn, with_kwargs=hid in owner._forward_pre_hooks_with_kwargs))
-    return handles
 
 
 def _swaps(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]:
@@ -168,7 +167,7 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
         for parent, attr, _, orig in swaps:
             parent._modules[attr] = orig
         cfg._attn_implementation = "sdpa"
-        handles = _carry(carried)
+        _carry(carried, handles)
         out = hf(input_ids=input_ids, use_cache=True, **kwargs)
     finally:
         for h in handles:
