@@ -9,7 +9,6 @@ greedy decoding gives the same tokens as decoding through the bridge.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
