@@ -122,16 +122,22 @@ def test_residual_point_hooks_are_carried_over(organism, point):
     assert float((clean - got[0]).abs().max()) > 1e-2  # the hook did change the output
 
 
-@pytest.mark.parametrize("kw", [{}, {"mode": "once"}, {"mode": "every_k", "k": 3}, {"thinking_only": True},
-                                {"relative": True, "coeff": 0.8}, {"hook": "hook_resid_pre"}])
-def test_steered_decoding_native_equals_bridge_steps(organism, monkeypatch, kw):
-    """steer() hooks the residual points and pre-hooks the embedding and block 0 (its stream
-    tracker): carried over, a steered native decode gives the bridge's tokens in every mode."""
-    L = organism.n_layers - 1
-    vec = steering.SteeringVector(60.0 * torch.randn(1, organism.d_model, generator=torch.Generator().manual_seed(0)), [L])
-    dec = dataclasses.replace(generation.Decoder.for_model(organism), eos_ids=frozenset())
-    rows = [organism.to_tokens(organism.prompt("Compute 3 + 5 - 2."))[0].tolist(), [5, 6, 7, 8]]
-    cfg = generation.SamplingConfig(max_new_tokens=16)
+def _decode_both(model, monkeypatch, steer_kw=None, max_new_tokens=16):
+    """Greedy decoding of two prompts with every step native (checked), then with every step
+    through the bridge; ``steer_kw`` steers both. Returns the two token lists and the vector."""
+    import contextlib
+
+    dec = dataclasses.replace(generation.Decoder.for_model(model), eos_ids=frozenset())
+    rows = [model.to_tokens(model.prompt("Compute 3 + 5 - 2."))[0].tolist(), [5, 6, 7, 8]]
+    cfg = generation.SamplingConfig(max_new_tokens=max_new_tokens)
+    L = model.n_layers - 1
+    vec = steering.SteeringVector(60.0 * torch.randn(1, model.d_model, generator=torch.Generator().manual_seed(0)), [L])
+
+    def steered():
+        if steer_kw is None:
+            return contextlib.nullcontext()
+        return steering.steer(model, vec, layers=[L], **{"coeff": 1.0, **steer_kw})
+
     calls = []
     real = generation.native_forward
 
@@ -140,17 +146,27 @@ def test_steered_decoding_native_equals_bridge_steps(organism, monkeypatch, kw):
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(generation, "native_forward", counting)
-    with steering.steer(organism, vec, layers=[L], **{"coeff": 1.0, **kw}):
-        native = generation.decode(dec, rows, cfg, batch_size=2)
-    assert calls and all(calls)
-    monkeypatch.setattr(generation, "native_forward", lambda *a, **k: None)
-    with steering.steer(organism, vec, layers=[L], **{"coeff": 1.0, **kw}):
-        bridge = generation.decode(dec, rows, cfg, batch_size=2)
-    plain = generation.decode(dec, rows, cfg, batch_size=2)
-    assert [c.ids for c in native] == [c.ids for c in bridge]
+    with monkeypatch.context() as mp:
+        mp.setattr(generation, "native_forward", counting)
+        with steered():
+            native = [c.ids for c in generation.decode(dec, rows, cfg, batch_size=2)]
+        assert calls and all(calls)
+        mp.setattr(generation, "native_forward", lambda *a, **k: None)  # every step through the bridge
+        with steered():
+            bridge = [c.ids for c in generation.decode(dec, rows, cfg, batch_size=2)]
+    plain = [c.ids for c in generation.decode(dec, rows, cfg, batch_size=2)]
+    return native, bridge, plain
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "once"}, {"mode": "every_k", "k": 3}, {"thinking_only": True},
+                                {"relative": True, "coeff": 0.8}, {"hook": "hook_resid_pre"}])
+def test_steered_decoding_native_equals_bridge_steps(organism, monkeypatch, kw):
+    """steer() hooks the residual points and pre-hooks the embedding and block 0 (its stream
+    tracker): carried over, a steered native decode gives the bridge's tokens in every mode."""
+    native, bridge, plain = _decode_both(organism, monkeypatch, steer_kw=kw)
+    assert native == bridge
     if not kw:
-        assert [c.ids for c in native] != [c.ids for c in plain]  # the steering is felt
+        assert native != plain  # the steering is felt
 
 
 def test_wrappers_restored_after_an_error(organism):
@@ -161,20 +177,5 @@ def test_wrappers_restored_after_an_error(organism):
 
 
 def test_greedy_decoding_native_equals_bridge_steps(organism, monkeypatch):
-    dec = dataclasses.replace(generation.Decoder.for_model(organism), eos_ids=frozenset())
-    rows = [organism.to_tokens(organism.prompt("Compute 3 + 5 - 2."))[0].tolist(), [5, 6, 7, 8]]
-    cfg = generation.SamplingConfig(max_new_tokens=24)
-    calls = []
-    real = generation.native_forward
-
-    def counting(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(generation, "native_forward", counting)
-    native = generation.decode(dec, rows, cfg, batch_size=2)
-    assert calls and all(calls)
-    monkeypatch.setattr(generation, "native_forward", lambda *a, **k: None)  # every step through the bridge
-    bridge = generation.decode(dec, rows, cfg, batch_size=2)
-    assert [c.ids for c in native] == [c.ids for c in bridge]
+    native, bridge, _ = _decode_both(organism, monkeypatch, max_new_tokens=24)
+    assert native == bridge
