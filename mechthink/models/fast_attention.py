@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 
 from mechthink.models import kvcache
@@ -476,8 +477,8 @@ def attention_reduce(
 
 
 def attention_rows(
-    model: Any, tokens: Tensor, layers: Any, query_positions: Any, attention_mask: Tensor | None = None
-) -> dict[int, Tensor]:
+    model: Any, tokens: Tensor, layers: Any, query_positions: Any, attention_mask: Tensor | None = None,
+) -> dict[int, Float[Tensor, "batch head query key"]]:
     """Attention patterns of a few query rows at chosen layers, without any ``[pos, pos]`` pattern
     (:func:`attention_reduce`).
 
