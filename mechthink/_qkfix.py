@@ -260,44 +260,55 @@ def _column_terms(fn: _Functional, c: _Clean, l: int, ps: Tensor, k_new: Tensor,
 
     ``ps [n]`` positions, ``k_new``/``v_new [n, Hkv, dh]``; returns ``[n]``. Memory is
     O(heads · T · n): the clean attention is rebuilt for the n columns from the stored queries,
-    keys and per-query log-sum-exp, never stored as ``[H, T, T]``."""
-    Q, Z, GZ = c.Q[l].double(), c.Z[l], c.GZ[l]
-    T = Q.shape[1]
-    kn = fn.expand_kv(k_new.transpose(0, 1)).double()  # [H, n, dh]
+    keys and per-query log-sum-exp, never stored as ``[H, T, T]``. Only the queries after the
+    first column of the block are visited (causality: the others see no changed column). The
+    closed form runs in float32 log space (no overflow of e^Δs); its denominator is ≥ 1/2 wherever
+    it is used, the entries where the clean weight exceeds :data:`_RECOMPUTE_ABOVE` being
+    recomputed row-exactly in float64."""
+    T = c.Q[l].shape[1]
+    n = ps.numel()
+    q0, q1 = int(ps.min()) + 1, T - 1  # queries q0..q1-1; the last position is handled exactly
+    if q0 >= q1:
+        return torch.zeros(n, device=ps.device)
+    Q, Z, GZ = c.Q[l][:, q0:q1], c.Z[l][:, q0:q1], c.GZ[l][:, q0:q1]
+    kn = fn.expand_kv(k_new.transpose(0, 1))  # [H, n, dh]
     vn = fn.expand_kv(v_new.transpose(0, 1))
-    Kp = fn.expand_kv(c.K[l][:, ps]).double()  # [H, n, dh]
+    Kp = fn.expand_kv(c.K[l][:, ps])  # [H, n, dh]
     Vp = fn.expand_kv(c.V[l][:, ps])
-    q_idx = torch.arange(T, device=ps.device)[:, None]
+    q_idx = torch.arange(q0, q1, device=ps.device)[:, None]
+    before = (q_idx <= ps[None])[None]  # [1, q, n]: query q does not see column p (or is p)
     s_old = torch.einsum("hqd,hnd->hqn", Q, Kp) * fn.scale
-    ds = torch.einsum("hqd,hnd->hqn", Q, kn) * fn.scale - s_old
-    log_a = (s_old - c.LSE[l][:, :, None]).masked_fill((q_idx < ps[None])[None], float("-inf"))
+    ds = torch.einsum("hqd,hnd->hqn", Q, kn - Kp) * fn.scale
+    log_a = (s_old - c.LSE[l][:, q0:q1, None].float()).masked_fill_(before, float("-inf"))
+    del s_old
     a = log_a.exp()  # clean weight of query q on column p
-    log_d = torch.logaddexp(torch.log1p(-a), log_a + ds)  # log(1 − a + a·e^Δs)
-    w_new = (log_a + ds - log_d).exp()
-    w_old = (log_a - log_d).exp()
-    gz_z = (GZ * Z).sum(-1, keepdim=True).double()  # [H, T, 1]
-    gv_new = torch.einsum("hqd,hnd->hqn", GZ, vn).double()
-    gv_old = torch.einsum("hqd,hnd->hqn", GZ, Vp).double()
-    contrib = w_new * (gv_new - gz_z) - w_old * (gv_old - gz_z)  # [H, q, n]
-    keep = (q_idx > ps[None]) & (q_idx < T - 1)
+    x = log_a + ds  # log(a·e^Δs)
+    log_d = torch.logaddexp(torch.log1p(-a.clamp(max=min(_RECOMPUTE_ABOVE, 1.0 - 1e-6))), x)  # log(1 − a + a·e^Δs)
+    gz_z = (GZ * Z).sum(-1, keepdim=True)  # [H, q, 1]
+    contrib = (x - log_d).exp_() * (torch.einsum("hqd,hnd->hqn", GZ, vn) - gz_z)
+    contrib -= (log_a - log_d).exp_() * (torch.einsum("hqd,hnd->hqn", GZ, Vp) - gz_z)
+    del x, log_d, log_a
+    contrib = contrib.double().masked_fill_(before, 0.0)
     # Where column p holds most of q's attention, z − a·v_p cancels and the division by
     # 1 − a + a·e^Δs amplifies the rounding: recompute those entries' softmax rows exactly.
-    sel = (a > _RECOMPUTE_ABOVE) & keep[None]
+    sel = (a > _RECOMPUTE_ABOVE) & ~before
     if bool(sel.any()):
+        Qx = c.Q[l].double()
         Kx, Vx = fn.expand_kv(c.K[l]).double(), fn.expand_kv(c.V[l]).double()
         j = torch.arange(T, device=ps.device)
         step = max(1, _CHUNK_ELEMENTS // max(1, T))  # rows·T per block of recomputed entries
         for h in sel.any(2).any(1).nonzero().flatten().tolist():
-            q_all, n_all = sel[h].nonzero(as_tuple=True)
-            for e0 in range(0, len(q_all), step):
-                q_i, n_i = q_all[e0 : e0 + step], n_all[e0 : e0 + step]
+            r_all, n_all = sel[h].nonzero(as_tuple=True)
+            for e0 in range(0, len(r_all), step):
+                r_i, n_i = r_all[e0 : e0 + step], n_all[e0 : e0 + step]
+                q_i = r_i + q0
                 p_i, m = ps[n_i], torch.arange(len(n_i), device=ps.device)
-                rows = ((Q[h, q_i] @ Kx[h].T) * fn.scale).masked_fill(j[None] > q_i[:, None], float("-inf"))
-                rows[m, p_i] += ds[h, q_i, n_i]
+                rows = ((Qx[h, q_i] @ Kx[h].T) * fn.scale).masked_fill(j[None] > q_i[:, None], float("-inf"))
+                rows[m, p_i] += ds[h, r_i, n_i].double()
                 a_new = rows.softmax(-1)
                 z_new = a_new @ Vx[h] + a_new[m, p_i, None] * (vn[h, n_i] - Vp[h, n_i]).double()
-                contrib[h, q_i, n_i] = (GZ[h, q_i].double() * (z_new - Z[h, q_i].double())).sum(-1)
-    return contrib.masked_fill(~keep[None], 0.0).sum((0, 1)).float()
+                contrib[h, r_i, n_i] = (GZ[h, q_i - q0].double() * (z_new - Z[h, q_i - q0].double())).sum(-1)
+    return contrib.sum((0, 1)).float()
 
 
 def _patched_streams(fn: _Functional, c: _Clean, L: int, ps: Tensor, s: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -307,18 +318,18 @@ def _patched_streams(fn: _Functional, c: _Clean, L: int, ps: Tensor, s: Tensor) 
     before it. Returns, per layer ``l ≥ L``, the new key and value of column p,
     ``([n, Hkv, dh], [n, Hkv, dh])``: p's effect reaches later positions only through them."""
     n = ps.numel()
-    T = c.Q[0].shape[1]
+    hi = int(ps.max()) + 1  # no row attends past the block's last position
     cos, sin = fn.rope(ps)
     cos, sin = cos[0][:, None], sin[0][:, None]  # [n, 1, rot]
-    j = torch.arange(T, device=ps.device)
-    future = j[None] > ps[:, None]  # [n, T]
+    j = torch.arange(hi, device=ps.device)
+    future = j[None] > ps[:, None]  # [n, hi]
     idx = ps.view(n, 1, 1, 1).expand(n, fn.Hkv, fn.g, 1)
     out = []
     for l in range(L, fn.n_layers):
         q, k, v = fn.qkv(l, s[:, None], cos, sin)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0].float()  # [n, H|Hkv, dh]
         qg = q.view(n, fn.Hkv, fn.g, fn.dh)
-        K, V = c.K[l], c.V[l]  # [Hkv, T, dh]
+        K, V = c.K[l][:, :hi], c.V[l][:, :hi]  # [Hkv, hi, dh]
         sc = torch.einsum("nkgd,ktd->nkgt", qg, K) * fn.scale
         own = torch.einsum("nkgd,nkd->nkg", qg, k)[..., None] * fn.scale
         sc = sc.scatter(-1, idx, own).masked_fill(future[:, None, None], float("-inf"))
