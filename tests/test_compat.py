@@ -1,6 +1,16 @@
 """Behaviour pinned through refactors: every analysis, at a small size, gives the numbers it gave
 before (``tests/data/compat/<analysis>.json``, within 1e-6).
 
+Two kinds of number are compared more loosely, because they are not reproducible to 1e-6 across
+CPUs while the code is unchanged. Float32 round-off differs with the CPU's vector width (AVX-512
+here, AVX2 elsewhere; ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` simulates it).
+Rank correlations (keys naming ``spearman``) are within ``RANK_TOL``: up to 40% of the
+exact-patching entries they rank are noise-level (|effect| < 1e-5 of the largest) and reorder
+with the round-off. Measured: up to 9e-3 under the AVX2 simulation and 1.1e-2 on a CI machine,
+for the same commit. Round-off magnitudes (keys ending ``_error``) are within ``ERROR_TOL``
+absolute: 3.8e-6 on one machine, 5.7e-6 on another. Every other number, raw scores included,
+stays within 1e-6, and each estimator's exactness has its own test against its exact reference.
+
 The references were written by the code before the analyses were moved into the library; a
 refactor that changes a number fails here. To re-pin after a deliberate change of results, run
 ``MECHTHINK_COMPAT_WRITE=1 python -m pytest tests/test_compat.py`` and say why in the commit.
@@ -37,6 +47,10 @@ SMALL: dict[str, dict] = {
 }
 #: Keys whose values are not numbers of the analysis (file names).
 IGNORE = {"html_view"}
+#: Absolute tolerance of rank correlations (see the module docstring for the measured spread).
+RANK_TOL = 0.03
+#: Absolute tolerance of round-off magnitudes (``..._error`` keys).
+ERROR_TOL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +77,8 @@ def _compare(got, want, path: str = "") -> list[str]:
         return [f"{path}: {got!r} != {want!r}"]
     if math.isnan(want) and math.isnan(got):
         return []
-    return [] if math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6) else [f"{path}: {got!r} != {want!r}"]
+    abs_tol = RANK_TOL if "spearman" in path else ERROR_TOL if path.endswith("_error") else 1e-6
+    return [] if math.isclose(got, want, rel_tol=1e-6, abs_tol=abs_tol) else [f"{path}: {got!r} != {want!r}"]
 
 
 def test_every_analysis_is_pinned():
