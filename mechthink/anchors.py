@@ -1545,7 +1545,9 @@ def organism_checks(
       (``..._traces``: share of traces where that holds for every error).
     * ``resampling_auroc``: per importance, AUROC for the sentences whose result feeds the final
       answer (``answer_determining``) against the rest; ``resampling_auroc_states_answer``: for
-      the sentences that state the final answer (the generator's answer mentions).
+      the sentences that state the final answer (the generator's answer mentions);
+      ``resampling_auroc_without_error_pairs``: the first, leaving out each planted wrong step
+      and its backtracking sentence.
     * ``adaptive_*`` (with ``adaptive``): rollouts saved by replaying the stopping rule on the
       full runs and Spearman's rho of each importance (pooled over sentences) against full N.
     """
@@ -1576,6 +1578,16 @@ def organism_checks(
             m: auroc(torch.cat([r.metric(m) for r in resampling]), [s for st in states for s in st])
             for m in ResamplingImportance.METRICS}
         out["n_answer_determining"] = int(sum(det))
+        # the planted errors apart: a wrong step is not answer-determining by the generator's
+        # label, yet its KL importance is high (the rollouts from the prefix that holds it and
+        # end wrong end at the answer it leads to, so the answer distribution moves even though
+        # accuracy barely does: 0.80-0.83 before a wrong step, 0.83-0.88 after, seed 0 at
+        # temperature 1.5), and its backtrack is overdetermined (the model backtracks from the
+        # prefix that holds the error whether or not the backtrack is resampled)
+        keep = [i not in {j for p in t.error_pairs for j in p} for t in tru[: len(resampling)] for i in range(len(t.sentences))]
+        out["resampling_auroc_without_error_pairs"] = {
+            m: auroc(torch.cat([r.metric(m) for r in resampling])[torch.tensor(keep)], [d for d, k in zip(det, keep) if k])
+            for m in ResamplingImportance.METRICS}
     if resampling is not None and adaptive is not None:
         replay = [replay_adaptive(r, adaptive) for r in resampling]
         out["adaptive_rollouts_full"] = sum(r.rollouts_drawn for r in resampling)

@@ -462,6 +462,15 @@ def test_every_method_on_organism_traces(thinker, organism):
     checks = A.organism_checks(items, rep.suppression, rep.resampling, A.AdaptiveStopping(min_rollouts=4, round_size=4))
     for m in A.ResamplingImportance.METRICS:
         assert 0.0 <= checks["resampling_auroc"][m] <= 1.0 or math.isnan(checks["resampling_auroc"][m])
+    # the planted-error view: the same AUROC over the sentences outside every (wrong step, backtrack) pair
+    keep = [(k, i) for k, it in enumerate(items) for i in range(len(it.sentences))
+            if i not in {j for p in it.truth.error_pairs for j in p}]
+    assert any(it.truth.error_pairs for it in items) and len(keep) < sum(len(it.sentences) for it in items)
+    for m in A.ResamplingImportance.METRICS:
+        want = A.auroc([float(rep.resampling[k].metric(m)[i]) for k, i in keep],
+                       [items[k].truth.answer_determining[i] for k, i in keep])
+        got = checks["resampling_auroc_without_error_pairs"][m]
+        assert got == pytest.approx(want, nan_ok=True)
     assert 0.0 <= checks["adaptive_saved_fraction"] < 1.0
     fig = rep.plot()
     assert len(fig.axes) >= 3

@@ -64,6 +64,8 @@ def plot_sentence_bars(
         ax.bar(xs, v, width=width, label=name, color=OKABE_ITO[m % len(OKABE_ITO)])
     category_axis(ax, [_label(s) for s in sentences], fontsize=8)
     ax.set_ylabel("importance\n(min-max per method)")
+    ax.set_ylim(0.0, 1.22)  # headroom: the legend sits above the tallest bars, not on them
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.legend(ncols=min(6, len(names)), loc="upper right")
     ax.set_title(title or "sentence importance by method")
     return ax.figure
