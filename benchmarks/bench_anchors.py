@@ -10,9 +10,10 @@ Measured in one run on tiny-thinker (1 torch thread by default):
       ``[prefix] * N``, the same loop, batch size and seeds), and each resampled sentence's
       similarity re-reads prefix + sentence;
 
-on a ~``--tokens``-token trace and on an ordinary tiny-thinker trace. Prints tokens processed
-(every position fed to the model, padding and finished rows included) and wall time of (a) and
-(b), their ratios, whether the rollouts are token-identical and the largest difference of the
+on a ~``--tokens``-token trace and on an ordinary tiny-thinker trace. Both ways drop finished
+rows from the batch (``drop_finished=True``: a finished rollout is no longer fed padding). Prints
+tokens processed (every position fed to the model, prefill padding included) and wall time of (a)
+and (b), their ratios, whether the rollouts are token-identical and the largest difference of the
 four importances (same seeds: expected 0). With full rollouts the token ratio is bounded by
 ``Σ_j N (p_j + L_j) / (T + Σ_j N L_j) ≈ 1 + mean(p) / mean(L)`` (prefix ``p_j``, rollout
 length ``L_j``): about 2 when the sentences are spread evenly over a trace.
@@ -36,7 +37,10 @@ import torch
 
 
 def _counter(model):
-    """A forward pre-hook on the embedding counting every position fed to the model."""
+    """A forward pre-hook on the embedding counting every position fed to the model (marked
+    row-independent, so the decode loop still drops finished rows under it)."""
+    from mechthink.models.native import ROW_INDEPENDENT
+
     seen = {"tokens": 0}
 
     def pre(module, args, kwargs):
@@ -44,6 +48,7 @@ def _counter(model):
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
             seen["tokens"] += ids.numel()
 
+    setattr(pre, ROW_INDEPENDENT, True)
     return seen, model.bridge.embed.register_forward_pre_hook(pre, with_kwargs=True)
 
 
@@ -75,7 +80,7 @@ def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperat
     rollouts = []
     for j, p in enumerate(points):
         cfg = G.SamplingConfig(max_new_tokens, temperature, top_p, G.seed_for(seed, p))
-        conts = G.decode(dec, [trace.ids[:p]] * n, cfg, batch_size=batch, indices=range(n))
+        conts = G.decode(dec, [trace.ids[:p]] * n, cfg, batch_size=batch, indices=range(n), drop_finished=True)
         firsts = [A.first_sentence(model, c.ids) for c in conts]
         sims = [float("nan")] * n
         if j < len(sents):

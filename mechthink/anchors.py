@@ -763,7 +763,9 @@ def resampling_importance(
     (:func:`mechthink.generation.decode_from_cache`), ``batch_size`` rows at a time, rollout
     ``k`` sampling from its own generator seeded with ``(seed_for(seed, position), k)``: the
     same seed gives the same numbers whatever the batch size, and the rollouts equal those of
-    re-prefilling each prefix (the thought-anchors code's way) token for token.
+    re-prefilling each prefix (the thought-anchors code's way) token for token. A rollout that
+    has finished leaves its batch (``drop_finished``) unless a hook that may keep per-row state
+    is attached, so finished rows are not fed padding.
 
     Similarity (for the counterfactual variants): ``"hidden"`` is the cosine between the
     model's own last-block output at the last token of the resampled sentence and at the last
@@ -819,7 +821,8 @@ def resampling_importance(
     def draw(j: int, start: int, count: int) -> list[Rollout]:
         p = points[j]
         cfg = SamplingConfig(base.max_new_tokens, base.temperature, base.top_p, seed_for(seed, p))
-        conts = decode_from_cache(decoder, pre.cache, pre.logits[p - 1], cfg, range(start, start + count), batch_size, p)
+        conts = decode_from_cache(decoder, pre.cache, pre.logits[p - 1], cfg, range(start, start + count), batch_size, p,
+                                  drop_finished=True)
         firsts = [first_sentence(model, c.ids) for c in conts]
         sims = _similarities(model, pre, trace, sents[j], p, conts, firsts, similarity) if j < len(sents) else [
             float("nan")] * len(conts)
@@ -1454,14 +1457,19 @@ class EveryMethod(Result):
         return next((i for i, it in enumerate(self.traces) if it.truth is not None and it.truth.error_pairs), 0)
 
     def summary(self) -> dict[str, Any]:
-        """The numbers of the comparison: agreement matrices, receiver heads, rollouts drawn,
-        and each method's mean score per sentence label."""
+        """The numbers of the comparison: agreement matrices, receiver heads, rollouts drawn and
+        tokens read (with the ratio re-prefilling every rollout would read), and each method's
+        mean score per sentence label."""
         m = self.agreement.methods
         labels = sorted({s.label for it in self.traces for s in it.sentences})
         by_label: dict[str, dict[str, float]] = {}
         for name in self.scores:
             vals = [(s.label, float(v[s.index])) for it, v in zip(self.traces, self.scores[name]) for s in it.sentences]
             by_label[name] = {lab: _nanmean([x for lb, x in vals if lb == lab]) for lab in labels}
+        rollout_tokens = sum(len(x.ids) for r in self.resampling for rs in r.rollouts for x in rs)
+        prefill = sum(int(r.config.get("prefill_tokens", 0)) for r in self.resampling)
+        # what re-reading every rollout's prefix (the thought-anchors code's way) would add
+        not_reread = sum(sum(int(n) * p for n, p in zip(r.n_rollouts, r.points)) for r in self.resampling) - prefill
         return {
             "n_traces": len(self.traces),
             "n_sentences": sum(len(it.sentences) for it in self.traces),
@@ -1471,11 +1479,12 @@ class EveryMethod(Result):
                                                for i, a in enumerate(m)},
             "receiver_heads": [f"L{L}H{h}" for L, h in self.receivers.top_heads],
             "rollouts_drawn": sum(r.rollouts_drawn for r in self.resampling),
-            "rollout_tokens": sum(len(x.ids) for r in self.resampling for rs in r.rollouts for x in rs),
-            "prefill_tokens": sum(int(r.config.get("prefill_tokens", 0)) for r in self.resampling),
-            # what re-reading every rollout's prefix (the thought-anchors code's way) would add
-            "prefix_tokens_not_reread": sum(sum(int(n) * p for n, p in zip(r.n_rollouts, r.points))
-                                            - int(r.config.get("prefill_tokens", 0)) for r in self.resampling),
+            "rollout_tokens": rollout_tokens,
+            "prefill_tokens": prefill,
+            "prefix_tokens_not_reread": not_reread,
+            # tokens read by re-prefilling every rollout over those read from the forks (prefixes
+            # + rollouts either way; the similarity reads, a few percent, are left out of both)
+            "token_ratio_vs_reprefill": (rollout_tokens + prefill + not_reread) / max(1, rollout_tokens + prefill),
             "mean_score_by_label": by_label,
             "label_counts": dict(Counter(s.label for it in self.traces for s in it.sentences)),
         }

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mechthink.models.fast_attention import fast_attention
 from mechthink.models.kvcache import cache_from_kwargs
-from mechthink.models.native import native_forward
+from mechthink.models.native import native_forward, rows_can_be_dropped
 
 if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel
@@ -164,6 +164,10 @@ def _keep_last(forward: Any) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in _parameters(forward) else {}
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Decoder:
     """What the decode loop needs from a model.
@@ -173,12 +177,16 @@ class Decoder:
         eos_ids: Tokens that end a row (kept in its output).
         pad_id: Token fed at padded columns and for finished rows (always masked).
         device: Where the inputs go.
+        rows_droppable: Whether finished rows may leave the batch now (no hook could notice;
+            :func:`mechthink.models.native.rows_can_be_dropped`); asked only by loops called
+            with ``drop_finished=True``.
     """
 
     forward: ForwardFn
     eos_ids: frozenset[int]
     pad_id: int
     device: torch.device
+    rows_droppable: Callable[[], bool] = _never
 
     @classmethod
     def for_model(cls, model: "ThinkingModel") -> "Decoder":
@@ -199,7 +207,7 @@ class Decoder:
                 return out
             return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, past_key_values=kv)
 
-        return cls(forward, frozenset(eos), int(pad), model.device)
+        return cls(forward, frozenset(eos), int(pad), model.device, lambda: rows_can_be_dropped(bridge))
 
     @classmethod
     def for_hf(cls, hf_model: Any, tokenizer: Any) -> "Decoder":
@@ -214,20 +222,21 @@ class Decoder:
             return out.logits, getattr(out, name)
 
         device = next(hf_model.parameters()).device
-        return cls(forward, frozenset({int(tokenizer.eos_token_id)}), int(tokenizer.pad_token_id), device)
+        return cls(forward, frozenset({int(tokenizer.eos_token_id)}), int(tokenizer.pad_token_id), device,
+                   lambda: rows_can_be_dropped(hf_model))
 
 
 # ============================================================================ the loop
 @torch.inference_mode()
 def _decode_rows(
-    decoder: Decoder, rows: list[list[int]], cfg: SamplingConfig, indices: Sequence[int]
+    decoder: Decoder, rows: list[list[int]], cfg: SamplingConfig, indices: Sequence[int], drop_finished: bool = False
 ) -> list[Continuation]:
     """Left-padded incremental decoding of one batch."""
     x, mask = left_pad(rows, decoder.pad_id)
     x, mask = x.to(decoder.device), mask.to(decoder.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, kv = decoder.forward(x, mask, pos, None)
-    return _sample_loop(decoder, logits, kv, mask, pos[:, -1:], _generators(cfg, indices), cfg)
+    return _sample_loop(decoder, logits, kv, mask, pos[:, -1:], _generators(cfg, indices), cfg, drop_finished)
 
 
 def _generators(cfg: SamplingConfig, indices: Sequence[int]) -> list[torch.Generator | None]:
@@ -243,28 +252,41 @@ def _sample_loop(
     last_pos: Int[Tensor, "batch 1"],
     gens: Sequence[torch.Generator | None],
     cfg: SamplingConfig,
+    drop_finished: bool = False,
 ) -> list[Continuation]:
-    """The steps after a prefill: sample from ``logits[:, -1]``, feed the tokens back on ``kv``."""
+    """The steps after a prefill: sample from ``logits[:, -1]``, feed the tokens back on ``kv``.
+
+    With ``drop_finished`` (and ``decoder.rows_droppable()`` true when a row finishes), finished
+    rows leave the batch (``kv.batch_select_indices``) instead of being fed padding: the other
+    rows' tokens are the same (each row has its own generator), only fewer positions are fed.
+    """
     device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
     n = int(mask.shape[0])
     out: list[list[int]] = [[] for _ in range(n)]
     reason: list[str | None] = [None] * n
+    rows = list(range(n))  # the row of ``out`` each batch position decodes
     for step in range(cfg.max_new_tokens):
         nxt = []
         last = logits[:, -1].float()
-        for i in range(n):
+        for j, i in enumerate(rows):
             if reason[i] is not None:
                 nxt.append(pad)
                 continue
             g = gens[i]
-            t = int(last[i].argmax()) if g is None else sample_token(last[i], cfg.temperature, cfg.top_p, g)
+            t = int(last[j].argmax()) if g is None else sample_token(last[j], cfg.temperature, cfg.top_p, g)
             out[i].append(t)
             nxt.append(t)
             if t in eos:
                 reason[i] = "eos"
         if all(r is not None for r in reason) or step == cfg.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
+        keep = [j for j, i in enumerate(rows) if reason[i] is None]
+        if drop_finished and len(keep) < len(rows) and decoder.rows_droppable():
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            kv.batch_select_indices(sel)
+            mask, last_pos = mask[sel], last_pos[sel]
+            nxt, rows = [nxt[j] for j in keep], [rows[j] for j in keep]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
         last_pos = last_pos + 1
         logits, kv = decoder.forward(torch.tensor(nxt, dtype=torch.long, device=device)[:, None], mask, last_pos, kv)
     return [Continuation(o, r or "length") for o, r in zip(out, reason)]
@@ -276,6 +298,7 @@ def decode_batches(
     cfg: SamplingConfig,
     batch_size: int,
     indices: Sequence[int] | None = None,
+    drop_finished: bool = False,
 ) -> Iterator[tuple[list[int], list[Continuation]]]:
     """Decode ``rows`` ``batch_size`` at a time, yielding ``(indices of the batch, continuations)``.
 
@@ -285,6 +308,8 @@ def decode_batches(
         cfg: Budget and sampling.
         batch_size: Rows decoded together.
         indices: The index each row's generator is seeded with (default ``0..len(rows)-1``).
+        drop_finished: Finished rows leave the batch where no hook could notice (same tokens,
+            fewer positions fed; see :func:`_sample_loop`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -293,7 +318,8 @@ def decode_batches(
         raise ValueError(f"indices: {len(idx)} given for {len(rows)} rows")
     cleaned = [[int(t) for t in r] for r in rows]
     for k in range(0, len(cleaned), batch_size):
-        yield idx[k : k + batch_size], _decode_rows(decoder, cleaned[k : k + batch_size], cfg, idx[k : k + batch_size])
+        yield idx[k : k + batch_size], _decode_rows(decoder, cleaned[k : k + batch_size], cfg, idx[k : k + batch_size],
+                                                    drop_finished)
 
 
 def decode(
@@ -302,9 +328,10 @@ def decode(
     cfg: SamplingConfig,
     batch_size: int = 32,
     indices: Sequence[int] | None = None,
+    drop_finished: bool = False,
 ) -> list[Continuation]:
     """Continuations of every row of ``rows`` (see :func:`decode_batches`), in order."""
-    return [c for _, batch in decode_batches(decoder, rows, cfg, batch_size, indices) for c in batch]
+    return [c for _, batch in decode_batches(decoder, rows, cfg, batch_size, indices, drop_finished) for c in batch]
 
 
 def fork_cache(cache: Any, n_rows: int, length: int | None = None) -> Any:
@@ -335,6 +362,7 @@ def decode_from_cache(
     indices: Sequence[int],
     batch_size: int = 32,
     length: int | None = None,
+    drop_finished: bool = False,
 ) -> list[Continuation]:
     """Continue one cached prefix once per index, without re-reading the prefix.
 
@@ -354,6 +382,8 @@ def decode_from_cache(
         indices: One index per continuation (seeds its generator).
         batch_size: Rows decoded together.
         length: Prefix length to continue from (a cache of a longer sequence is cut).
+        drop_finished: Finished rows leave the batch where no hook could notice (same tokens,
+            fewer positions fed; see :func:`_sample_loop`).
 
     Returns:
         One :class:`Continuation` per index, in order.
@@ -374,7 +404,7 @@ def decode_from_cache(
         mask = torch.ones((n, n_pos), dtype=torch.long, device=decoder.device)
         last_pos = torch.full((n, 1), n_pos - 1, dtype=torch.long, device=decoder.device)
         logits = einops.repeat(last_logits.to(decoder.device), "v -> n 1 v", n=n)
-        out += _sample_loop(decoder, logits, kv, mask, last_pos, _generators(cfg, rows), cfg)
+        out += _sample_loop(decoder, logits, kv, mask, last_pos, _generators(cfg, rows), cfg, drop_finished)
     return out
 
 

@@ -77,3 +77,49 @@ def test_decode_from_cache_bad_input(thinker, trace_ids):
         G.decode_from_cache(dec, kv, logits[-1], cfg, [0], batch_size=0)
     with pytest.raises(TYPE_ERRORS, match="last_logits"):
         G.decode_from_cache(dec, kv, logits, cfg, [0])
+
+
+def _widths(model, mark: bool):
+    """A forward pre-hook on the embedding recording each call's batch size (marked row-independent
+    or not), and its handle."""
+    from mechthink.models.native import ROW_INDEPENDENT
+
+    seen: list[int] = []
+
+    def pre(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
+        seen.append(int(ids.shape[0]))
+
+    if mark:
+        setattr(pre, ROW_INDEPENDENT, True)
+    return seen, model.bridge.embed.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_drop_finished_rows_same_tokens_fewer_rows(thinker, trace_ids):
+    """Finished rows leaving the batch change no row's tokens (forks and fresh prefills, sampled
+    and greedy); the batch really shrinks under a row-independent hook, and stays whole under any
+    other hook (which may keep per-row state)."""
+    logits, kv = _prefill(thinker, trace_ids)
+    dec = G.Decoder.for_model(thinker)
+    cfg = G.SamplingConfig(max_new_tokens=60, temperature=1.0, top_p=0.95, seed=5)
+    idx = list(range(10))
+    p = 31
+    kept = G.decode_from_cache(dec, kv, logits[p - 1], cfg, idx, batch_size=10, length=p)
+    assert len({len(c.ids) for c in kept}) > 1 and any(c.finished for c in kept)  # rows end at different steps
+    seen, h = _widths(thinker, mark=True)
+    try:
+        dropped = G.decode_from_cache(dec, kv, logits[p - 1], cfg, idx, batch_size=10, length=p, drop_finished=True)
+    finally:
+        h.remove()
+    assert dropped == kept and kv.get_seq_length() == len(trace_ids)
+    assert seen[0] == 10 and min(seen) < 10 and seen == sorted(seen, reverse=True)
+    fresh = G.decode(dec, [trace_ids[:p]] * 10, cfg, batch_size=10, indices=idx, drop_finished=True)
+    assert fresh == kept
+    greedy = G.SamplingConfig(max_new_tokens=30)
+    assert G.decode(dec, [trace_ids[:p], trace_ids[:40]], greedy, drop_finished=True) == G.decode(dec, [trace_ids[:p], trace_ids[:40]], greedy)
+    seen, h = _widths(thinker, mark=False)
+    try:
+        whole = G.decode_from_cache(dec, kv, logits[p - 1], cfg, idx, batch_size=10, length=p, drop_finished=True)
+    finally:
+        h.remove()
+    assert whole == kept and set(seen) == {10}

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["native_blockers", "native_forward"]
+__all__ = ["ROW_INDEPENDENT", "native_blockers", "native_forward", "rows_can_be_dropped"]
 
 
 #: Hooks that only observe and are not ours to see: TransformerLens 4.3 keeps two on its own
@@ -53,11 +54,50 @@ def _foreign_hooks(module: torch.nn.Module) -> bool:
     return False
 
 
+#: Attribute a hook function sets (to True) to declare that it treats every batch row alike and
+#: keeps no per-row state, so the decode loop may drop finished rows under it (e.g. a counter).
+ROW_INDEPENDENT = "_mechthink_row_independent"
+
+
+def rows_can_be_dropped(module: torch.nn.Module) -> bool:
+    """Whether a decode loop may drop finished rows from the batch without any hook noticing.
+
+    True when no global module hook is registered and every hook on ``module`` and its
+    submodules is the bridge's own (``_BRIDGE_INTERNAL``) or marked :data:`ROW_INDEPENDENT`.
+    Anything else (a steering tracker that keeps per-row state, a hook caching activations by
+    row) keeps the batch whole, so dropping never changes what a hook sees per row.
+    """
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return False
+    for _, m in _walk(module):
+        for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
+            for fn in d.values():
+                if not getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL) and not getattr(fn, ROW_INDEPENDENT, False):
+                    return False
+    return True
+
+
 _RESID_POINT = re.compile(r"^blocks\.(\d+)\.hook_(in|out)$")
 
 
 def _foreign(d: dict[int, Any]) -> list[tuple[int, Any]]:
     return [(k, fn) for k, fn in d.items() if not getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL)]
+
+
+def _walk(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``root.named_modules()`` (pre-order, each module once), iteratively: it runs before every
+    decode step, and the recursive generator costs ~3x as much on a deep bridge."""
+    seen: set[int] = set()
+    stack: list[tuple[str, torch.nn.Module]] = [("", root)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield name, m
+        for k, c in reversed(m._modules.items()):
+            if c is not None:
+                stack.append((f"{name}.{k}" if name else k, c))
 
 
 def _plan(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
@@ -70,7 +110,9 @@ def _plan(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
     module: the stream tracker of :func:`mechthink.steering.steer`)."""
     blocked, carried = [], []
     first = bridge.blocks[0] if len(bridge.blocks) else None
-    for name, m in bridge.named_modules():
+    for name, m in _walk(bridge):
+        if not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+            continue
         fwd, pre = _foreign(m._forward_hooks), _foreign(m._forward_pre_hooks)
         back = _foreign(m._backward_hooks) + _foreign(m._backward_pre_hooks)
         if not (fwd or pre or back):
@@ -85,8 +127,9 @@ def _plan(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
     return blocked, carried
 
 
-def native_blockers(bridge: Any) -> list[str]:
-    """Why a call must go through the bridge now (empty: the native forward is the same call)."""
+def native_blockers(bridge: Any, plan: tuple[list[str], list[tuple[str, Any, Any]]] | None = None) -> list[str]:
+    """Why a call must go through the bridge now (empty: the native forward is the same call).
+    ``plan``: :func:`_plan` of the bridge when the caller has it already."""
     out = []
     if torch.is_grad_enabled():
         out.append("gradients are recorded")
@@ -94,7 +137,7 @@ def native_blockers(bridge: Any) -> list[str]:
         out.append("global module hooks are registered")
     if "_mechthink_fast_attention" in bridge.__dict__:
         out.append("inside fast_attention")
-    hooked = _plan(bridge)[0]
+    hooked = (plan or _plan(bridge))[0]
     if hooked:
         out.append(f"hooks on {hooked[:3]}{' …' if len(hooked) > 3 else ''}")
     if not getattr(bridge, "compatibility_mode", True):
@@ -127,7 +170,7 @@ def _carry(carried: list[tuple[str, Any, Any]], handles: list[Any]) -> None:
 def _swaps(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]:
     """``(parent, name, wrapper, original)`` for every bridge wrapper in the HF module tree."""
     out = []
-    for parent in list(hf.modules()):
+    for _, parent in list(_walk(hf)):
         for name, child in list(parent._modules.items()):
             orig = child._modules.get("_original_component") if child is not None else None
             if isinstance(orig, torch.nn.Module):
@@ -150,9 +193,10 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     ``kwargs``: ``attention_mask``, ``position_ids``, ``past_key_values`` (a HF cache, also
     accepted under the transformers 5.24 name ``cache``), ``logits_to_keep``.
     """
-    if native_blockers(bridge):
+    plan = _plan(bridge)
+    if native_blockers(bridge, plan):
         return None
-    carried = _plan(bridge)[1]
+    carried = plan[1]
     hf = bridge.original_model
     kv = kwargs.pop("past_key_values", None)
     kv = kwargs.pop("cache", kv)
