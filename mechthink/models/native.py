@@ -85,8 +85,9 @@ def _foreign(d: dict[int, Any]) -> list[tuple[int, Any]]:
 
 
 def _walk(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-    """``root.named_modules()`` (pre-order, each module once), iteratively: it runs before every
-    decode step, and the recursive generator costs ~3x as much on a deep bridge."""
+    """``root.named_modules()`` (pre-order, each module once), iteratively: the hook scan runs
+    before every decode step (on tiny-thinker's bridge it takes 0.22 ms this way, 0.38 ms with
+    the recursive generator)."""
     seen: set[int] = set()
     stack: list[tuple[str, torch.nn.Module]] = [("", root)]
     while stack:
