@@ -1590,8 +1590,8 @@ def organism_checks(
         # the planted errors apart: a wrong step is not answer-determining by the generator's
         # label, yet its KL importance is high (the rollouts from the prefix that holds it and
         # end wrong end at the answer it leads to, so the answer distribution moves even though
-        # accuracy barely does: 0.80-0.83 before a wrong step, 0.83-0.88 after, seed 0 at
-        # temperature 1.5), and its backtrack is overdetermined (the model backtracks from the
+        # accuracy barely does: 0.77-0.86 before a wrong step, 0.84-0.88 after, seed 0 at
+        # temperature 1.5, N = 100), and its backtrack is overdetermined (the model backtracks from the
         # prefix that holds the error whether or not the backtrack is resampled)
         keep = [i not in {j for p in t.error_pairs for j in p} for t in tru[: len(resampling)] for i in range(len(t.sentences))]
         out["resampling_auroc_without_error_pairs"] = {
