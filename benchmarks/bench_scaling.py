@@ -104,6 +104,24 @@ def t_qkfix(model: Any, ids: Any, ctx: dict) -> None:
     _atp(model, ids, ctx, nodes=("resid_pre",), estimator="qkfix")
 
 
+def _eap(model: Any, ids: Any, ctx: dict, method: str) -> None:
+    import torch
+
+    from mechthink import attribution as atp
+    from mechthink import circuits
+
+    with torch.enable_grad():
+        circuits.edge_attribution(model, ids, atp.logit_metric(-1, ctx["target"]), baseline="zero", method=method, ig_steps=5)
+
+
+def t_eap(model: Any, ids: Any, ctx: dict) -> None:
+    _eap(model, ids, ctx, "eap")
+
+
+def t_eap_ig(model: Any, ids: Any, ctx: dict) -> None:
+    _eap(model, ids, ctx, "eap-ig")
+
+
 def t_exact_per_node(model: Any, ids: Any, ctx: dict) -> None:
     from mechthink import attribution as atp
 
@@ -218,6 +236,8 @@ TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
     "atp": t_atp,
     "atp_exact": t_atp_exact,
     "qkfix": t_qkfix,
+    "eap": t_eap,
+    "eap_ig": t_eap_ig,
     "exact_per_node": t_exact_per_node,
     "fork_probes16": t_fork_probes16,
     "binned_attention": t_binned_attention,
@@ -290,7 +310,7 @@ def worker(tech: str, T: int, model_name: str, threads: int, device: str, batch:
     ctx = _context(model, device)
     fn = TECHNIQUES[tech]
     vocab = int(model.bridge.cfg.d_vocab)
-    grad = tech in ("atp", "atp_exact", "qkfix")
+    grad = tech in ("atp", "atp_exact", "qkfix", "eap", "eap_ig")
     with torch.inference_mode(mode=not grad):
         ctx["gen"] = {"batch": batch, "tokens": 8}
         fn(model, _tokens(64, vocab, 1), ctx)  # warm-up (and lazy loads, e.g. the HF copy)

@@ -85,7 +85,7 @@ def run_techniques(model: Any, sdpa: Any, Ts: list[int], only: list[str], device
             t0 = time.perf_counter()
             err = ""
             try:
-                with torch.inference_mode(mode=tech not in ("atp", "qkfix")):
+                with torch.inference_mode(mode=tech not in ("atp", "qkfix", "eap", "eap_ig")):
                     fn(model, ids, ctx)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -133,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default=os.path.join(HERE, "..", "..", "shared", "data", "tokenizers", "r1-distill-qwen"))
     ap.add_argument("--Ts", default="2048,4096")
-    ap.add_argument("--only", default="hf_sdpa,hooked_forward,hooked_fast,lens_dla,atp,qkfix,exact_per_node,fork_probes16,"
+    ap.add_argument("--only", default="hf_sdpa,hooked_forward,hooked_fast,lens_dla,atp,qkfix,eap,exact_per_node,fork_probes16,"
                                       "binned_attention,mi_trajectory,gen_greedy,hfgen_greedy,gen_steered")
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--dry-run", action="store_true", help="tiny configs on CPU, short inputs (for the tests)")

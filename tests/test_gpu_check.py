@@ -23,7 +23,7 @@ def test_gpu_check_dry_run(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--json", str(out),
          "--tokenizer", str(SHARED / "data" / "tokenizers" / "r1-distill-qwen"),
-         "--only", "hf_sdpa,hooked_forward,hooked_fast,lens_dla,atp,qkfix,exact_per_node,fork_probes16,binned_attention,"
+         "--only", "hf_sdpa,hooked_forward,hooked_fast,lens_dla,atp,qkfix,eap,exact_per_node,fork_probes16,binned_attention,"
                    "mi_trajectory,gen_greedy,hfgen_greedy,gen_steered"],
         capture_output=True, text=True, timeout=900, env=env,
     )
@@ -31,6 +31,6 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"r1-distill-qwen-1.5b", "r1-distill-llama-8b"}
     for rows in report["models"].values():
-        assert len(rows) == 2 * 13
+        assert len(rows) == 2 * 14
         assert all(r["tokens_per_s"] > 0 for r in rows if r["technique"].startswith(("gen_", "hfgen_")))
         assert not [r for r in rows if r["error"]], [r for r in rows if r["error"]]
