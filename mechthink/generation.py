@@ -256,9 +256,10 @@ def _sample_loop(
 ) -> list[Continuation]:
     """The steps after a prefill: sample from ``logits[:, -1]``, feed the tokens back on ``kv``.
 
-    With ``drop_finished`` (and ``decoder.rows_droppable()`` true when a row finishes), finished
-    rows leave the batch (``kv.batch_select_indices``) instead of being fed padding: the other
-    rows' tokens are the same (each row has its own generator), only fewer positions are fed.
+    With ``drop_finished`` (and ``decoder.rows_droppable()`` true), finished rows leave the batch
+    (``kv.batch_select_indices``) once they are a quarter of it, instead of being fed padding to
+    the end: the other rows' tokens are the same (each row has its own generator), only fewer
+    positions are fed.
     """
     device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
     n = int(mask.shape[0])
@@ -280,8 +281,10 @@ def _sample_loop(
                 reason[i] = "eos"
         if all(r is not None for r in reason) or step == cfg.max_new_tokens - 1:
             break
-        keep = [j for j, i in enumerate(rows) if reason[i] is None]
-        if drop_finished and len(keep) < len(rows) and decoder.rows_droppable():
+        # finished rows leave once they are a quarter of the batch: each drop copies the KV
+        # cache, so the copies add up to a few caches' worth whatever the batch size
+        keep = [j for j, i in enumerate(rows) if reason[i] is None] if drop_finished else []
+        if drop_finished and len(rows) - len(keep) >= max(1, len(rows) // 4) and decoder.rows_droppable():
             sel = torch.tensor(keep, dtype=torch.long, device=device)
             kv.batch_select_indices(sel)
             mask, last_pos = mask[sel], last_pos[sel]

@@ -46,12 +46,14 @@ _BRIDGE_INTERNAL = ("install_context_guard.", "BlockBridge._maybe_wire_capture_h
                     "install_output_capuring_hook.", "install_output_capturing_hook.")
 
 
-def _foreign_hooks(module: torch.nn.Module) -> bool:
-    for d in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks):
-        for fn in d.values():
-            if not getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL):
-                return True
-    return False
+def _internal(fn: Any) -> bool:
+    """Whether a hook function is one of the bridge's or transformers' own (``_BRIDGE_INTERNAL``)."""
+    return getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL)
+
+
+def _global_hooks() -> bool:
+    """Whether a global module forward (pre-)hook is registered."""
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
 
 
 #: Attribute a hook function sets (to True) to declare that it treats every batch row alike and
@@ -67,13 +69,12 @@ def rows_can_be_dropped(module: torch.nn.Module) -> bool:
     Anything else (a steering tracker that keeps per-row state, a hook caching activations by
     row) keeps the batch whole, so dropping never changes what a hook sees per row.
     """
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+    if _global_hooks():
         return False
     for _, m in _walk(module):
         for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
-            for fn in d.values():
-                if not getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL) and not getattr(fn, ROW_INDEPENDENT, False):
-                    return False
+            if any(not _internal(fn) and not getattr(fn, ROW_INDEPENDENT, False) for fn in d.values()):
+                return False
     return True
 
 
@@ -81,7 +82,7 @@ _RESID_POINT = re.compile(r"^blocks\.(\d+)\.hook_(in|out)$")
 
 
 def _foreign(d: dict[int, Any]) -> list[tuple[int, Any]]:
-    return [(k, fn) for k, fn in d.items() if not getattr(fn, "__qualname__", "").startswith(_BRIDGE_INTERNAL)]
+    return [(k, fn) for k, fn in d.items() if not _internal(fn)]
 
 
 def _walk(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -134,7 +135,7 @@ def native_blockers(bridge: Any, plan: tuple[list[str], list[tuple[str, Any, Any
     out = []
     if torch.is_grad_enabled():
         out.append("gradients are recorded")
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+    if _global_hooks():
         out.append("global module hooks are registered")
     if "_mechthink_fast_attention" in bridge.__dict__:
         out.append("inside fast_attention")
