@@ -59,7 +59,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechthink.attribution import _as_row, _per_row
+from mechthink.attribution import _as_row, _per_row, logits_kwargs
 from mechthink.progress import track
 from mechthink.results import FlatResult, Result
 
@@ -99,6 +99,9 @@ Method = Literal["eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs"]
 EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs")
 #: Interpolation steps of EAP-IG when none are given (Hanna et al. use 5).
 DEFAULT_IG_STEPS = 5
+#: EAP-IG (embeddings) runs its interpolation rows in gradient passes of at most this many
+#: tokens (at least one row a pass), so its memory at long traces is that of EAP.
+IG_TOKENS_PER_PASS = 2048
 Baseline = Any  # "mean" | "zero" | token ids of a same-length input | Float[Tensor, "pos sender d_model"]
 
 
@@ -236,14 +239,15 @@ def build_graph(model: "ThinkingModel") -> EdgeGraph:
 
 # ------------------------------------------------------------------------------ the hook engine
 @contextmanager
-def _edge_mode(model: "ThinkingModel") -> Iterator[None]:
-    """Split q/k/v inputs, per-head results and ``hook_mlp_in`` on; restored on exit."""
+def _edge_mode(model: "ThinkingModel", split: bool = True, result: bool = True) -> Iterator[None]:
+    """Split q/k/v inputs (``split``), per-head results (``result``) and ``hook_mlp_in`` on;
+    restored on exit."""
     b = model.bridge
     flags = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
     old = {f: bool(getattr(b.cfg, f, False)) for f in flags}
     try:
-        b.set_use_split_qkv_input(True)
-        b.set_use_attn_result(True)
+        b.set_use_split_qkv_input(split)
+        b.set_use_attn_result(result)
         b.set_use_hook_mlp_in(True)
         yield
     finally:
@@ -266,12 +270,14 @@ class _Engine:
     ablate: Tensor | None = None  # [B, sender, receiver]
     embed: Tensor | None = None  # [B, pos, d_model]
     keep_inputs: bool = False
-    cur: list[Tensor | None] = field(default_factory=list)
+    senders_only: bool = False  # only the sender hooks: no split q/k/v inputs, per-head results from hook_z
+    cur: Any = field(default_factory=list)  # sender index -> output (a list, or a :class:`_DeltaSink`)
     inputs: dict[int, Tensor] = field(default_factory=dict)  # first receiver index -> [B, pos, n, d_model]
     _result: dict[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cur = [None] * len(self.graph.senders)
+        if not isinstance(self.cur, _DeltaSink):
+            self.cur = [None] * len(self.graph.senders)
 
     def senders(self) -> Float[Tensor, "batch pos sender d_model"]:
         return torch.stack([c for c in self.cur if c is not None], dim=2)
@@ -292,6 +298,33 @@ class _Engine:
                 return
             for h in range(self.graph.n_heads):
                 self.cur[self.graph.head_sender(layer, h)] = act[:, :, h]
+
+        return hook
+
+    def _results_from_z(self) -> bool:
+        """Senders-only runs compute the per-head results from ``hook_z`` themselves, exactly as
+        the bridge's ``hook_result`` does (``z_h @ W_O_h``, no bias), so ``use_attn_result``
+        stays off and attention runs on the fused kernel; not for output projections the bridge
+        treats otherwise (``Conv1D`` weights, a result scale)."""
+        if not self.senders_only:
+            return False
+        for blk in self.model.bridge.blocks:
+            attn = blk.attn
+            o = getattr(getattr(attn, "o", None), "original_component", None)
+            if not isinstance(o, torch.nn.Linear) or getattr(attn, "_result_contribution_scale", 1.0) != 1.0:
+                return False
+        return True
+
+    def _heads_from_z(self, layer: int) -> Callable[..., None]:
+        g = self.graph
+        weight = self.model.bridge.blocks[layer].attn.o.original_component.weight
+        heads = self._heads(layer)
+
+        def hook(z: Tensor, hook: Any) -> None:
+            with torch.no_grad():  # recorded, never differentiated
+                z4 = z.detach().reshape(z.shape[0], z.shape[1], g.n_heads, -1)
+                w = einops.rearrange(weight, "d_model (h d_head) -> h d_head d_model", h=g.n_heads)
+                heads(torch.einsum("bshd,hdm->bshm", z4, w.to(z4.dtype)), hook)
 
         return hook
 
@@ -339,18 +372,29 @@ class _Engine:
         g = self.graph
         out: list[tuple[str, Callable[..., Any]]] = [("hook_embed", self._embed)]
         for L in range(g.n_layers):
-            out.append((f"blocks.{L}.attn.hook_result", self._heads(L)))
+            if self._results_from_z():
+                out.append((f"blocks.{L}.attn.hook_z", self._heads_from_z(L)))
+            else:
+                out.append((f"blocks.{L}.attn.hook_result", self._heads(L)))
             if g.attn_post_norm:
                 out.append((f"blocks.{L}.ln1_post.hook_scale", self._post_norm(L)))
             out.append((f"blocks.{L}.hook_mlp_out", self._mlp(L)))
+            if self.senders_only:
+                continue
             for kind in ("q", "k", "v"):
                 s = g.receiver_slice(L, kind)
                 out.append((f"blocks.{L}.attn.hook_{kind}_input", self._receiver(s.start, s.stop - s.start, True)))
             out.append((f"blocks.{L}.hook_mlp_in", self._receiver(g.receiver_slice(L, "mlp").start, 1, False)))
-        out.append(("ln_final.hook_in", self._receiver(g.logits_receiver, 1, False)))
+        if not self.senders_only:
+            out.append(("ln_final.hook_in", self._receiver(g.logits_receiver, 1, False)))
         return out
 
-    def run(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def run(self, tokens: Int[Tensor, "batch pos"], **kw: Any) -> Float[Tensor, "batch kept d_vocab"]:
+        if self.senders_only:
+            from mechthink.models.fast_attention import fast_attention
+
+            with _edge_mode(self.model, split=False, result=not self._results_from_z()), fast_attention(self.model):
+                return self.model.bridge.run_with_hooks(tokens, fwd_hooks=self.hooks(), **kw)
         with _edge_mode(self.model):
             return self.model.bridge.run_with_hooks(tokens, fwd_hooks=self.hooks())
 
@@ -361,6 +405,149 @@ class _Engine:
         """``∂m/∂x_v`` of every receiver input kept by the last run."""
         grads = torch.autograd.grad(m, self.receiver_inputs())
         return torch.cat([g if g.dim() == 4 else g.unsqueeze(2) for g in grads], dim=2)
+
+
+class _DeltaSink:
+    """Stands in for :attr:`_Engine.cur`: adds ``sign ×`` each sender output (row 0) into
+    ``buf[sender, pos, d_model]`` as it is produced, so no per-layer output outlives its layer."""
+
+    def __init__(self, buf: Tensor, sign: float) -> None:
+        self.buf, self.sign = buf, sign
+
+    def __setitem__(self, u: int, act: Tensor) -> None:
+        with torch.no_grad():
+            self.buf[u].add_(act[0].detach().to(self.buf.dtype), alpha=self.sign)
+
+
+def _baseline_buffer(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline,
+                     means: SenderMeans | None, dtype: torch.dtype) -> Tensor:
+    """The baseline's sender outputs as one ``[sender, pos, d_model]`` buffer (a corrupted input
+    runs once without gradients, its outputs written in place layer by layer)."""
+    T, n, d = row.shape[1], len(graph.senders), int(model.cfg.d_model)
+    tokens_baseline = not isinstance(baseline, str) and not (isinstance(baseline, Tensor) and baseline.is_floating_point())
+    if not tokens_baseline:
+        b = _baseline(model, graph, row, baseline, means)[0]  # [pos | 1, sender, d_model]
+        return b.to(dtype).transpose(0, 1).expand(n, T, d).contiguous()
+    b = _as_row(baseline, model.device)
+    if b.shape[1] != T:
+        raise ValueError(f"baseline tokens have length {b.shape[1]} but the clean input has {T}; "
+                         "a corrupted input (minimal pair) must have the same length")
+    buf = torch.zeros(n, T, d, dtype=dtype, device=model.device)
+    with torch.no_grad():
+        _Engine(model, graph, senders_only=True, cur=_DeltaSink(buf, 1.0)).run(b)
+    return buf
+
+
+def _eap_lean(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline, means: SenderMeans | None,
+              metric: Metric, ig_steps: int, head_chunk: int = 16) -> tuple[Tensor, float]:
+    """EAP (``ig_steps=0``) or EAP-IG on the embeddings, in memory linear in the length.
+
+    Same scores as keeping every receiver's own input (``Σ_pos Δ_u · ∂m/∂x_v``; tested against
+    that reference on every architecture), computed without ever materialising a receiver's
+    input or a ``[pos, pos]`` pattern: the gradient forward runs with the split q/k/v inputs and
+    per-head results off, on the fused attention kernel
+    (:func:`mechthink.models.fast_attention.fast_attention`), and keeps the gradients at
+    ``hook_q`` / ``hook_k`` / ``hook_v`` (``d_head`` wide per head), ``hook_mlp_in`` and
+    ``ln_final.hook_in``. A head's gradient at its own pre-norm input, ``∂m/∂x_{q,h}``, is the
+    vector-Jacobian product of the layer's shared ``ln1`` input -> ``hook_q`` map with the
+    gradient masked to head ``h`` (one layer's heads in one batched product,
+    ``is_grads_batched``), contracted at once with the sender differences ``Δ`` (one
+    ``[sender, pos, d_model]`` buffer, the clean outputs subtracted in place during the
+    gradient forward; per-head outputs from ``hook_z`` as the bridge's ``hook_result`` computes
+    them). EAP-IG's interpolation rows run in passes of at most :data:`IG_TOKENS_PER_PASS`
+    tokens. Peak memory: one ordinary forward + backward (of one pass), ``Δ`` and
+    ``[head_chunk, pos, d_model]``.
+    """
+    from mechthink.models.fast_attention import fast_attention
+
+    dtype = torch.float32
+    g = graph
+    delta = _baseline_buffer(model, g, row, baseline, means, dtype)
+    e_base = delta[0].clone()
+    sink = _Engine(model, g, senders_only=True, cur=_DeltaSink(delta, -1.0))
+    merged = ig_steps == 0 and sink._results_from_z()  # the gradient forward is the clean run
+    m_clean = float("nan")
+    if not merged:
+        with torch.no_grad():
+            m_clean = float(_per_row(metric, sink.run(row, **logits_kwargs(model, metric)))[0])
+    keep: dict[Any, Tensor] = {}
+
+    def store(key: Any, own: bool = False) -> Callable[..., Tensor]:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            if own:  # the MLP's own copy: the hook's input is also the residual stream
+                act = act.clone()
+            keep[key] = act
+            return act
+
+        return hook
+
+    emb = None
+    if ig_steps:
+        e_clean = e_base - delta[0]
+        alpha = ((torch.arange(ig_steps, device=row.device, dtype=dtype) + 0.5) / ig_steps)[:, None, None]
+        emb = (e_base + alpha * (e_clean - e_base)).detach()
+
+    n_rows = max(ig_steps, 1)
+    per_pass = max(1, min(n_rows, IG_TOKENS_PER_PASS // row.shape[1]))
+    scores = torch.zeros(g.edges.shape, dtype=torch.float64)
+    flat = delta.flatten(1)  # [sender, pos * d_model]
+
+    def contract(v0: int, gx: Tensor) -> None:  # gx [n, pos, d_model] summed over rows: receivers v0..
+        up = g.n_upstream(v0)
+        part = flat[:up] @ gx.to(dtype).flatten(1).T
+        scores[:up, v0 : v0 + gx.shape[0]] += part.double().cpu() / n_rows
+
+    for r0 in range(0, n_rows, per_pass):
+        rows = row.expand(min(per_pass, n_rows - r0), -1)
+        part_emb = None if emb is None else emb[r0 : r0 + rows.shape[0]].clone().requires_grad_(True)
+
+        def embed(act: Tensor, hook: Any, e: Tensor | None = part_emb) -> Tensor:
+            return e.to(act.dtype) if e is not None else act.detach().requires_grad_(True)
+
+        hooks: list[tuple[str, Callable[..., Any]]] = [("hook_embed", embed)]
+        for L in range(g.n_layers):
+            hooks.append((f"blocks.{L}.ln1.hook_in", store(("x", L))))
+            hooks += [(f"blocks.{L}.attn.hook_{k}", store((k, L))) for k in ("q", "k", "v")]
+            hooks.append((f"blocks.{L}.hook_mlp_in", store(("mlp", L), own=True)))
+        hooks.append(("ln_final.hook_in", store("final")))
+        if merged:
+            hooks += sink.hooks()  # after the embedding hook above: the sink sees the leaf it made
+        with torch.inference_mode(False), torch.enable_grad(), _edge_mode(model, split=False, result=False), \
+                fast_attention(model):
+            logits = model.bridge.run_with_hooks(rows, fwd_hooks=hooks, **logits_kwargs(model, metric))
+            m = _per_row(metric, logits)
+            del logits
+            if merged:
+                m_clean = float(m.detach()[0])
+            names = [(k, L) for L in range(g.n_layers) for k in ("q", "k", "v", "mlp")] + ["final"]
+            missing = [n for n in names + [("x", L) for L in range(g.n_layers)] if n not in keep]
+            if missing:
+                raise RuntimeError(f"edge attribution: hook points {missing[:3]} did not fire on {model.spec.name!r}")
+            grads = dict(zip(names, torch.autograd.grad(m.sum(), [keep[n] for n in names], retain_graph=True,
+                                                        allow_unused=True)))
+            for L in range(g.n_layers):
+                x = keep[("x", L)]
+                for kind in ("q", "k", "v"):
+                    out, gout = keep[(kind, L)], grads[(kind, L)]
+                    if gout is None:
+                        continue
+                    start, n = g.receiver_slice(L, kind).start, out.shape[2]
+                    for h0 in range(0, n, head_chunk):
+                        hs = range(h0, min(n, h0 + head_chunk))
+                        go = torch.zeros((len(hs), *gout.shape), dtype=gout.dtype, device=gout.device)
+                        for i, h in enumerate(hs):
+                            go[i, :, :, h] = gout[:, :, h]
+                        (gx,) = torch.autograd.grad(out, x, go, retain_graph=True, is_grads_batched=True)
+                        contract(start + h0, gx.sum(1))
+                        del go, gx
+                gm = grads[("mlp", L)]
+                if gm is not None:
+                    contract(g.receiver_slice(L, "mlp").start, gm.sum(0)[None])
+            if grads["final"] is not None:
+                contract(g.logits_receiver, grads["final"].sum(0)[None])
+            del grads, m
+            keep.clear()
+    return scores.float(), m_clean
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -412,7 +599,7 @@ def sender_means(model: "ThinkingModel", dataset: Iterable[Any], skip_bos: bool 
 def baseline_outputs(model: "ThinkingModel", tokens: Any, graph: EdgeGraph | None = None) -> Float[Tensor, "1 pos sender d_model"]:
     """Every sender's output on one sequence (``[1, pos, sender, d_model]``), no gradients."""
     graph = graph or build_graph(model)
-    eng = _Engine(model, graph)
+    eng = _Engine(model, graph, senders_only=True)
     with torch.no_grad():
         eng.run(_as_row(tokens, model.device))
     return eng.senders().detach()
@@ -592,38 +779,16 @@ def edge_attribution(
     m_clean = 0.0
     for seq, base in track(pairs, f"edge attribution ({method})") if len(pairs) > 1 else pairs:
         row = _as_row(seq, model.device)
-        b = _baseline(model, graph, row, base, means)
         if method in ("eap", "eap-ig"):
-            s, m = _eap_one(model, graph, row, b, metric, steps if method == "eap-ig" else 0)
+            s, m = _eap_lean(model, graph, row, base, means, metric, steps if method == "eap-ig" else 0)
         else:
+            b = _baseline(model, graph, row, base, means)
             s, m = _eap_ig_paths(model, graph, row, b, metric, steps, _ig_groups(graph, method), batch_size)
         total += s
         m_clean += m
     n = len(pairs)
     return EdgeScores(scores=(total / n) * graph.edges, graph=graph, method=method, baseline=_label(baseline),
                       metric_clean=m_clean / n, n_samples=n)
-
-
-def _eap_one(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric,
-             ig_steps: int) -> tuple[Tensor, float]:
-    """EAP (``ig_steps=0``) or EAP-IG (embeddings) scores ``[sender, receiver]`` of one sequence."""
-    eng = _Engine(model, graph, keep_inputs=True)
-    with torch.inference_mode(False), torch.enable_grad():
-        logits = eng.run(row)
-        clean = eng.senders().detach()
-        m = _per_row(metric, logits)
-        if ig_steps == 0:
-            g = eng.receiver_grads(m.sum())[0]
-        else:
-            e_clean, e_base = clean[:, :, 0], base[:, :, 0].expand_as(clean[:, :, 0])
-            alpha = ((torch.arange(ig_steps, device=row.device) + 0.5) / ig_steps)[:, None, None]
-            emb = (e_base + alpha * (e_clean - e_base)).detach().requires_grad_(True)
-            eng2 = _Engine(model, graph, keep_inputs=True, embed=emb)
-            m_ig = _per_row(metric, eng2.run(row.expand(ig_steps, -1)))
-            g = eng2.receiver_grads(m_ig.sum()).mean(0)
-    delta = (base[0] - clean[0]).expand_as(clean[0])
-    scores = einops.einsum(delta.float(), g.float(), "pos u d, pos r d -> u r").detach().cpu()
-    return scores, float(m.detach()[0])
 
 
 def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:

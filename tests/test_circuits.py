@@ -67,6 +67,47 @@ def test_eap_is_exact_where_linear(tiny_loaded, arch):
             torch.testing.assert_close(eap.values(edges), ex.values(), atol=1e-4, rtol=1e-3)
 
 
+def _split_input_eap(model, g, clean, base, metric, ig_steps):
+    """The reference: every receiver's own (split) input kept, ``Σ_pos Δ_u · ∂m/∂x_v``."""
+    row = clean[None]
+    b = C._baseline(model, g, row, base, None)
+    with torch.inference_mode(False), torch.enable_grad():
+        eng = C._Engine(model, g, keep_inputs=True)
+        m = A._per_row(metric, eng.run(row))
+        acts = eng.senders().detach()
+        if ig_steps:
+            e_c, e_b = acts[:, :, 0], b[:, :, 0].expand_as(acts[:, :, 0])
+            alpha = ((torch.arange(ig_steps) + 0.5) / ig_steps)[:, None, None]
+            eng = C._Engine(model, g, keep_inputs=True, embed=(e_b + alpha * (e_c - e_b)).requires_grad_(True))
+            m = A._per_row(metric, eng.run(row.expand(ig_steps, -1)))
+        grad = eng.receiver_grads(m.sum()).mean(0)
+    delta = (b[0] - acts[0]).expand_as(acts[0])
+    return torch.einsum("pud,prd->ur", delta, grad) * g.edges
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eap_without_split_inputs_equals_split_input_gradients(tiny_loaded, arch, monkeypatch):
+    """EAP and EAP-IG run one ordinary forward + backward (no split q/k/v inputs, the fused
+    attention kernel — forced on here with ``min_scores=0`` — and per-head vector-Jacobian
+    products at each layer's norm input); their scores equal the split-input reference, also
+    with EAP-IG's rows one per gradient pass."""
+    from mechthink.models.fast_attention import fast_attention
+
+    model = tiny_loaded(arch)[0]
+    clean, corrupt, metric = _setup(model)
+    g = C.build_graph(model)
+    for base, steps in (("zero", 0), (corrupt, 0), (corrupt, 3)):
+        ref = _split_input_eap(model, g, clean, base, metric, steps)
+        with fast_attention(model, min_scores=0) as fa:
+            est = C.edge_attribution(model, clean, metric, base, method="eap-ig" if steps else "eap", ig_steps=steps or None, graph=g)
+        assert fa.fast_calls >= g.n_layers and fa.exact_calls == 0
+        torch.testing.assert_close(est.scores, ref, atol=2e-6 * float(ref.abs().max()), rtol=0)
+    monkeypatch.setattr(C, "IG_TOKENS_PER_PASS", 1)
+    one = C.edge_attribution(model, clean, metric, corrupt, method="eap-ig", ig_steps=3, graph=g)
+    torch.testing.assert_close(one.scores, ref, atol=2e-6 * float(ref.abs().max()), rtol=0)
+    assert not model.bridge.cfg.use_split_qkv_input and not model.bridge.cfg.use_hook_mlp_in
+
+
 @pytest.mark.parametrize("arch", ("LlamaForCausalLM", "Glm4ForCausalLM"))
 def test_eap_is_first_order_exact(tiny_loaded, arch):
     """Baseline = clean outputs + a small perturbation: EAP equals exact patching on every edge
