@@ -13,7 +13,7 @@ against random edge sets of the same size, and written as an interactive HTML vi
 attention from the query position on hover). Also: how much of their attention the circuit's heads
 put from the query position onto the wrong step's tokens. Source: hannamw/EAP-IG (public repository).
 
-    mechthink circuits [--model tiny-thinker] [--n-pairs 40]
+    mechthink circuits [--model tiny-thinker] [--n-samples 40]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ NAME = "circuits"
 class Config(AnalysisConfig):
     """Edge attribution patching at planted backtracking points (minimal pairs)."""
 
-    n_pairs: int = 40
-    """Minimal pairs (wrong step / corrected step) scored by every method."""
+    n_samples: int = 40
+    """Minimal pairs (wrong step / corrected step) scored by every method (``--n-samples`` of reproduce sets it)."""
     n_exact: int = 8
     """Pairs also scored by exact edge patching (the reference for Spearman rho, bootstrapped over these pairs)."""
     methods: str = "eap,eap-ig,eap-ig-inputs,eap-ig-outputs"
@@ -74,7 +74,7 @@ def main(cfg: Config, loaded_model: Any = None) -> dict:
     from mechthink.report import output_paths, write_outputs
 
     model = loaded_model if loaded_model is not None else mt.load_model(cfg.model)
-    pairs = minimal_pairs_for(model, cfg.n_pairs)
+    pairs = minimal_pairs_for(model, cfg.n_samples)
     clean, base = [a.input_ids for a, _ in pairs], [b.input_ids for _, b in pairs]
     metric = attribution.logit_metric(-1, model.token_variants(cfg.target.strip())[cfg.target])
     graph = circuits.build_graph(model)

@@ -274,7 +274,7 @@ def test_analysis_on_tiny_thinker(tmp_path):
     from analyses import circuits as an
 
     assert "circuits" in REGISTRY
-    nums = an.main(an.Config(n_pairs=4, n_exact=1, n_random=2, out=str(tmp_path)))
+    nums = an.main(an.Config(n_samples=4, n_exact=1, n_random=2, out=str(tmp_path)))
     assert (tmp_path / "circuits" / "tiny-thinker.png").exists()
     page = (tmp_path / "circuits" / nums["html_view"]).read_text()
     assert all(f'data-node="{h}"' in page for h in nums["circuit_heads"]) and "http" not in page

@@ -43,7 +43,7 @@ SMALL: dict[str, dict] = {
     "mi_peaks": dict(n_samples=3),
     "readiness": dict(n_samples=12, n_folds=2, n_lens_steps=2, budgets="8,32"),
     "thought_anchors": dict(n_samples=2, n_rollouts=4, batch_size=4, rollout_tokens=100, n_check_traces=2),
-    "circuits": dict(n_pairs=4, n_exact=1, n_random=2),
+    "circuits": dict(n_samples=4, n_exact=1, n_random=2),
 }
 #: Keys whose values are not numbers of the analysis (file names).
 IGNORE = {"html_view"}
