@@ -36,7 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.models.fast_attention import fast_attention
-from mechthink.models.kvcache import cache_from_kwargs
+from mechthink.models.kvcache import cache_from_kwargs, reserve_cache
 from mechthink.models.native import native_forward, rows_can_be_dropped
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ __all__ = [
     "left_pad",
     "row_generator",
     "sample_token",
+    "sample_tokens",
     "seed_for",
 ]
 
@@ -135,6 +136,27 @@ def sample_token(
     u = torch.rand((), generator=generator, dtype=torch.float64).to(cdf.device) * cdf[-1]
     k = int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=len(cdf) - 1))
     return int(order[k])
+
+
+def sample_tokens(
+    logits: Float[Tensor, "row d_vocab"], temperature: float, top_p: float, generators: Sequence[torch.Generator]
+) -> list[int]:
+    """:func:`sample_token` of every row at once (row ``i`` draws from ``generators[i]``): the
+    same tokens, the per-row work done as one batched softmax / sort / cumulative sum."""
+    if logits.ndim != 2 or logits.shape[0] != len(generators):
+        raise ValueError(f"sample_tokens: logits must be [rows, d_vocab] with one generator per row, got "
+                         f"{tuple(logits.shape)} and {len(generators)} generators")
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if top_p < 1.0:
+        cum = sorted_p.cumsum(-1)
+        keep = (cum - sorted_p) < top_p
+        keep[:, 0] = True
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    cdf = sorted_p.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
+    k = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(1, k)[:, 0].tolist()
 
 
 # ============================================================================ models
@@ -263,20 +285,27 @@ def _sample_loop(
     """
     device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
     n = int(mask.shape[0])
+    # steps write into spare room of the cache instead of concatenating (same values, no O(T) copy per step)
+    reserve_cache(kv, max(0, cfg.max_new_tokens - 1))
     out: list[list[int]] = [[] for _ in range(n)]
     reason: list[str | None] = [None] * n
     rows = list(range(n))  # the row of ``out`` each batch position decodes
     for step in range(cfg.max_new_tokens):
-        nxt = []
+        nxt = [pad] * len(rows)
         last = logits[:, -1].float()
-        for j, i in enumerate(rows):
-            if reason[i] is not None:
-                nxt.append(pad)
-                continue
-            g = gens[i]
-            t = int(last[j].argmax()) if g is None else sample_token(last[j], cfg.temperature, cfg.top_p, g)
+        live = [j for j, i in enumerate(rows) if reason[i] is None]
+        greedy = [j for j in live if gens[rows[j]] is None]
+        sampled = [j for j in live if gens[rows[j]] is not None]
+        if greedy:
+            for j, t in zip(greedy, last[greedy].argmax(-1).tolist()):
+                nxt[j] = t
+        if sampled:
+            toks = sample_tokens(last[sampled], cfg.temperature, cfg.top_p, [gens[rows[j]] for j in sampled])
+            for j, t in zip(sampled, toks):
+                nxt[j] = t
+        for j in live:
+            i, t = rows[j], nxt[j]
             out[i].append(t)
-            nxt.append(t)
             if t in eos:
                 reason[i] = "eos"
         if all(r is not None for r in reason) or step == cfg.max_new_tokens - 1:

@@ -59,6 +59,22 @@ def test_sample_token_matches_the_distribution():
     assert hot[0] / 2000 > freq[0]  # a lower temperature sharpens
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.95), (1.5, 0.5), (0.25, 1e-6)])
+def test_sample_tokens_equals_sample_token_row_by_row(temperature, top_p):
+    """The batched sampler the decode loop uses draws exactly the per-row tokens, from the same
+    generator states (ties and a vocabulary of repeated logits included)."""
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(5)) * 3
+    logits[3] = 0.0  # all tied
+    logits[7, :10] = logits[7].max()
+    one = [G.row_generator(11, i) for i in range(64)]
+    many = [G.row_generator(11, i) for i in range(64)]
+    for _ in range(5):
+        want = [G.sample_token(logits[i], temperature, top_p, one[i]) for i in range(64)]
+        assert G.sample_tokens(logits, temperature, top_p, many) == want
+    with pytest.raises(ValueError, match="one generator per row"):
+        G.sample_tokens(logits, 1.0, 1.0, many[:3])
+
+
 def test_left_pad_and_config_errors(thinker):
     ids, mask = G.left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -179,3 +179,23 @@ def test_wrappers_restored_after_an_error(organism):
 def test_greedy_decoding_native_equals_bridge_steps(organism, monkeypatch):
     native, bridge, _ = _decode_both(organism, monkeypatch, max_new_tokens=24)
     assert native == bridge
+
+
+def test_wrapper_list_is_reused_only_while_it_holds(organism):
+    """``_swaps`` keeps its scan on the HF model and reuses it while every entry still holds; a
+    wrapper replaced under its parent makes it scan again (never swapping a stale module)."""
+    from mechthink.models.native import _scan_swaps
+
+    hf = organism.bridge.original_model
+    first = _swaps(hf)
+    assert _swaps(hf) is first and first == _scan_swaps(hf)
+    parent, name, wrapper, orig = first[0]
+    parent._modules[name] = orig  # what a native call does for its duration
+    try:
+        inside = _swaps(hf)
+        assert inside is not first and len(inside) == len(first) - 1
+        assert all(p._modules[n] is w for p, n, w, _ in inside)
+    finally:
+        parent._modules[name] = wrapper
+    again = _swaps(hf)
+    assert again == _scan_swaps(hf) and len(again) == len(first)

@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel
@@ -32,6 +33,7 @@ __all__ = [
     "check_kv_cache",
     "install_cache_adapter",
     "installed_versions",
+    "reserve_cache",
 ]
 
 #: Keyword names under which transformers / TransformerLens pass a KV cache, newest first.
@@ -156,6 +158,132 @@ def check_kv_cache(model: "ThinkingModel", n_tokens: int = 6) -> float:
             "Install the versions in constraints.txt"
         )
     return diff
+
+
+# ============================================================================ room to grow
+class _ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys / values are prefix views of buffers with spare positions.
+
+    ``DynamicLayer.update`` concatenates, so every decode step copies the whole cache into a
+    fresh allocation: O(T) bytes per step per layer, most of a small model's step at batch 32
+    and a few hundred positions. Here an update writes the new positions into the buffers'
+    spare room and views ``[..., :n + m, :]``. It falls back to the concatenation (the plain
+    ``DynamicLayer`` behaviour) whenever ``keys`` / ``values`` are not exactly a prefix view of
+    the buffers any more (something replaced them: ``batch_repeat_interleave``, ``offload``, an
+    outside assignment) or the new states do not fit their shape; a crop keeps the prefix view,
+    so writing after it is right. When the room runs out the buffers grow by half their length
+    (at least 128 positions), up to ``limit`` positions where one is set.
+
+    Why the in-place write is safe: the buffers are written only at positions no tensor handed
+    out so far covers. ``_handed`` is the longest view ever given out of the current buffers;
+    a write that would start below it (after a crop, or after someone set ``keys`` to a shorter
+    view of the buffers and kept the longer one, as representation recycling does) first copies
+    into new buffers, so every view handed out earlier keeps its values, as with ``DynamicLayer``.
+    """
+
+    _kbuf: torch.Tensor | None
+    _vbuf: torch.Tensor | None
+    _limit: int | None
+    _handed: int
+
+    def _is_prefix_view(self) -> bool:
+        kb, vb, k, v = self._kbuf, self._vbuf, self.keys, self.values
+        return (
+            kb is not None and vb is not None and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and k.data_ptr() == kb.data_ptr() and v.data_ptr() == vb.data_ptr()
+            and k.stride() == kb.stride() and v.stride() == vb.stride()
+            and k.shape[:2] == kb.shape[:2] and k.shape[-1] == kb.shape[-1]
+            and v.shape[:2] == vb.shape[:2] and v.shape[-1] == vb.shape[-1]
+            and k.shape[-2] == v.shape[-2]
+        )
+
+    def _regrow(self, need: int) -> None:
+        """New buffers holding the current keys / values and room for ``need`` positions in all."""
+        n = int(self.keys.shape[-2])
+        cap = max(need, n + max(128, n // 2))
+        if self._limit is not None:
+            cap = max(need, min(cap, self._limit))
+        k, v = self.keys, self.values
+        kb = k.new_empty((*k.shape[:-2], cap, k.shape[-1]))
+        vb = v.new_empty((*v.shape[:-2], cap, v.shape[-1]))
+        kb[..., :n, :] = k
+        vb[..., :n, :] = v
+        self._kbuf, self._vbuf, self._handed = kb, vb, n
+        self.keys, self.values = kb[..., :n, :], vb[..., :n, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        fits = (
+            self.is_initialized and self.keys.dim() == 4 and key_states.dim() == 4 and value_states.dim() == 4
+            and self._is_prefix_view()
+            and key_states.shape[:2] == self.keys.shape[:2] and key_states.shape[-1] == self.keys.shape[-1]
+            and value_states.shape[:2] == self.values.shape[:2] and value_states.shape[-1] == self.values.shape[-1]
+            and key_states.shape[-2] == value_states.shape[-2]
+            and key_states.dtype == self.keys.dtype and value_states.dtype == self.values.dtype
+            and key_states.device == self.keys.device and value_states.device == self.values.device
+        )
+        if not fits:
+            self._kbuf = self._vbuf = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, m = int(self.keys.shape[-2]), int(key_states.shape[-2])
+        if n + m > self._kbuf.shape[-2] or n < self._handed:  # no room, or positions n.. are in a view out there
+            self._regrow(n + m)
+        self._kbuf[..., n : n + m, :] = key_states
+        self._vbuf[..., n : n + m, :] = value_states
+        self._handed = n + m
+        self.keys, self.values = self._kbuf[..., : n + m, :], self._vbuf[..., : n + m, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0 and self._is_prefix_view():
+            n = int(self.keys.shape[-2])
+            self._kbuf, self._vbuf = self._kbuf[indices, ...], self._vbuf[indices, ...]
+            self._handed = n
+            self.keys, self.values = self._kbuf[..., :n, :], self._vbuf[..., :n, :]
+        else:
+            super().batch_select_indices(indices)
+
+    def reset(self) -> None:
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+
+def reserve_cache(cache: Any, extra: int) -> int:
+    """Give every plain ``DynamicLayer`` of ``cache`` room for ``extra`` more positions, in place.
+
+    The layers become :class:`_ReservedLayer` (a ``DynamicLayer`` whose updates write into spare
+    room instead of concatenating; same values, bit for bit): a decode loop of ``extra`` steps
+    then never copies the whole cache per step. Layers of any other type (sliding windows,
+    static, quantised caches), uninitialised ones and anything not 4-d are left alone.
+
+    Args:
+        cache: A transformers ``Cache`` with ``.layers`` (anything else: nothing happens).
+        extra: Positions the caller may still add (the buffers start with
+            ``min(extra, max(128, n // 2))`` spare positions and grow up to ``n + extra``).
+
+    Returns:
+        The number of layers reserved.
+    """
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise ValueError(f"reserve_cache: extra must be an int >= 0, got {extra!r}")
+    done = 0
+    for layer in getattr(cache, "layers", None) or []:
+        if type(layer) is _ReservedLayer and layer._is_prefix_view():
+            layer._limit = int(layer.keys.shape[-2]) + extra
+            done += 1
+            continue
+        if type(layer) not in (DynamicLayer, _ReservedLayer) or not getattr(layer, "is_initialized", False):
+            continue
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and v.dim() == 4
+                and k.shape[-2] == v.shape[-2] and k.shape[0] == v.shape[0]):
+            continue
+        n = int(k.shape[-2])
+        layer.__class__ = _ReservedLayer
+        layer._limit = n + extra
+        layer._kbuf = layer._vbuf = None
+        layer._regrow(n + min(extra, max(128, n // 2)))
+        done += 1
+    return done
 
 
 # TransformerLens 4.3's bridge passes the cache to the HF model as ``past_key_values`` on every

@@ -170,7 +170,26 @@ def _carry(carried: list[tuple[str, Any, Any]], handles: list[Any]) -> None:
 
 
 def _swaps(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]:
-    """``(parent, name, wrapper, original)`` for every bridge wrapper in the HF module tree."""
+    """``(parent, name, wrapper, original)`` for every bridge wrapper in the HF module tree.
+
+    The list is kept on ``hf`` and reused while every entry still holds (the parent still has
+    that wrapper under that name, wrapping that original): checking it costs a dict lookup per
+    wrapper, walking the tree a few hundred. A wrapper added since is not in it and simply runs
+    wrapped (the same computation; its hooks, if any, are seen by :func:`_plan`). A scan finding
+    fewer wrappers than the kept one (made while originals are swapped in) is used, not kept."""
+    cached = hf.__dict__.get("_mechthink_swaps")
+    if cached is not None and all(
+        parent._modules.get(name) is wrapper and wrapper._modules.get("_original_component") is orig
+        for parent, name, wrapper, orig in cached
+    ):
+        return cached
+    out = _scan_swaps(hf)
+    if len(out) >= len(cached or ()):  # a shorter scan (inside a native call, the originals in place) is not kept
+        hf.__dict__["_mechthink_swaps"] = out
+    return out
+
+
+def _scan_swaps(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]:
     out = []
     for _, parent in list(_walk(hf)):
         for name, child in list(parent._modules.items()):
