@@ -10,6 +10,9 @@ Measured in one run on tiny-thinker (1 torch thread by default):
       ``[prefix] * N``, the same loop, batch size and seeds), and each resampled sentence's
       similarity re-reads prefix + sentence;
 
+both on their fastest forwards here: the HF model's own (sdpa) wherever nothing is hooked (the
+prefill, the similarity reads and every decode step of both ways), the bridge otherwise;
+
 on a ~``--tokens``-token trace and on an ordinary tiny-thinker trace. Both ways drop finished
 rows from the batch (``drop_finished=True``: a finished rollout is no longer fed padding). Prints
 tokens processed (every position fed to the model, prefill padding included) and wall time of (a)
@@ -54,19 +57,40 @@ def _counter(model):
 
 @torch.inference_mode()
 def _reread_states(model, rows):
-    """Last-block output at the last token of each row, one right-padded forward from scratch."""
+    """Last-block output at the last token of each row, one right-padded forward from scratch
+    (the same forward as the resampler's own similarity read)."""
     width = max(len(r) for r in rows)
     x = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros_like(x)
     for i, r in enumerate(rows):
         x[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    grabbed = []
-    hook = f"blocks.{model.n_layers - 1}.hook_resid_post"
-    with model.bridge.hooks(fwd_hooks=[(hook, lambda act, hook: grabbed.append(act.detach()))]):
-        model.bridge(x, attention_mask=mask, **model.last_logits_kwargs())
+    from mechthink.anchors import _forward_reading_last_block
+
+    # the forward the resampler's own similarity read uses (the HF model's when nothing else is hooked)
+    _, _, h = _forward_reading_last_block(model, x, True, attention_mask=mask, **model.last_logits_kwargs())
     ends = torch.tensor([len(r) - 1 for r in rows])
-    return grabbed[0][torch.arange(len(rows)), ends].float()
+    return h[torch.arange(len(rows)), ends].float()
+
+
+def _native_prefill_decoder(model):
+    """``Decoder.for_model`` whose prefill is the HF model's own forward (sdpa) when nothing is
+    hooked, as its steps are: re-prefilling gets the fastest prefill there is here."""
+    import dataclasses
+
+    from mechthink import generation as G
+    from mechthink.models.native import native_forward
+
+    dec, kw = G.Decoder.for_model(model), model.last_logits_kwargs()
+
+    def forward(x, mask, pos, kv):
+        if kv is None:
+            out = native_forward(model.bridge, x, attention_mask=mask, position_ids=pos, **kw)
+            if out is not None:
+                return out
+        return dec.forward(x, mask, pos, kv)
+
+    return dataclasses.replace(dec, forward=forward)
 
 
 def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperature, top_p, seed):
@@ -75,7 +99,7 @@ def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperat
     from mechthink import generation as G
 
     points = [s.token_start for s in sents] + [sents[-1].token_end]
-    dec = G.Decoder.for_model(model)
+    dec = _native_prefill_decoder(model)
     originals = _reread_states(model, [trace.ids[: s.token_end] for s in sents])
     rollouts = []
     for j, p in enumerate(points):

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from mechthink.data import answers_match, parse_answer
 from mechthink.generation import Decoder, SamplingConfig, decode_from_cache, fork_cache, seed_for
+from mechthink.models.native import native_forward
 from mechthink.results import Result, jsonable
 from mechthink.traces import Trace, make_trace, split_steps
 
@@ -640,6 +641,29 @@ def _last_resid_hook(model: "ThinkingModel") -> str:
     return f"blocks.{model.n_layers - 1}.hook_resid_post"
 
 
+def _forward_reading_last_block(
+    model: "ThinkingModel", x: Tensor, want_resid: bool, **kwargs: Any
+) -> tuple[Tensor, Any, Tensor | None]:
+    """``(logits, cache, last block's output or None)`` of one forward: the HF model's own
+    (:func:`mechthink.models.native.native_forward`, the read carried over onto its last decoder
+    layer) when nothing else is hooked, else the bridge. Same values either way (to float
+    rounding; ``tests/test_native.py``)."""
+    grabbed: list[Tensor] = []
+
+    def grab(act: Tensor, hook: Any) -> None:
+        grabbed.append(act.detach())
+
+    with model.bridge.hooks(fwd_hooks=[(_last_resid_hook(model), grab)] if want_resid else []):
+        out = native_forward(model.bridge, x, **kwargs)
+        if out is None:
+            grabbed.clear()
+            out = model.bridge(x, return_type="logits_and_cache", **kwargs)
+    logits, cache = out
+    if want_resid and len(grabbed) != 1:
+        raise RuntimeError(f"reading {_last_resid_hook(model)}: the forward called it {len(grabbed)} times, expected once")
+    return logits, cache, grabbed[0] if want_resid else None
+
+
 @torch.inference_mode()
 def prefill_trace(
     model: "ThinkingModel", ids: Sequence[int], logits_at: Sequence[int], resid_at: Sequence[int] = (), chunk_size: int = 512
@@ -647,26 +671,18 @@ def prefill_trace(
     """Prefill ``ids`` once (in chunks through the cache), keeping the logits at ``logits_at``
     and the last block's output at ``resid_at``."""
     want_l, want_r = set(int(p) for p in logits_at), set(int(p) for p in resid_at)
-    hook = _last_resid_hook(model)
     kv = None
     logits: dict[int, Tensor] = {}
     resid: dict[int, Tensor] = {}
-    grabbed: list[Tensor] = []
-
-    def grab(act: Tensor, hook: Any) -> None:
-        grabbed.append(act.detach())
-
     for c0 in range(0, len(ids), chunk_size):
         x = torch.tensor([list(ids[c0 : c0 + chunk_size])], dtype=torch.long, device=model.device)
-        grabbed.clear()
         extra = {} if kv is None else {"past_key_values": kv}
-        with model.bridge.hooks(fwd_hooks=[(hook, grab)] if want_r else []):
-            lg, kv = model.bridge(x, return_type="logits_and_cache", **extra)
+        lg, kv, h = _forward_reading_last_block(model, x, bool(want_r), **extra)
         for p in range(c0, c0 + x.shape[1]):
             if p in want_l:
                 logits[p] = lg[0, p - c0].float()
             if p in want_r:
-                resid[p] = grabbed[0][0, p - c0].float()
+                resid[p] = h[0, p - c0].float()
     return _Prefilled(kv, logits, resid, len(ids))
 
 
@@ -702,12 +718,10 @@ def _hidden_similarity(
         m[r, : len(toks)] = 1
     mask = torch.cat([torch.ones((n, point), dtype=torch.long), m], dim=1).to(model.device)
     pos = einops.repeat(point + torch.arange(width), "w -> n w", n=n).to(model.device)
-    grabbed: list[Tensor] = []
-    with model.bridge.hooks(fwd_hooks=[(_last_resid_hook(model), lambda act, hook: grabbed.append(act.detach()))]):
-        model.bridge(x.to(model.device), past_key_values=fork_cache(pre.cache, n, point), attention_mask=mask,
-                     position_ids=pos, **model.last_logits_kwargs())
-    ends = torch.tensor([len(r) - 1 for r in rows], device=grabbed[0].device)
-    states = grabbed[0][torch.arange(n, device=ends.device), ends].float()
+    _, _, h = _forward_reading_last_block(model, x.to(model.device), True, past_key_values=fork_cache(pre.cache, n, point),
+                                          attention_mask=mask, position_ids=pos, **model.last_logits_kwargs())
+    ends = torch.tensor([len(r) - 1 for r in rows], device=h.device)
+    states = h[torch.arange(n, device=ends.device), ends].float()
     return torch.nn.functional.cosine_similarity(states, original[None].to(states.device), dim=-1).tolist()
 
 
