@@ -199,12 +199,13 @@ def test_reserve_leaves_other_layer_types_alone():
     assert kvcache.reserve_cache(object(), 10) == 0
 
 
-def test_decoding_with_reserved_cache_equals_concatenation(tiny_loaded, monkeypatch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_with_reserved_cache_equals_concatenation(tiny_loaded, monkeypatch, arch):
     """The decode loop with its reserved cache gives the tokens of the concatenating cache, and
-    the logits of every step bit for bit (sampled, left-padded, rows dropping out)."""
+    the logits of every step bit for bit (sampled, left-padded, rows dropping out; GQA layouts)."""
     from mechthink import generation as G
 
-    model, _ = tiny_loaded("LlamaForCausalLM")
+    model, _ = tiny_loaded(arch)
     rows = [model.to_tokens(model.prompt(q))[0].tolist() for q in ("Compute 3 + 5.", "Compute 2 + 9 - 4 + 1.")]
     cfg = G.SamplingConfig(24, 1.0, 0.9, 3)
     dec = G.Decoder.for_model(model)
