@@ -497,9 +497,11 @@ def _eap_lean(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: B
         part = flat[:up] @ gx.to(dtype).flatten(1).T
         scores[:up, v0 : v0 + gx.shape[0]] += part.double().cpu() / n_rows
 
-    for r0 in range(0, n_rows, per_pass):
-        rows = row.expand(min(per_pass, n_rows - r0), -1)
-        part_emb = None if emb is None else emb[r0 : r0 + rows.shape[0]].clone().requires_grad_(True)
+    def gradient_pass(rows: Tensor, part_emb: Tensor | None) -> float | None:
+        """One forward + backward of ``rows``; scores added in place, the clean metric
+        returned when this is the merged clean run. A function of its own, so nothing of a
+        pass's autograd graph (a kept input, a hook output) lives on into the next pass."""
+        clean = None
 
         def embed(act: Tensor, hook: Any, e: Tensor | None = part_emb) -> Tensor:
             return e.to(act.dtype) if e is not None else act.detach().requires_grad_(True)
@@ -518,7 +520,7 @@ def _eap_lean(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: B
             m = _per_row(metric, logits)
             del logits
             if merged:
-                m_clean = float(m.detach()[0])
+                clean = float(m.detach()[0])
             names = [(k, L) for L in range(g.n_layers) for k in ("q", "k", "v", "mlp")] + ["final"]
             missing = [n for n in names + [("x", L) for L in range(g.n_layers)] if n not in keep]
             if missing:
@@ -547,6 +549,15 @@ def _eap_lean(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: B
                 contract(g.logits_receiver, grads["final"].sum(0)[None])
             del grads, m
             keep.clear()
+        return clean
+
+    for r0 in range(0, n_rows, per_pass):
+        rows = row.expand(min(per_pass, n_rows - r0), -1)
+        part_emb = None if emb is None else emb[r0 : r0 + rows.shape[0]].clone().requires_grad_(True)
+        clean = gradient_pass(rows, part_emb)
+        if merged:
+            m_clean = float(clean)
+        del part_emb
     return scores.float(), m_clean
 
 
