@@ -108,6 +108,36 @@ def test_eap_without_split_inputs_equals_split_input_gradients(tiny_loaded, arch
     assert not model.bridge.cfg.use_split_qkv_input and not model.bridge.cfg.use_hook_mlp_in
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compact_delta_equals_full_buffer(tiny_loaded, arch, monkeypatch):
+    """The heads' Δ kept before ``W_O`` (rebuilt per layer, the default) equals the full
+    ``[sender, pos, d_model]`` buffer for every kind of baseline, gives the same EAP / EAP-IG
+    scores, also when the gradients are contracted a receiver chunk at a time; a per-position
+    sender tensor falls back to the full buffer."""
+    model = tiny_loaded(arch)[0]
+    clean, corrupt, metric = _setup(model)
+    g = C.build_graph(model)
+    row = clean[None]
+    means = C.sender_means(model, [clean, corrupt])
+    torch.manual_seed(0)
+    const = torch.randn(1, len(g.senders), int(model.cfg.d_model))
+    per_pos = C.baseline_outputs(model, corrupt, g)[0]
+    for base in ("zero", "mean", corrupt, const):
+        full = C._delta_buffer(model, g, row, base, means, torch.float32, compact=False)
+        small = C._delta_buffer(model, g, row, base, means, torch.float32, compact=True)
+        assert small.compact and not full.compact and small.nbytes < full.nbytes
+        torch.testing.assert_close(small.full(), full.full(), atol=1e-6, rtol=1e-5)
+        for steps in (0, 2):
+            a = C._eap_lean(model, g, row, base, means, metric, steps, compact=False)[0]
+            b = C._eap_lean(model, g, row, base, means, metric, steps, compact=True)[0]
+            torch.testing.assert_close(b, a, atol=2e-6 * float(a.abs().max()), rtol=0)
+    assert not C._delta_buffer(model, g, row, per_pos, None, torch.float32, compact=True).compact
+    ref = C._eap_lean(model, g, row, corrupt, None, metric, 0)[0]
+    monkeypatch.setattr(C, "_gradient_group_bytes", lambda delta: 1)  # each receiver chunk on its own
+    one = C._eap_lean(model, g, row, corrupt, None, metric, 0)[0]
+    torch.testing.assert_close(one, ref, atol=2e-6 * float(ref.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("arch", ("LlamaForCausalLM", "Glm4ForCausalLM"))
 def test_eap_is_first_order_exact(tiny_loaded, arch):
     """Baseline = clean outputs + a small perturbation: EAP equals exact patching on every edge
