@@ -428,7 +428,7 @@ class _DeltaSink:
     post-norm scale on GLM-4), plus the position-independent ``[layer, head, d_model]`` part of a
     mean or constant baseline. A layer's ``[head, pos, d_model]`` block of Δ is rebuilt through
     ``W_O`` (and the post-norm weight) each time a contraction reads it. The heads then cost
-    ``d_model`` floats a token and layer, not ``heads × d_model``: 0.57 GB instead of 2.84 GB on
+    ``d_model`` floats a token and layer, not ``heads × d_model``: 0.58 GB instead of 2.84 GB on
     SmolLM2 at 4,096 tokens, 4.4 GB instead of 71 GB for an 8B model.
     """
 
@@ -587,10 +587,10 @@ def _eap_lean(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: B
     With ``compact`` (the default, wherever per-head outputs come from ``hook_z`` as the
     bridge's ``hook_result`` computes them, and the baseline is not a per-position tensor) the
     heads are kept before ``W_O``, ``d_model`` floats a token and layer, and each layer's block
-    is rebuilt when a group reads it. EAP-IG's
-    interpolation rows run in passes of at most :data:`IG_TOKENS_PER_PASS` tokens, each pass in
-    a function of its own so none of its graph outlives it. Peak memory: one ordinary forward +
-    backward (of one pass), ``Δ``, one rebuilt layer block and one gradient group.
+    is rebuilt when a group reads it. EAP-IG's interpolation rows run in passes of at most
+    :data:`IG_TOKENS_PER_PASS` tokens, each pass in a function of its own so none of its graph
+    outlives it. Peak memory: one ordinary forward + backward (of one pass), ``Δ``, one rebuilt
+    layer block and one gradient group.
     """
     from mechthink.models.fast_attention import fast_attention
 
