@@ -73,33 +73,13 @@ def _reread_states(model, rows):
     return h[torch.arange(len(rows)), ends].float()
 
 
-def _native_prefill_decoder(model):
-    """``Decoder.for_model`` whose prefill is the HF model's own forward (sdpa) when nothing is
-    hooked, as its steps are: re-prefilling gets the fastest prefill there is here."""
-    import dataclasses
-
-    from mechthink import generation as G
-    from mechthink.models.native import native_forward
-
-    dec, kw = G.Decoder.for_model(model), model.last_logits_kwargs()
-
-    def forward(x, mask, pos, kv):
-        if kv is None:
-            out = native_forward(model.bridge, x, attention_mask=mask, position_ids=pos, **kw)
-            if out is not None:
-                return out
-        return dec.forward(x, mask, pos, kv)
-
-    return dataclasses.replace(dec, forward=forward)
-
-
 def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperature, top_p, seed):
     """The thought-anchors way: each rollout re-reads its prefix; similarities re-read prefix + sentence."""
     from mechthink import anchors as A
     from mechthink import generation as G
 
     points = [s.token_start for s in sents] + [sents[-1].token_end]
-    dec = _native_prefill_decoder(model)
+    dec = G.Decoder.for_model(model)  # the HF model's own forward for the prefill and steps
     originals = _reread_states(model, [trace.ids[: s.token_end] for s in sents])
     rollouts = []
     for j, p in enumerate(points):

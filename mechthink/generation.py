@@ -220,13 +220,14 @@ class Decoder:
         bridge, prefill_kw = model.bridge, model.last_logits_kwargs()
 
         def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
-            if kv is None:  # the prefill: a long prompt runs on the fused kernel (no [pos, pos] scores)
-                with fast_attention(model):
-                    return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **prefill_kw)
-            # a step with nothing hooked: the HF model's own forward (same weights, no wrappers)
-            out = native_forward(bridge, x, attention_mask=mask, position_ids=pos, past_key_values=kv)
+            # nothing hooked: the HF model's own forward (same weights, no wrappers), prefill and steps
+            extra = prefill_kw if kv is None else {"past_key_values": kv}
+            out = native_forward(bridge, x, attention_mask=mask, position_ids=pos, **extra)
             if out is not None:
                 return out
+            if kv is None:  # a hooked prefill: a long prompt runs on the fused kernel (no [pos, pos] scores)
+                with fast_attention(model):
+                    return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **prefill_kw)
             return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, past_key_values=kv)
 
         return cls(forward, frozenset(eos), int(pad), model.device, lambda: rows_can_be_dropped(bridge))
