@@ -256,6 +256,11 @@ def _edge_mode(model: "ThinkingModel", split: bool = True, result: bool = True) 
         b.set_use_hook_mlp_in(old["use_hook_mlp_in"])
 
 
+def _per_head_w_o(weight: Tensor, n_heads: int, dtype: torch.dtype) -> Float[Tensor, "head d_head d_model"]:
+    """An output projection's ``[d_model, head * d_head]`` weight as one matrix per head."""
+    return einops.rearrange(weight.detach().to(dtype), "d_model (h d_head) -> h d_head d_model", h=n_heads)
+
+
 @dataclass
 class _Engine:
     """Hooks that record sender outputs, patch receiver inputs and keep them for gradients.
@@ -329,8 +334,7 @@ class _Engine:
                     else:
                         self.cur.add_z(layer, z4)
                     return
-                w = einops.rearrange(weight, "d_model (h d_head) -> h d_head d_model", h=g.n_heads)
-                heads(torch.einsum("bshd,hdm->bshm", z4, w.to(z4.dtype)), hook)
+                heads(torch.einsum("bshd,hdm->bshm", z4, _per_head_w_o(weight, g.n_heads, z4.dtype)), hook)
 
         return hook
 
@@ -487,8 +491,7 @@ class _DeltaSink:
             s = g.head_sender(layer, 0)
             return self.buf[s : s + g.n_heads]
         assert self.y is not None and self.w_o is not None
-        w = einops.rearrange(self.w_o[layer].detach().to(self.dtype), "d_model (h d_head) -> h d_head d_model", h=g.n_heads)
-        out = torch.einsum("phk,hkm->hpm", self.y[layer], w)
+        out = torch.einsum("phk,hkm->hpm", self.y[layer], _per_head_w_o(self.w_o[layer], g.n_heads, self.dtype))
         if self.post is not None:
             out = out * self.post[layer].detach().to(self.dtype)
         if self.const is not None:
