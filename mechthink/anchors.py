@@ -53,7 +53,8 @@ from torch import Tensor
 
 from mechthink.data import answers_match, parse_answer
 from mechthink.generation import Decoder, SamplingConfig, decode_from_cache, fork_cache, seed_for
-from mechthink.models.native import native_forward
+from mechthink.models.native import native_blockers, native_forward
+from mechthink.models.shared_prefix import SharedPrefixCache, config_supports_shared_prefix
 from mechthink.results import Result, jsonable
 from mechthink.traces import Trace, make_trace, split_steps
 
@@ -642,18 +643,26 @@ def _last_resid_hook(model: "ThinkingModel") -> str:
 
 
 def _forward_reading_last_block(
-    model: "ThinkingModel", x: Tensor, want_resid: bool, **kwargs: Any
+    model: "ThinkingModel", x: Tensor, want_resid: bool, fork: tuple[Any, int] | None = None, **kwargs: Any
 ) -> tuple[Tensor, Any, Tensor | None]:
     """``(logits, cache, last block's output or None)`` of one forward: the HF model's own
     (:func:`mechthink.models.native.native_forward`, the read carried over onto its last decoder
     layer) when nothing else is hooked, else the bridge. Same values either way (to float
-    rounding; ``tests/test_native.py``)."""
+    rounding; ``tests/test_native.py``). ``fork=(cache, n_pos)``: every row of ``x`` continues
+    the first ``n_pos`` positions of that batch-1 cache, on one shared copy of them
+    (:class:`mechthink.models.shared_prefix.SharedPrefixCache`) where the native forward runs,
+    else on a :func:`mechthink.generation.fork_cache` copy per row."""
     grabbed: list[Tensor] = []
 
     def grab(act: Tensor, hook: Any) -> None:
         grabbed.append(act.detach())
 
     with model.bridge.hooks(fwd_hooks=[(_last_resid_hook(model), grab)] if want_resid else []):
+        if fork is not None:  # rows continuing one cached prefix: shared where the native forward runs, else copied
+            cache, n_pos = fork
+            shared = config_supports_shared_prefix(model.bridge.original_model.config) and not native_blockers(model.bridge)
+            kwargs["past_key_values"] = (SharedPrefixCache(cache, int(x.shape[0]), n_pos, room=int(x.shape[1])) if shared
+                                         else fork_cache(cache, int(x.shape[0]), n_pos))
         out = native_forward(model.bridge, x, **kwargs)
         if out is None:
             grabbed.clear()
@@ -718,7 +727,7 @@ def _hidden_similarity(
         m[r, : len(toks)] = 1
     mask = torch.cat([torch.ones((n, point), dtype=torch.long), m], dim=1).to(model.device)
     pos = einops.repeat(point + torch.arange(width), "w -> n w", n=n).to(model.device)
-    _, _, h = _forward_reading_last_block(model, x.to(model.device), True, past_key_values=fork_cache(pre.cache, n, point),
+    _, _, h = _forward_reading_last_block(model, x.to(model.device), True, fork=(pre.cache, point),
                                           attention_mask=mask, position_ids=pos, **model.last_logits_kwargs())
     ends = torch.tensor([len(r) - 1 for r in rows], device=h.device)
     states = h[torch.arange(n, device=ends.device), ends].float()

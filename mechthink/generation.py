@@ -37,7 +37,13 @@ from torch import Tensor
 
 from mechthink.models.fast_attention import fast_attention
 from mechthink.models.kvcache import cache_from_kwargs, reserve_cache
-from mechthink.models.native import native_forward, rows_can_be_dropped
+from mechthink.models.native import native_blockers, native_forward, rows_can_be_dropped
+from mechthink.models.shared_prefix import (
+    SharedPrefixCache,
+    attending,
+    config_supports_shared_prefix,
+    supports_shared_prefix,
+)
 
 if TYPE_CHECKING:
     from mechthink.models.thinking_model import ThinkingModel
@@ -202,6 +208,9 @@ class Decoder:
         rows_droppable: Whether finished rows may leave the batch now (no hook could notice;
             :func:`mechthink.models.native.rows_can_be_dropped`); asked only by loops called
             with ``drop_finished=True``.
+        shares_prefix: Whether ``forward`` can take a
+            :class:`mechthink.models.shared_prefix.SharedPrefixCache` now (the rows of a fork
+            attend to one copy of the prefix; :func:`decode_from_cache` asks).
     """
 
     forward: ForwardFn
@@ -209,6 +218,7 @@ class Decoder:
     pad_id: int
     device: torch.device
     rows_droppable: Callable[[], bool] = _never
+    shares_prefix: Callable[[], bool] = _never
 
     @classmethod
     def for_model(cls, model: "ThinkingModel") -> "Decoder":
@@ -230,7 +240,10 @@ class Decoder:
                     return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, **prefill_kw)
             return bridge(x, return_type="logits_and_cache", attention_mask=mask, position_ids=pos, past_key_values=kv)
 
-        return cls(forward, frozenset(eos), int(pad), model.device, lambda: rows_can_be_dropped(bridge))
+        def shares() -> bool:
+            return config_supports_shared_prefix(bridge.original_model.config) and not native_blockers(bridge)
+
+        return cls(forward, frozenset(eos), int(pad), model.device, lambda: rows_can_be_dropped(bridge), shares)
 
     @classmethod
     def for_hf(cls, hf_model: Any, tokenizer: Any) -> "Decoder":
@@ -241,12 +254,16 @@ class Decoder:
 
         def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
             extra = prefill_kw if kv is None else {name: kv}
-            out = hf_model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+            shared = isinstance(kv, SharedPrefixCache)
+            if shared:
+                kv.check_mask(mask)
+            with attending(hf_model, kv) if shared else contextlib.nullcontext():
+                out = hf_model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
             return out.logits, getattr(out, name)
 
         device = next(hf_model.parameters()).device
         return cls(forward, frozenset({int(tokenizer.eos_token_id)}), int(tokenizer.pad_token_id), device,
-                   lambda: rows_can_be_dropped(hf_model))
+                   lambda: rows_can_be_dropped(hf_model), lambda: supports_shared_prefix(hf_model))
 
 
 # ============================================================================ the loop
@@ -396,6 +413,7 @@ def decode_from_cache(
     batch_size: int = 32,
     length: int | None = None,
     drop_finished: bool = False,
+    share_prefix: bool | None = None,
 ) -> list[Continuation]:
     """Continue one cached prefix once per index, without re-reading the prefix.
 
@@ -417,6 +435,12 @@ def decode_from_cache(
         length: Prefix length to continue from (a cache of a longer sequence is cut).
         drop_finished: Finished rows leave the batch where no hook could notice (same tokens,
             fewer positions fed; see :func:`_sample_loop`).
+        share_prefix: The rows of a batch attend to one copy of the prefix
+            (:class:`mechthink.models.shared_prefix.SharedPrefixCache`: no per-row copy of it in
+            memory, one read of it per step for all rows) instead of each to its own
+            :func:`fork_cache` copy. Default: where ``decoder.shares_prefix()`` (the HF model's
+            own forward, nothing hooked, full attention); ``True`` where it cannot is an error.
+            Same attention either way, to float rounding.
 
     Returns:
         One :class:`Continuation` per index, in order.
@@ -429,11 +453,17 @@ def decode_from_cache(
     if last_logits.ndim != 1:
         raise ValueError(f"last_logits must be 1-d (one position's logits), got shape {tuple(last_logits.shape)}")
     n_pos = int(cache.get_seq_length()) if length is None else int(length)
+    can = decoder.shares_prefix()
+    if share_prefix and not can:
+        raise ValueError("share_prefix=True: this decoder cannot attend to a shared prefix now (a hook is attached, "
+                         "or the model has sliding-window / soft-capped attention); pass share_prefix=None or False")
+    share = can if share_prefix is None else bool(share_prefix)
     out: list[Continuation] = []
     for k in range(0, len(idx), batch_size):
         rows = idx[k : k + batch_size]
         n = len(rows)
-        kv = fork_cache(cache, n, n_pos)
+        kv = (SharedPrefixCache(cache, n, n_pos, room=min(max(cfg.max_new_tokens, 1), 256)) if share
+              else fork_cache(cache, n, n_pos))
         mask = torch.ones((n, n_pos), dtype=torch.long, device=decoder.device)
         last_pos = torch.full((n, 1), n_pos - 1, dtype=torch.long, device=decoder.device)
         logits = einops.repeat(last_logits.to(decoder.device), "v -> n 1 v", n=n)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -214,13 +215,22 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     ``kwargs``: ``attention_mask``, ``position_ids``, ``past_key_values`` (a HF cache, also
     accepted under the transformers 5.24 name ``cache``), ``logits_to_keep``.
     """
+    from mechthink.models.shared_prefix import IMPLEMENTATION, SharedPrefixCache
+
     plan = _plan(bridge)
-    if native_blockers(bridge, plan):
+    blockers = native_blockers(bridge, plan)
+    shared = isinstance(kwargs.get("past_key_values", kwargs.get("cache")), SharedPrefixCache)
+    if blockers and shared:  # the bridge would attend to the rows' own positions only: refuse, never guess
+        raise RuntimeError("a SharedPrefixCache runs only on the HF model's own forward, which is blocked here by "
+                           f"{', '.join(blockers)}; fork the cache instead (generation.fork_cache)")
+    if blockers:
         return None
     carried = plan[1]
     hf = bridge.original_model
     kv = kwargs.pop("past_key_values", None)
     kv = kwargs.pop("cache", kv)
+    if shared:
+        kv.check_mask(kwargs.get("attention_mask"))
     name = _cache_name(hf)
     if kv is not None:
         kwargs[name] = kv
@@ -231,9 +241,11 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     try:
         for parent, attr, _, orig in swaps:
             parent._modules[attr] = orig
-        cfg._attn_implementation = "sdpa"
+        # a shared prefix: its attention (exact; no mask is built for it, the cache checked the rows' mask)
+        cfg._attn_implementation = IMPLEMENTATION if shared else "sdpa"
         _carry(carried, handles)
-        out = hf(input_ids=input_ids, use_cache=True, **kwargs)
+        with kv.active() if shared else nullcontext():
+            out = hf(input_ids=input_ids, use_cache=True, **kwargs)
     finally:
         for h in handles:
             h.remove()
