@@ -138,6 +138,30 @@ def t_fork_probes16(model: Any, ids: Any, ctx: dict) -> None:
     confidence.answer_probe(model, ids, positions, {str(v): [f"{v}}}"] for v in range(10)}, suffix="\nThe answer is \\boxed{")
 
 
+def _fork_rollouts(model: Any, ids: Any, share: bool, rows: int = 32, tokens: int = 32) -> None:
+    """One prefill of the T-token prefix, then ``rows`` sampled rows of ``tokens`` tokens from
+    its cache (``generation.decode_from_cache``): the rows on one shared prefix, or each on a copy."""
+    import dataclasses
+
+    from mechthink import generation as G
+    from mechthink.models.native import native_forward
+
+    out = native_forward(model.bridge, ids[None], **model.last_logits_kwargs())
+    logits, kv = out if out is not None else model.bridge(ids[None], return_type="logits_and_cache")
+    dec = dataclasses.replace(G.Decoder.for_model(model), eos_ids=frozenset())
+    cfg = G.SamplingConfig(max_new_tokens=tokens, temperature=1.0, top_p=1.0, seed=0)
+    conts = G.decode_from_cache(dec, kv, logits[0, -1].float(), cfg, range(rows), rows, share_prefix=share)
+    assert all(len(c.ids) == tokens for c in conts)
+
+
+def t_fork_rollouts32(model: Any, ids: Any, ctx: dict) -> None:
+    _fork_rollouts(model, ids, True)
+
+
+def t_fork_rollouts32_copied(model: Any, ids: Any, ctx: dict) -> None:
+    _fork_rollouts(model, ids, False)
+
+
 def t_binned_attention(model: Any, ids: Any, ctx: dict) -> None:
     from mechthink import context
 
@@ -240,6 +264,8 @@ TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
     "eap_ig": t_eap_ig,
     "exact_per_node": t_exact_per_node,
     "fork_probes16": t_fork_probes16,
+    "fork_rollouts32": t_fork_rollouts32,
+    "fork_rollouts32_copied": t_fork_rollouts32_copied,
     "binned_attention": t_binned_attention,
     "mi_trajectory": t_mi_trajectory,
     **GEN,

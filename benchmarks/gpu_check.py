@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=os.path.join(HERE, "..", "..", "shared", "data", "tokenizers", "r1-distill-qwen"))
     ap.add_argument("--Ts", default="2048,4096")
     ap.add_argument("--only", default="hf_sdpa,hooked_forward,hooked_fast,lens_dla,atp,qkfix,eap,exact_per_node,fork_probes16,"
+                                      "fork_rollouts32,fork_rollouts32_copied,"
                                       "binned_attention,mi_trajectory,gen_greedy,hfgen_greedy,gen_steered")
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--dry-run", action="store_true", help="tiny configs on CPU, short inputs (for the tests)")
