@@ -10,8 +10,10 @@ experiment of ARBOR #22 (wj210/cot_backtrack: force the answer at each answer-re
 The shared prefix is never recomputed: one incremental pass over the trace with a Hugging Face
 ``DynamicCache``; at each probe position the next prefix chunk and the suffix run in one call
 on the cache, unembedding only the last position (the suffix is then cropped away),
-and multi-token choice sequences run in one right-padded batch on a forked cache
-(``deepcopy`` + ``batch_repeat_interleave``) with an attention mask.
+and multi-token choice sequences run in one right-padded batch with an attention mask: on one
+shared copy of the cached trace where nothing is hooked
+(:class:`mechthink.models.shared_prefix.SharedPrefixCache`, the HF model's own forward), else on
+a forked cache (``deepcopy`` + ``batch_repeat_interleave``) through the bridge.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechthink.data.answers import answers_match, normalize_number
+from mechthink.models.native import native_blockers, native_forward
+from mechthink.models.shared_prefix import SharedPrefixCache, config_supports_shared_prefix
 from mechthink.progress import track
 from mechthink.results import Result
 from mechthink.stats import mean
@@ -201,7 +205,12 @@ def _score_multi(
         row_mask[r, : len(s) - 1] = 1
     mask = torch.cat([torch.ones((n, cache_len), dtype=torch.long), row_mask], dim=1).to(model.device)
     pos = (cache_len + torch.arange(width)).expand(n, width).to(model.device)
-    logits, _ = _forward(model, x, _fork(kv, n), attention_mask=mask, position_ids=pos)
+    if n > 1 and config_supports_shared_prefix(model.bridge.original_model.config) and not native_blockers(model.bridge):
+        # nothing hooked: the rows read one shared copy of the cached trace (no per-row copy of it)
+        logits = native_forward(model.bridge, x.to(model.device), attention_mask=mask, position_ids=pos,
+                                past_key_values=SharedPrefixCache(kv, n, room=width))[0].float()
+    else:
+        logits, _ = _forward(model, x, _fork(kv, n), attention_mask=mask, position_ids=pos)
     lps = logits.log_softmax(-1)
     out = []
     for r, s in enumerate(seqs):
