@@ -4,13 +4,15 @@ Measured in one run on tiny-thinker (1 torch thread by default):
 
   (a) ``mechthink.anchors.resampling_importance``: the trace is prefilled once, every prefix
       (before each sentence, and after the last) is a fork of that KV cache and ``N`` rollouts
-      decode on it, ``--batch`` rows at a time; resampled sentences are compared with the
-      original on forks too;
-      the rows of a fork attend to one copy of the prefix (``models.shared_prefix``); (a0) is
-      (a) with every row on its own copy of the prefix (``generation.fork_cache``), as before;
-  (b) the thought-anchors way: every rollout re-reads its prefix (``generation.decode`` of
-      ``[prefix] * N``, the same loop, batch size and seeds), and each resampled sentence's
-      similarity re-reads prefix + sentence;
+      decode on it, the rollouts of all prefixes queued together, ``--batch`` rows at a time
+      (``generation.decode_from_prefixes``: all rows on one shared copy of the cache, each
+      masked to its own prefix, ``models.shared_prefix``); resampled sentences are compared
+      with the original on a shared prefix too;
+  (a0) (a) as before the shared prefix: each prefix's rows on their own copies of it
+      (``generation.fork_cache``), a prefix at a time (a batch never mixes prefixes);
+  (b) the thought-anchors way: every rollout re-reads its prefix (the rollouts of all prefixes
+      queued, ``--batch`` left-padded rows at a time: the same decode loop, batch size and
+      seeds as (a)), and each resampled sentence's similarity re-reads prefix + sentence;
 
 both on their fastest forwards here: the HF model's own (sdpa) wherever nothing is hooked (the
 prefill, the similarity reads and every decode step of both ways), the bridge otherwise;
@@ -90,6 +92,7 @@ def _copied_forks(fn):
         G.config_supports_shared_prefix = A.config_supports_shared_prefix = keep
 
 
+@torch.inference_mode()  # as the library's decode loop (else the bridge would run, recording gradients)
 def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperature, top_p, seed):
     """The thought-anchors way: each rollout re-reads its prefix; similarities re-read prefix + sentence."""
     from mechthink import anchors as A
@@ -99,9 +102,20 @@ def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperat
     dec = G.Decoder.for_model(model)  # the HF model's own forward for the prefill and steps
     originals = _reread_states(model, [trace.ids[: s.token_end] for s in sents])
     rollouts = []
+    # every prefix's rows in one queue, ``batch`` at a time (left-padded, as decode() pads), each
+    # row on its own generator: batches hold several prefixes' rows as the resampler's do
+    queue = [(p, k) for p in points for k in range(n)]
+    cfg = G.SamplingConfig(max_new_tokens, temperature, top_p, 0)
+    done = []
+    for c0 in range(0, len(queue), batch):
+        part = queue[c0 : c0 + batch]
+        x, mask = G.left_pad([trace.ids[:p] for p, _ in part], dec.pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, kv = dec.forward(x, mask, pos, None)
+        gens = [G.row_generator(G.seed_for(seed, p), k) for p, k in part]
+        done += G._sample_loop(dec, logits, kv, mask, pos[:, -1:], gens, cfg, drop_finished=True)
     for j, p in enumerate(points):
-        cfg = G.SamplingConfig(max_new_tokens, temperature, top_p, G.seed_for(seed, p))
-        conts = G.decode(dec, [trace.ids[:p]] * n, cfg, batch_size=batch, indices=range(n), drop_finished=True)
+        conts = done[j * n : (j + 1) * n]
         firsts = [A.first_sentence(model, c.ids) for c in conts]
         sims = [float("nan")] * n
         if j < len(sents):

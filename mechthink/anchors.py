@@ -10,8 +10,8 @@ Reasoning Steps Matter?", arXiv:2506.19143; code: github.com/interp-reasoning/th
 * **Counterfactual resampling** (:func:`resampling_importance`): for each sentence ``S_i``,
   ``N`` rollouts from the prefix before ``S_i`` (``S_i`` is resampled) and ``N`` from the
   prefix through it (the rollouts of the next sentence's prefix, as in the paper's code). The
-  trace is prefilled once; every prefix is a fork of that one KV cache
-  (:func:`mechthink.generation.decode_from_cache`), so no prefix is ever re-read. Answers are
+  trace is prefilled once; every prefix's rollouts continue that one KV cache
+  (:func:`mechthink.generation.decode_from_prefixes`), so no prefix is ever re-read. Answers are
   parsed with :func:`mechthink.data.parse_answer`. Importances follow the paper's code:
   resampling KL ``KL(p_resampled || p_kept)`` with Laplace smoothing ``alpha`` (1e-9), the
   accuracy difference ``acc(kept) − acc(resampled)``, and the counterfactual variants that keep
@@ -52,7 +52,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechthink.data import answers_match, parse_answer
-from mechthink.generation import Decoder, SamplingConfig, decode_from_cache, fork_cache, seed_for
+from mechthink.generation import Decoder, SamplingConfig, decode_from_prefixes, fork_cache, seed_for
 from mechthink.models.native import native_blockers, native_forward
 from mechthink.models.shared_prefix import SharedPrefixCache, config_supports_shared_prefix
 from mechthink.results import Result, jsonable
@@ -586,19 +586,22 @@ def importance_from_rollouts(
     )
 
 
-Draw = Callable[[int, int, int], list[Rollout]]
+Draw = Callable[[list[tuple[int, int, int]]], list[list[Rollout]]]
 
 
 def _draw_rounds(
     n_points: int, n_max: int, draw: Draw, reference: str, adaptive: AdaptiveStopping | None
 ) -> list[list[Rollout]]:
-    """Rollouts per prefix: ``n_max`` each, or adaptive rounds (``draw(point, start, count)``)."""
+    """Rollouts per prefix: ``n_max`` each, or adaptive rounds. ``draw(requests)`` gets a
+    round's ``[(point, start, count), ...]`` at once (so one batch may hold several prefixes'
+    rollouts) and returns their rollouts, one list per request."""
     got: list[list[Rollout]] = [[] for _ in range(n_points)]
     want = [n_max if adaptive is None else min(n_max, adaptive.min_rollouts)] * n_points
     active = list(range(n_points))
     while active:
-        for j in active:
-            got[j] += draw(j, len(got[j]), want[j] - len(got[j]))
+        reqs = [(j, len(got[j]), want[j] - len(got[j])) for j in active]
+        for (j, _, _), drawn in zip(reqs, draw(reqs)):
+            got[j] += drawn
         if adaptive is None:
             break
         more = adaptive.needs_more(got, reference)
@@ -611,8 +614,8 @@ def _draw_rounds(
 def replay_adaptive(result: ResamplingImportance, adaptive: AdaptiveStopping) -> ResamplingImportance:
     """What ``adaptive`` would have drawn from ``result``'s rollouts (a full run): the same
     rollouts, seeds and numbers as running :func:`resampling_importance` with it."""
-    def draw(j: int, start: int, count: int) -> list[Rollout]:
-        return result.rollouts[j][start : start + count]
+    def draw(reqs: list[tuple[int, int, int]]) -> list[list[Rollout]]:
+        return [result.rollouts[j][start : start + count] for j, start, count in reqs]
 
     got = _draw_rounds(len(result.points), result.n_max, draw, result.reference, adaptive)
     cfg = result.config
@@ -782,8 +785,10 @@ def resampling_importance(
     """Counterfactual resampling importance of every sentence, from forks of one prefill.
 
     The trace is prefilled once (in ``chunk_size`` chunks). The prefix before sentence ``i`` is
-    that cache cut at the sentence's first token; its rollouts decode on forks of it
-    (:func:`mechthink.generation.decode_from_cache`), ``batch_size`` rows at a time, rollout
+    that cache cut at the sentence's first token; its rollouts decode from it
+    (:func:`mechthink.generation.decode_from_prefixes`: the rows of all prefixes of a round
+    queued together, ``batch_size`` rows at a time, each row on one shared copy of the cache
+    masked to its own prefix where nothing is hooked, else on forks a prefix at a time), rollout
     ``k`` sampling from its own generator seeded with ``(seed_for(seed, position), k)``: the
     same seed gives the same numbers whatever the batch size, and the rollouts equal those of
     re-prefilling each prefix (the thought-anchors code's way) token for token. A rollout that
@@ -841,16 +846,24 @@ def resampling_importance(
     decoder = Decoder.for_model(model)
     base = SamplingConfig(max_new_tokens, float(temperature), float(top_p), 0)
 
-    def draw(j: int, start: int, count: int) -> list[Rollout]:
-        p = points[j]
-        cfg = SamplingConfig(base.max_new_tokens, base.temperature, base.top_p, seed_for(seed, p))
-        conts = decode_from_cache(decoder, pre.cache, pre.logits[p - 1], cfg, range(start, start + count), batch_size, p,
-                                  drop_finished=True)
-        firsts = [first_sentence(model, c.ids) for c in conts]
-        sims = _similarities(model, pre, trace, sents[j], p, conts, firsts, similarity) if j < len(sents) else [
-            float("nan")] * len(conts)
-        return [Rollout(j, start + r, tuple(c.ids), rollout_answer(model.to_string(c.ids), c.finished),
-                        firsts[r][0], sims[r], c.finished) for r, c in enumerate(conts)]
+    def draw(reqs: list[tuple[int, int, int]]) -> list[list[Rollout]]:
+        # every requested rollout of the round in one queue, batch_size rows at a time: a batch may
+        # hold several prefixes' rollouts (each row masked to its own prefix; decode_from_prefixes)
+        rows = [(j, start + r) for j, start, count in reqs for r in range(count)]
+        lengths = [points[j] for j, _ in rows]
+        conts_all = decode_from_prefixes(decoder, pre.cache, [pre.logits[p - 1] for p in lengths], lengths,
+                                         [seed_for(seed, p) for p in lengths], [k for _, k in rows], base, batch_size,
+                                         drop_finished=True)
+        out, at = [], 0
+        for j, start, count in reqs:
+            conts, at = conts_all[at : at + count], at + count
+            p = points[j]
+            firsts = [first_sentence(model, c.ids) for c in conts]
+            sims = _similarities(model, pre, trace, sents[j], p, conts, firsts, similarity) if j < len(sents) else [
+                float("nan")] * len(conts)
+            out.append([Rollout(j, start + r, tuple(c.ids), rollout_answer(model.to_string(c.ids), c.finished),
+                                firsts[r][0], sims[r], c.finished) for r, c in enumerate(conts)])
+        return out
 
     got = _draw_rounds(len(points), n_rollouts, draw, ref, adaptive)
     cfg_out = {"n_rollouts": n_rollouts, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,

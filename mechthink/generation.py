@@ -27,6 +27,7 @@ import copy
 import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -469,6 +470,82 @@ def decode_from_cache(
         logits = einops.repeat(last_logits.to(decoder.device), "v -> n 1 v", n=n)
         out += _sample_loop(decoder, logits, kv, mask, last_pos, _generators(cfg, rows), cfg, drop_finished)
     return out
+
+
+@torch.inference_mode()
+def decode_from_prefixes(
+    decoder: Decoder,
+    cache: Any,
+    last_logits: Sequence[Tensor],
+    lengths: Sequence[int],
+    seeds: Sequence[int],
+    indices: Sequence[int],
+    cfg: SamplingConfig,
+    batch_size: int = 32,
+    drop_finished: bool = False,
+) -> list[Continuation]:
+    """Rows continuing different prefixes of one cached sequence, decoded together.
+
+    Row ``r`` continues the first ``lengths[r]`` positions of ``cache`` (batch 1) from
+    ``last_logits[r]`` (the logits at its prefix's last position), sampling from the generator
+    seeded with ``(seeds[r], indices[r])``: its continuation is the one
+    :func:`decode_from_cache` gives for that prefix, seed (``cfg`` with ``seed=seeds[r]``) and
+    index (same tokens up to float rounding), whatever the other rows of its batch. Where
+    ``decoder.shares_prefix()``, rows of different prefixes share a batch of ``batch_size`` on
+    one :class:`mechthink.models.shared_prefix.SharedPrefixCache` (each row masked to its own
+    prefix length): a batch is filled whatever the rows per prefix, so there are fewer decode
+    steps. Otherwise the rows are decoded a prefix at a time on forks (:func:`decode_from_cache`).
+
+    Args:
+        decoder: The model to decode.
+        cache: The cached sequence (batch 1), left unchanged.
+        last_logits: One ``[d_vocab]`` tensor per row.
+        lengths: One prefix length per row (1 .. the cache's length).
+        seeds: One sampling seed per row (``cfg.seed`` is ignored).
+        indices: One generator index per row.
+        cfg: Budget and sampling (temperature, top-p, max new tokens).
+        batch_size: Rows decoded together.
+        drop_finished: As in :func:`decode_from_cache`.
+
+    Returns:
+        One :class:`Continuation` per row, in order.
+    """
+    n = len(lengths)
+    if not n or not len(last_logits) == len(seeds) == len(indices) == n:
+        raise ValueError(f"decode_from_prefixes: give one logits row, length, seed and index per row "
+                         f"(got {len(last_logits)}, {n}, {len(seeds)}, {len(indices)}; at least one row)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    have = int(cache.get_seq_length())
+    if not all(1 <= int(p) <= have for p in lengths):
+        raise ValueError(f"decode_from_prefixes: a length is outside the cache's 1..{have} positions")
+    out: list[Continuation | None] = [None] * n
+    if not decoder.shares_prefix():  # a prefix (and seed) at a time, on forks
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r in range(n):
+            groups.setdefault((int(lengths[r]), int(seeds[r])), []).append(r)
+        for (p, sd), rows in groups.items():
+            run = dataclasses.replace(cfg, seed=sd)
+            same = all(torch.equal(last_logits[r], last_logits[rows[0]]) for r in rows)
+            parts = [rows] if same else [[r] for r in rows]  # one prefix, one set of last logits
+            for part in parts:
+                conts = decode_from_cache(decoder, cache, last_logits[part[0]], run, [indices[r] for r in part], batch_size,
+                                          p, drop_finished, share_prefix=False)
+                for r, c in zip(part, conts):
+                    out[r] = c
+        return [c for c in out if c is not None]
+    for k in range(0, n, batch_size):
+        rows = list(range(k, min(n, k + batch_size)))
+        lens = [int(lengths[r]) for r in rows]
+        width = max(lens)
+        kv = SharedPrefixCache(cache, len(rows), lens, room=min(max(cfg.max_new_tokens, 1), 256))
+        mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None]).long().to(decoder.device)
+        last_pos = torch.tensor(lens, dtype=torch.long, device=decoder.device)[:, None] - 1
+        logits = torch.stack([last_logits[r].to(decoder.device) for r in rows])[:, None]
+        gens = [row_generator(int(seeds[r]), int(indices[r])) if cfg.temperature > 0 else None for r in rows]
+        for r, c in zip(rows, _sample_loop(decoder, logits, kv, mask, last_pos, gens, cfg, drop_finished)):
+            out[r] = c
+    return [c for c in out if c is not None]
 
 
 def continue_prefixes(

@@ -9,6 +9,8 @@ way and on the plain HF decoder.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,3 +167,38 @@ def test_configs_it_cannot_compute_exactly_are_refused():
                                                                         max_window_layers=0))
     assert not config_supports_shared_prefix(transformers.Gemma2Config())  # soft-capping, sliding windows
     assert not config_supports_shared_prefix(None)
+
+
+def test_rows_of_different_prefixes_decoded_together(organism):
+    """decode_from_prefixes (rows of several prefixes in one batch, each masked to its own
+    prefix) == decode_from_cache of each prefix, token for token; shared and forked alike."""
+    from mechthink.models.organism import sample_transcripts
+
+    ids = next(t for t in sample_transcripts(10, seed="ragged") if any(s.is_error for s in t.steps)).input_ids
+    logits, kv = _prefill(organism, ids)
+    dec = G.Decoder.for_model(organism)
+    cfg = G.SamplingConfig(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=0)
+    plan = [(18, 3), (27, 5), (33, 2), (len(ids), 4)]  # (prefix length, rows)
+    lengths = [p for p, k in plan for _ in range(k)]
+    indices = [i for _, k in plan for i in range(k)]
+    seeds = [G.seed_for(7, p) for p in lengths]
+    lg = [logits[p - 1] for p in lengths]
+    want = []
+    for p, k in plan:
+        want += G.decode_from_cache(dec, kv, logits[p - 1], dataclasses.replace(cfg, seed=G.seed_for(7, p)), range(k),
+                                    length=p, share_prefix=False)
+    for bs in (5, 14):  # batches mixing prefixes, rows leaving them
+        got = G.decode_from_prefixes(dec, kv, lg, lengths, seeds, indices, cfg, batch_size=bs, drop_finished=True)
+        assert got == want
+    with organism.bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, hook: a)]):  # forks, a prefix at a time
+        assert G.decode_from_prefixes(dec, kv, lg, lengths, seeds, indices, cfg, batch_size=5) == want
+    with pytest.raises(ValueError, match="one logits row, length, seed and index per row"):
+        G.decode_from_prefixes(dec, kv, lg[:2], lengths, seeds, indices, cfg)
+    with pytest.raises(ValueError, match="outside the cache"):
+        G.decode_from_prefixes(dec, kv, lg[:1], [len(ids) + 1], [0], [0], cfg)
+    with torch.inference_mode():  # a mask that disagrees with the rows' prefix lengths is refused
+        s = SharedPrefixCache(kv, 2, [10, 20])
+        bad = torch.ones(2, 21, dtype=torch.long)
+        with pytest.raises(ValueError, match="own prefix length exactly"):
+            native_forward(organism.bridge, torch.tensor([[7], [8]]), attention_mask=bad,
+                           position_ids=torch.tensor([[10], [20]]), past_key_values=s)

@@ -23,7 +23,7 @@ ordinary cache API and is refused (``rows_share_prefix`` says beforehand whether
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,8 +46,10 @@ class SharedPrefixLayer(DynamicLayer):
     prefix too, so positions and masks computed from the cache are those of the whole sequence.
     """
 
-    def __init__(self, prefix_keys: Tensor, prefix_values: Tensor, n_rows: int, room: int) -> None:
+    def __init__(self, prefix_keys: Tensor, prefix_values: Tensor, n_rows: int, room: int,
+                 lengths: Tensor | None = None) -> None:
         super().__init__()
+        self.lengths = lengths  # [rows]: each row's own prefix length (None: all of the prefix)
         if prefix_keys.dim() != 4 or prefix_keys.shape[0] != 1 or prefix_values.shape[:3] != prefix_keys.shape[:3]:
             raise ValueError(f"shared prefix: keys / values must be [1, kv_heads, pos, d] alike, got "
                              f"{tuple(prefix_keys.shape)} / {tuple(prefix_values.shape)}")
@@ -88,6 +90,8 @@ class SharedPrefixLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+        if self.lengths is not None:
+            self.lengths = self.lengths[indices.to(self.lengths.device)]
         self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
@@ -103,13 +107,17 @@ class SharedPrefixLayer(DynamicLayer):
 class SharedPrefixCache(Cache):
     """``n_rows`` rows continuing the first ``length`` positions of a batch-1 cache.
 
+    ``length`` may also give one prefix length per row (rows continuing different prefixes of
+    the same cached sequence, e.g. every sentence boundary of a trace): row ``r`` then attends to
+    the first ``length[r]`` cached positions only, and its 2-D attention mask must say exactly
+    that (ones up to its length, zeros to the longest, then its own positions).
     The prefix is a view of ``cache``'s tensors (``cache`` must not change while this is used);
     each row's new positions go into its own buffers (``room`` positions to start with; they grow).
     Use it on the HF model's own forward (``native_forward``, which sets the attention
     implementation while it runs).
     """
 
-    def __init__(self, cache: Any, n_rows: int, length: int | None = None, room: int = 128) -> None:
+    def __init__(self, cache: Any, n_rows: int, length: int | Sequence[int] | None = None, room: int = 128) -> None:
         if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
             raise ValueError(f"n_rows must be a positive int, got {n_rows!r}")
         layers = list(getattr(cache, "layers", None) or [])
@@ -118,12 +126,19 @@ class SharedPrefixCache(Cache):
             raise ValueError("shared prefix: the cache must be a prefilled DynamicCache of full-attention layers, got "
                              + ", ".join(sorted({type(la).__name__ for la in layers})) if layers else "an empty cache")
         have = int(layers[0].keys.shape[-2])
-        n_pos = have if length is None else int(length)
-        if not 1 <= n_pos <= have:
+        per_row = length is not None and not isinstance(length, int)
+        lens = [int(v) for v in length] if per_row else [have if length is None else int(length)]
+        if per_row and len(lens) != n_rows:
+            raise ValueError(f"length: {len(lens)} prefix lengths for {n_rows} rows; pass one per row or one int")
+        if not all(1 <= v <= have for v in lens):
             raise ValueError(f"length={length!r} is outside the cache's 1..{have} positions")
         if any(la.keys.shape[0] != 1 for la in layers):
             raise ValueError(f"shared prefix: the cache must hold one row, got {layers[0].keys.shape[0]}")
-        super().__init__(layers=[SharedPrefixLayer(la.keys[:, :, :n_pos], la.values[:, :, :n_pos], n_rows, room)
+        n_pos = max(lens)
+        dev = layers[0].keys.device
+        ragged = per_row and min(lens) < n_pos
+        super().__init__(layers=[SharedPrefixLayer(la.keys[:, :, :n_pos], la.values[:, :, :n_pos], n_rows, room,
+                                                   torch.tensor(lens, dtype=torch.long, device=dev) if ragged else None)
                                  for la in layers])
 
     @property
@@ -149,8 +164,13 @@ class SharedPrefixCache(Cache):
         if m.dim() != 2 or m.shape[1] < p:
             raise ValueError(f"shared prefix: attention_mask must be [rows, pos] covering the {p} prefix positions, "
                              f"got {tuple(attention_mask.shape)}")
-        if not bool(m[:, :p].all()):
+        lens = self.layers[0].lengths
+        if lens is None and not bool(m[:, :p].all()):
             raise ValueError("shared prefix: attention_mask masks prefix positions; every row sees the whole prefix")
+        if lens is not None and not bool(
+                (m[:, :p] == (torch.arange(p, device=m.device)[None] < lens.to(m.device)[:, None])).all()):
+            raise ValueError("shared prefix: attention_mask must keep each row's own prefix length exactly "
+                             "(ones up to it, zeros after it within the prefix)")
         suf = m[:, p:].int()
         if suf.shape[1] > 1 and bool((suf[:, 1:] > suf[:, :-1]).any()):
             raise ValueError("shared prefix: a row's suffix is left-padded or has holes; only padding at a row's end "
@@ -192,6 +212,9 @@ def shared_prefix_attention(
     sp = sp.reshape(kvh, n, g * q, p).transpose(0, 1)
     ss = torch.matmul(qs, key.transpose(-1, -2))  # [rows, kvh, g * q, s]
     scores = torch.cat([sp, ss], dim=-1).float() * scale
+    if layer.lengths is not None:  # rows on shorter prefixes of the cached sequence
+        beyond = torch.arange(p, device=query.device)[None, :] >= layer.lengths.to(query.device)[:, None]  # [rows, P]
+        scores[..., :p] = scores[..., :p].masked_fill(beyond[:, None, None, :], float("-inf"))
     if q > 1:  # query i sits at suffix position s - q + i and sees suffix positions <= it
         see = torch.arange(s, device=query.device)[None, :] <= (s - q + torch.arange(q, device=query.device))[:, None]
         scores = scores.view(n, kvh, g, q, p + s).masked_fill(~torch.cat(
