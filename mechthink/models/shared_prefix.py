@@ -123,8 +123,8 @@ class SharedPrefixCache(Cache):
         layers = list(getattr(cache, "layers", None) or [])
         if not layers or any(type(la).__name__ not in ("DynamicLayer", "_ReservedLayer") or not la.is_initialized
                              for la in layers):
-            raise ValueError("shared prefix: the cache must be a prefilled DynamicCache of full-attention layers, got "
-                             + ", ".join(sorted({type(la).__name__ for la in layers})) if layers else "an empty cache")
+            got = ", ".join(sorted({type(la).__name__ for la in layers})) if layers else "an empty cache"
+            raise ValueError(f"shared prefix: the cache must be a prefilled DynamicCache of full-attention layers, got {got}")
         have = int(layers[0].keys.shape[-2])
         per_row = length is not None and not isinstance(length, int)
         lens = [int(v) for v in length] if per_row else [have if length is None else int(length)]
