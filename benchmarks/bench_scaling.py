@@ -122,6 +122,10 @@ def t_eap_ig(model: Any, ids: Any, ctx: dict) -> None:
     _eap(model, ids, ctx, "eap-ig")
 
 
+def t_eap_qkfix(model: Any, ids: Any, ctx: dict) -> None:
+    _eap(model, ids, ctx, "eap-qkfix")
+
+
 def t_exact_per_node(model: Any, ids: Any, ctx: dict) -> None:
     from mechthink import attribution as atp
 
@@ -262,6 +266,7 @@ TECHNIQUES: dict[str, Callable[[Any, Any, dict], None]] = {
     "qkfix": t_qkfix,
     "eap": t_eap,
     "eap_ig": t_eap_ig,
+    "eap_qkfix": t_eap_qkfix,
     "exact_per_node": t_exact_per_node,
     "fork_probes16": t_fork_probes16,
     "fork_rollouts32": t_fork_rollouts32,
@@ -336,7 +341,7 @@ def worker(tech: str, T: int, model_name: str, threads: int, device: str, batch:
     ctx = _context(model, device)
     fn = TECHNIQUES[tech]
     vocab = int(model.bridge.cfg.d_vocab)
-    grad = tech in ("atp", "atp_exact", "qkfix", "eap", "eap_ig")
+    grad = tech in ("atp", "atp_exact", "qkfix", "eap", "eap_ig", "eap_qkfix")
     with torch.inference_mode(mode=not grad):
         ctx["gen"] = {"batch": batch, "tokens": 8}
         fn(model, _tokens(64, vocab, 1), ctx)  # warm-up (and lazy loads, e.g. the HF copy)

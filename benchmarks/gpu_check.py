@@ -85,7 +85,7 @@ def run_techniques(model: Any, sdpa: Any, Ts: list[int], only: list[str], device
             t0 = time.perf_counter()
             err = ""
             try:
-                with torch.inference_mode(mode=tech not in ("atp", "qkfix", "eap", "eap_ig")):
+                with torch.inference_mode(mode=tech not in ("atp", "qkfix", "eap", "eap_ig", "eap_qkfix")):
                     fn(model, ids, ctx)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()

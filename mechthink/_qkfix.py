@@ -145,11 +145,15 @@ class _Functional:
         """``z [..., H·dh]`` -> what the attention adds to the stream (``hook_attn_out``)."""
         return self._opt(self.layers[l], "post_self_attn_layernorm", self._m(_u(self.attn[l].o_proj), z))
 
-    def mlp_tail(self, l: int, m: Tensor) -> Tensor:
-        """Mid-layer stream (``hook_resid_mid``) -> the layer's output stream."""
+    def mlp_out(self, l: int, m: Tensor) -> Tensor:
+        """Mid-layer stream (``hook_resid_mid``) -> what the MLP adds to the stream."""
         layer = self.layers[l]
         mo = self._m(_u(layer.mlp), self._m(_u(layer.post_attention_layernorm), m))
-        return m + self._opt(layer, "post_mlp_layernorm", mo)
+        return self._opt(layer, "post_mlp_layernorm", mo)
+
+    def mlp_tail(self, l: int, m: Tensor) -> Tensor:
+        """Mid-layer stream (``hook_resid_mid``) -> the layer's output stream."""
+        return m + self.mlp_out(l, m)
 
     def after_attention(self, l: int, s: Tensor, z: Tensor) -> Tensor:
         """Stream ``[..., d]`` and attention output ``z [..., H·dh]`` -> next layer's stream."""
@@ -174,6 +178,7 @@ class _Clean:
         self.V: list[Tensor] = []
         self.Z: list[Tensor] = []
         self.GZ: list[Tensor] = []
+        self.GR: list[Tensor] = []  # ∂m/∂resid_post of each layer (only with stream_grads)
         self.LSE: list[Tensor] = []  # float64 log-sum-exp of each query's scores [H, T]
         self.metric = 0.0
 
@@ -203,8 +208,12 @@ def _lse_by_chunks(fn: _Functional, q: Tensor, k: Tensor) -> Tensor:
     return out
 
 
-def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Tensor]) -> tuple[_Clean, Tensor]:
+def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Tensor],
+               stream_grads: bool = False) -> tuple[_Clean, Tensor]:
     """Functional clean forward + backward; returns the clean quantities and the logits.
+
+    ``stream_grads`` also keeps ``∂m/∂`` of each layer's output stream (``c.GR[l]``, resid_post
+    of layer l, ``[T, d]``).
 
     Short inputs materialise each layer's ``[H, T, T]`` pattern and return the logits of every
     position. Long ones (``T² ≥`` :data:`mechthink.models.fast_attention.MIN_SCORES`) run the
@@ -221,6 +230,7 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
     causal = None if fused else torch.ones(T, T, dtype=torch.bool, device=fn.device).tril()
     c = _Clean()
     zs: list[Tensor] = []
+    posts: list[Tensor] = []
     with torch.enable_grad():
         r = fn.embed(row).float()[0].detach().requires_grad_(True)
         for l in range(fn.n_layers):
@@ -246,12 +256,15 @@ def _clean_run(fn: _Functional, row: Tensor, metric_last: Callable[[Tensor], Ten
             m_mid = r + fn.attn_out(l, z.transpose(0, 1).reshape(T, -1))
             c.M.append(m_mid.detach())
             r = fn.mlp_tail(l, m_mid)
+            posts.append(r)
         c.R.append(r.detach())
         logits = fn.logits(r[-8:] if fused else r)
         m = metric_last(logits[None])
         c.metric = float(m.detach())
-        grads = torch.autograd.grad(m, zs, allow_unused=True)
-    c.GZ = [g.detach() if g is not None else torch.zeros_like(z) for g, z in zip(grads, c.Z)]
+        grads = torch.autograd.grad(m, zs + (posts if stream_grads else []), allow_unused=True)
+    clean = c.Z + (c.R[1:] if stream_grads else [])
+    grads = [g.detach() if g is not None else torch.zeros_like(z) for g, z in zip(grads, clean)]
+    c.GZ, c.GR = grads[: fn.n_layers], grads[fn.n_layers :]
     return c, logits.detach()
 
 
@@ -375,7 +388,8 @@ def _last_row(
     return s
 
 
-def check_last_position_metric(metric_rows: Callable[[Tensor], Tensor], logits: Tensor) -> None:
+def check_last_position_metric(metric_rows: Callable[[Tensor], Tensor], logits: Tensor,
+                               name: str = "estimator='qkfix'", fallback: str = "estimator='atp'") -> None:
     """Raise unless the metric gives the same value on the full logits and on the last position alone."""
     try:
         full = metric_rows(logits[None])
@@ -385,9 +399,40 @@ def check_last_position_metric(metric_rows: Callable[[Tensor], Tensor], logits: 
         ok = False
     if not ok:
         raise ValueError(
-            "estimator='qkfix' needs a metric that reads only the last position's logits with negative "
-            "indexing (e.g. logit_metric(-1, token)); use estimator='atp' for other metrics"
+            f"{name} needs a metric that reads only the last position's logits with negative "
+            f"indexing (e.g. logit_metric(-1, token)); use {fallback} for other metrics"
         )
+
+
+def checked_clean_run(model: "ThinkingModel", fn: _Functional, row: Tensor, metric_rows: Callable[[Tensor], Tensor],
+                      stream_grads: bool = False, name: str = "estimator='qkfix'",
+                      fallback: str = "estimator='atp'") -> tuple[_Clean, float]:
+    """:func:`_clean_run`, checked against the model's own forward (the last position's logits)
+    and for a metric of the last position only; returns the clean quantities and the metric of
+    the model's own forward. A mismatch raises instead of letting wrong scores through."""
+    T = row.shape[1]
+
+    def metric_last(lg: Tensor) -> Tensor:
+        return metric_rows(lg).sum()
+
+    from mechthink.models.fast_attention import fast_attention
+
+    keep = {"logits_to_keep": 8} if _fused(T) and model.last_logits_kwargs() else {}
+    with torch.no_grad(), fast_attention(model):
+        ref_logits = model.bridge(row, **keep).float()
+        metric_clean = float(metric_rows(ref_logits).sum())
+        ref = ref_logits[0, -1]
+    c, logits = _clean_run(fn, row, metric_last, stream_grads=stream_grads)
+    scale = max(1.0, float(ref.abs().max()))
+    tol = (1e-3 if fn.dtype == torch.float32 else 5e-2) * scale
+    err = float((logits[-1] - ref).abs().max())
+    if not err <= tol:
+        raise RuntimeError(
+            f"{name}: the functional forward of {fn.arch} disagrees with the model "
+            f"(max |Δ logit| = {err:.3g} > {tol:.3g}); use {fallback}"
+        )
+    check_last_position_metric(metric_rows, logits, name, fallback)
+    return c, metric_clean
 
 
 def _start_rows(fn: _Functional, c: _Clean, node: str, L: int, base: Tensor, ps: Tensor, hs: Tensor) -> tuple[int, Tensor]:
@@ -422,27 +467,7 @@ def qkfix_scores(
     of the model's own clean forward."""
     fn = _Functional(model)
     T = row.shape[1]
-
-    def metric_last(lg: Tensor) -> Tensor:
-        return metric_rows(lg).sum()
-
-    from mechthink.models.fast_attention import fast_attention
-
-    keep = {"logits_to_keep": 8} if _fused(T) and model.last_logits_kwargs() else {}
-    with torch.no_grad(), fast_attention(model):
-        ref_logits = model.bridge(row, **keep).float()
-        metric_clean = float(metric_rows(ref_logits).sum())
-        ref = ref_logits[0, -1]
-    c, logits = _clean_run(fn, row, metric_last)
-    scale = max(1.0, float(ref.abs().max()))
-    tol = (1e-3 if fn.dtype == torch.float32 else 5e-2) * scale
-    err = float((logits[-1] - ref).abs().max())
-    if not err <= tol:
-        raise RuntimeError(
-            f"estimator='qkfix': the functional forward of {fn.arch} disagrees with the model "
-            f"(max |Δ logit| = {err:.3g} > {tol:.3g}); use estimator='atp'"
-        )
-    check_last_position_metric(metric_rows, logits)
+    c, metric_clean = checked_clean_run(model, fn, row, metric_rows)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, T * fn.H))
     out = []
     with torch.no_grad():

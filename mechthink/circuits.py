@@ -94,9 +94,9 @@ __all__ = [
 ]
 
 Metric = Callable[[Tensor], Tensor]
-Method = Literal["eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs"]
+Method = Literal["eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs", "eap-qkfix"]
 #: The estimators of :func:`edge_attribution`.
-EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs")
+EDGE_METHODS: tuple[str, ...] = ("eap", "eap-ig", "eap-ig-inputs", "eap-ig-outputs", "eap-qkfix")
 #: Interpolation steps of EAP-IG when none are given (Hanna et al. use 5).
 DEFAULT_IG_STEPS = 5
 #: EAP-IG (embeddings) runs its interpolation rows in gradient passes of at most this many
@@ -945,6 +945,8 @@ def edge_attribution(
         row = _as_row(seq, model.device)
         if method in ("eap", "eap-ig"):
             s, m = _eap_lean(model, graph, row, base, means, metric, steps if method == "eap-ig" else 0)
+        elif method == "eap-qkfix":
+            s, m = _eap_qkfix(model, graph, row, _baseline(model, graph, row, base, means), metric)
         else:
             b = _baseline(model, graph, row, base, means)
             s, m = _eap_ig_paths(model, graph, row, b, metric, steps, _ig_groups(graph, method), batch_size)
@@ -953,6 +955,17 @@ def edge_attribution(
     n = len(pairs)
     return EdgeScores(scores=(total / n) * graph.edges, graph=graph, method=method, baseline=_label(baseline),
                       metric_clean=m_clean / n, n_samples=n)
+
+
+def _eap_qkfix(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric) -> tuple[Tensor, float]:
+    """EAP with the AtP* QK-fix (:mod:`mechthink._edge_qkfix`): exact along the metric position's
+    own stream, first order at the other positions."""
+    from mechthink._edge_qkfix import edge_qkfix_scores
+
+    clean = baseline_outputs(model, row, graph)[0]
+    delta = einops.rearrange(base[0].expand_as(clean) - clean, "pos u d -> u pos d")
+    with torch.inference_mode(False), torch.enable_grad():
+        return edge_qkfix_scores(model, graph, row, clean, delta, lambda lg: _per_row(metric, lg))
 
 
 def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:
