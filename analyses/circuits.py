@@ -2,9 +2,10 @@
 
 Clean input: a prefix ending right after a wrongly written step; baseline: the same prefix with
 the step corrected (a minimal pair of identical token length). Metric: the " Wait" logit at the
-query position. Edges are scored by EAP (Syed, Rager & Conmy 2023) and by EAP-IG (Hanna, Pezzelle &
+query position. Edges are scored by EAP (Syed, Rager & Conmy 2023), by EAP-IG (Hanna, Pezzelle &
 Belinkov 2024) with the token embeddings, each receiver's input or each sender's output
-interpolated, checked against exact edge patching (Spearman ρ on the first ``n_exact`` pairs with a
+interpolated, and by EAP with the AtP* QK-fix (Kramár et al. 2024; exact along the query position's
+own stream), checked against exact edge patching (Spearman ρ on the first ``n_exact`` pairs with a
 bootstrap interval over those pairs, over all edges and over the edges with a non-negligible exact
 effect), pruned to top-k circuits whose faithfulness (only the circuit's edges clean) is traced
 against their size; the smallest circuit of ``circuit_method`` keeping >= 80% is then ablated (its
@@ -34,9 +35,9 @@ class Config(AnalysisConfig):
     """Minimal pairs (wrong step / corrected step) scored by every method (``--n-samples`` of reproduce sets it)."""
     n_exact: int = 8
     """Pairs also scored by exact edge patching (the reference for Spearman rho, bootstrapped over these pairs)."""
-    methods: str = "eap,eap-ig,eap-ig-inputs,eap-ig-outputs"
+    methods: str = "eap,eap-ig,eap-ig-inputs,eap-ig-outputs,eap-qkfix"
     """Edge scoring methods compared (comma-separated; eap-ig-inputs costs receivers x ig_steps rows per pair)."""
-    circuit_method: str = "eap-ig-inputs"
+    circuit_method: str = "eap-qkfix"
     """The method whose smallest faithful circuit is ablated, drawn and written as HTML (one of methods)."""
     ig_steps: int = 5
     """Interpolation steps of the EAP-IG variants."""

@@ -28,9 +28,10 @@ __all__ = ["METHOD_NAMES", "circuit_html", "plot_ablation_bars", "plot_circuit_g
 
 #: Display names of the edge scoring methods.
 METHOD_NAMES: dict[str, str] = {"eap": "EAP", "eap-ig": "EAP-IG (embeddings)", "eap-ig-inputs": "EAP-IG (receiver inputs)",
-                                 "eap-ig-outputs": "EAP-IG (sender outputs)", "exact": "exact edge patching"}
+                                 "eap-ig-outputs": "EAP-IG (sender outputs)", "eap-qkfix": "EAP + QK-fix (AtP*)",
+                                 "exact": "exact edge patching"}
 _METHOD_COLORS = {"eap": COLORS["atp"], "eap-ig": COLORS["ig"], "eap-ig-inputs": "#0072B2", "eap-ig-outputs": "#009E73",
-                  "exact": COLORS["exact"]}
+                  "eap-qkfix": "#D55E00", "exact": COLORS["exact"]}
 _NODE_COLORS = {"embed": "#999999", "head": "#0072B2", "mlp": "#009E73", "logits": "#000000"}
 _POS, _NEG = "#D55E00", "#56B4E9"
 
