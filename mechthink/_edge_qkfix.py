@@ -132,12 +132,18 @@ def _tolerance(fn: _Functional, ref: Tensor) -> float:
     return (1e-3 if fn.dtype == torch.float32 else 5e-2) * max(1.0, float(ref.abs().max()))
 
 
-def _check_senders(fn: _Functional, c: _Clean, clean: Tensor, graph: "EdgeGraph") -> None:
+def stream_sums(clean: Float[Tensor, "pos sender d_model"], graph: "EdgeGraph") -> Float[Tensor, "layer pos d_model"]:
+    """The sums of the senders' clean outputs that each layer's attention inputs (and, last, the
+    logits) read: what :func:`edge_qkfix_scores` checks its residual streams against."""
+    ups = [graph.n_upstream(graph.receiver_slice(l, "q").start) for l in range(graph.n_layers)]
+    return torch.stack([clean[:, :up].sum(1) for up in [*ups, graph.n_upstream(graph.logits_receiver)]])
+
+
+def _check_senders(fn: _Functional, c: _Clean, sums: Tensor) -> None:
     """The senders' clean outputs must sum to the functional run's residual streams."""
-    for l in range(graph.n_layers + 1):
-        up = graph.n_upstream(graph.logits_receiver if l == graph.n_layers else graph.receiver_slice(l, "q").start)
+    for l, total in enumerate(sums.to(fn.device).float()):
         r = c.R[l]
-        err = float((clean[:, :up].sum(1) - r).abs().max())
+        err = float((total - r).abs().max())
         if not err <= _tolerance(fn, r):
             raise RuntimeError(f"{NAME}: the senders' outputs do not sum to the residual stream of layer {l} "
                                f"(max |Δ| = {err:.3g}); use {FALLBACK}")
@@ -147,14 +153,14 @@ def edge_qkfix_scores(
     model: "ThinkingModel",
     graph: "EdgeGraph",
     row: Tensor,
-    clean: Float[Tensor, "pos sender d_model"],
+    sums: Float[Tensor, "layer pos d_model"],
     delta: Float[Tensor, "sender pos d_model"],
     metric_rows: Callable[[Tensor], Tensor],
 ) -> tuple[Float[Tensor, "sender receiver"], float]:
     """QK-fixed scores of every edge of ``graph`` for one clean ``row`` ``[1, T]``.
 
     Args:
-        clean: The senders' clean outputs (:func:`mechthink.circuits.baseline_outputs` of ``row``).
+        sums: :func:`stream_sums` of the senders' clean outputs on ``row``.
         delta: ``a^base − a^clean`` of every sender at every position.
         metric_rows: Logits ``[batch, pos, vocab]`` -> ``[batch]``; must read the last position only.
 
@@ -165,7 +171,7 @@ def edge_qkfix_scores(
     T = row.shape[1]
     t = T - 1
     c, metric_clean = checked_clean_run(model, fn, row, metric_rows, stream_grads=True, name=NAME, fallback=FALLBACK)
-    _check_senders(fn, c, clean.to(fn.device).float(), graph)
+    _check_senders(fn, c, sums)
     D = delta.to(fn.device).float()
     H, G = fn.H, fn.Hkv
     cos, sin = fn.rope(torch.arange(T, device=fn.device))

@@ -946,7 +946,7 @@ def edge_attribution(
         if method in ("eap", "eap-ig"):
             s, m = _eap_lean(model, graph, row, base, means, metric, steps if method == "eap-ig" else 0)
         elif method == "eap-qkfix":
-            s, m = _eap_qkfix(model, graph, row, _baseline(model, graph, row, base, means), metric)
+            s, m = _eap_qkfix(model, graph, row, base, means, metric)
         else:
             b = _baseline(model, graph, row, base, means)
             s, m = _eap_ig_paths(model, graph, row, b, metric, steps, _ig_groups(graph, method), batch_size)
@@ -957,15 +957,19 @@ def edge_attribution(
                       metric_clean=m_clean / n, n_samples=n)
 
 
-def _eap_qkfix(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, base: Tensor, metric: Metric) -> tuple[Tensor, float]:
+def _eap_qkfix(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline, means: SenderMeans | None,
+               metric: Metric) -> tuple[Tensor, float]:
     """EAP with the AtP* QK-fix (:mod:`mechthink._edge_qkfix`): exact along the metric position's
     own stream, first order at the other positions."""
-    from mechthink._edge_qkfix import edge_qkfix_scores
+    from mechthink._edge_qkfix import edge_qkfix_scores, stream_sums
 
+    base = _baseline(model, graph, row, baseline, means)
     clean = baseline_outputs(model, row, graph)[0]
+    sums = stream_sums(clean, graph)
     delta = einops.rearrange(base[0].expand_as(clean) - clean, "pos u d -> u pos d")
+    del clean, base  # only the differences are kept: one [sender, pos, d_model] buffer
     with torch.inference_mode(False), torch.enable_grad():
-        return edge_qkfix_scores(model, graph, row, clean, delta, lambda lg: _per_row(metric, lg))
+        return edge_qkfix_scores(model, graph, row, sums, delta, lambda lg: _per_row(metric, lg))
 
 
 def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:
