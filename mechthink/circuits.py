@@ -27,6 +27,11 @@ Edge scores (``score = m(patched) − m(clean)``, patching the edge to a baselin
   public repository hannamw/EAP-IG (there a layer at a time; Marks et al. 2024, "Sparse Feature
   Circuits", integrate a node's gradient the same way). Both path variants are complete: summed
   over a receiver's (a sender's) edges they give exact patching of all those edges together.
+* ``"eap-qkfix"``: EAP with the QK-fix of Kramár et al. 2024 ("AtP*") carried to edges
+  (:mod:`mechthink._edge_qkfix`): the receiver's output at the metric's position is recomputed
+  with the edge patched (the softmax over changed queries or keys included) and that position's
+  stream runs through the later layers exactly; what the patch changes at earlier positions is
+  taken to first order. Exact for edges into the last layer and the logits.
 * :func:`edge_patching`: exact edge patching, the reference: the receiver gets
   ``x_v + (a_u^base − a_u^clean)`` (only that receiver, everything else recomputed), one row of a
   batched forward per edge.
@@ -826,7 +831,7 @@ class EdgeScores(Result):
     Attributes:
         scores: ``[sender, receiver]`` (0 where there is no edge).
         graph: The graph.
-        method: ``"eap"``, ``"eap-ig"`` or ``"exact"``.
+        method: One of :data:`EDGE_METHODS` or ``"exact"``.
         baseline: A label of the baseline.
         metric_clean: Mean clean metric.
         metric_ablated: Mean metric with every edge at the baseline (NaN if not measured).
@@ -921,7 +926,10 @@ def edge_attribution(
             interpolated); ``"eap-ig-inputs"`` (each receiver's input interpolated on its own,
             the rest of the model clean; ``receivers x ig_steps`` rows of forward/backward);
             ``"eap-ig-outputs"`` (each sender's output interpolated in every receiver it
-            feeds; ``senders x ig_steps`` rows).
+            feeds; ``senders x ig_steps`` rows); ``"eap-qkfix"`` (EAP with the AtP* QK-fix,
+            :mod:`mechthink._edge_qkfix`: each receiver's output at the metric position and that
+            position's stream through the later layers computed exactly, the other positions to
+            first order; the closest to exact patching; needs a metric of the last position).
         means: :func:`sender_means` for ``baseline="mean"``.
         ig_steps: Interpolation steps of the EAP-IG variants (default 5).
         graph: A prebuilt :func:`build_graph` (built if omitted).
