@@ -153,15 +153,16 @@ def edge_qkfix_scores(
     model: "ThinkingModel",
     graph: "EdgeGraph",
     row: Tensor,
-    sums: Float[Tensor, "layer pos d_model"],
-    delta: Float[Tensor, "sender pos d_model"],
+    differences: Callable[[], tuple[Tensor, Tensor]],
     metric_rows: Callable[[Tensor], Tensor],
 ) -> tuple[Float[Tensor, "sender receiver"], float]:
     """QK-fixed scores of every edge of ``graph`` for one clean ``row`` ``[1, T]``.
 
     Args:
-        sums: :func:`stream_sums` of the senders' clean outputs on ``row``.
-        delta: ``a^base − a^clean`` of every sender at every position.
+        differences: ``() -> (sums, delta)``: :func:`stream_sums` of the senders' clean outputs
+            on ``row`` ``[layer, pos, d_model]`` and ``a^base − a^clean`` of every sender at every
+            position ``[sender, pos, d_model]``; called after the clean forward + backward, so the
+            differences and that pass's autograd graph are never held together.
         metric_rows: Logits ``[batch, pos, vocab]`` -> ``[batch]``; must read the last position only.
 
     Returns:
@@ -171,8 +172,10 @@ def edge_qkfix_scores(
     T = row.shape[1]
     t = T - 1
     c, metric_clean = checked_clean_run(model, fn, row, metric_rows, stream_grads=True, name=NAME, fallback=FALLBACK)
+    sums, delta = differences()
     _check_senders(fn, c, sums)
     D = delta.to(fn.device).float()
+    del delta
     H, G = fn.H, fn.Hkv
     cos, sin = fn.rope(torch.arange(T, device=fn.device))
     cos_t, sin_t = fn.rope(torch.tensor([t], device=fn.device))

@@ -775,9 +775,10 @@ def baseline_outputs(model: "ThinkingModel", tokens: Any, graph: EdgeGraph | Non
 
 
 def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor | None, baseline: Baseline,
-              means: SenderMeans | None) -> Tensor:
+              means: SenderMeans | None, run: bool = True) -> Tensor | None:
     """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row (``None``:
-    any length, checked when the model runs)."""
+    any length, checked when the model runs); ``run=False`` only checks the baseline (a corrupted
+    input is not run, and ``None`` is returned for it)."""
     n, d = len(graph.senders), int(model.cfg.d_model)
     if isinstance(baseline, str):
         if baseline == "zero":
@@ -801,7 +802,7 @@ def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor | None, base
     if T is not None and b.shape[1] != T:
         raise ValueError(f"baseline tokens have length {b.shape[1]} but the clean input has {T}; "
                          "a corrupted input (minimal pair) must have the same length")
-    return baseline_outputs(model, b, graph)
+    return baseline_outputs(model, b, graph) if run else None
 
 
 def _examples(tokens: Any, baseline: Baseline) -> list[tuple[Any, Baseline]]:
@@ -971,13 +972,16 @@ def _eap_qkfix(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: 
     own stream, first order at the other positions."""
     from mechthink._edge_qkfix import edge_qkfix_scores, stream_sums
 
-    base = _baseline(model, graph, row, baseline, means)
-    clean = baseline_outputs(model, row, graph)[0]
-    sums = stream_sums(clean, graph)
-    delta = einops.rearrange(base[0].expand_as(clean) - clean, "pos u d -> u pos d")
-    del clean, base  # only the differences are kept: one [sender, pos, d_model] buffer
+    _baseline(model, graph, row, baseline, means, run=False)  # bad input fails before the clean pass
+
+    def differences() -> tuple[Tensor, Tensor]:  # only the differences are kept: one [sender, pos, d_model] buffer
+        base = _baseline(model, graph, row, baseline, means)
+        clean = baseline_outputs(model, row, graph)[0]
+        sums = stream_sums(clean, graph)
+        return sums, einops.rearrange(base[0].expand_as(clean) - clean, "pos u d -> u pos d")
+
     with torch.inference_mode(False), torch.enable_grad():
-        return edge_qkfix_scores(model, graph, row, sums, delta, lambda lg: _per_row(metric, lg))
+        return edge_qkfix_scores(model, graph, row, differences, lambda lg: _per_row(metric, lg))
 
 
 def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:

@@ -292,6 +292,8 @@ def test_bad_input(tiny_loaded):
         "estimates has 1 pairs and exact 0": lambda: C.rank_agreement([eap], []),
         "reads only the last position": lambda: C.edge_attribution(model, clean, A.logit_metric(2, 5), corrupt,
                                                                    method="eap-qkfix", graph=g),
+        "must have the same length": lambda: C.edge_attribution(model, clean, metric, corrupt[:-1], method="eap-qkfix", graph=g),
+        "needs means": lambda: C.edge_attribution(model, clean, metric, "mean", method="eap-qkfix", graph=g),
     }
     for needle, call in cases.items():
         with pytest.raises(ValueError) as err:
