@@ -1,7 +1,7 @@
 """Agreement of the edge attribution estimators with exact edge patching on minimal pairs.
 
     python benchmarks/bench_circuits_rho.py [n_pairs] [ig_steps] [save.pt]
-        [--model tiny-thinker] [--methods all] [--sample-edges 0] [--seed 0]
+        [--model tiny-thinker] [--methods all] [--sample-edges 0] [--seed 0] [--batch-size 64]
 
 For each pair every edge (or, with ``--sample-edges N``, the same N edges drawn uniformly for
 every pair: the way to check a model with too many edges for exact patching, e.g. SmolLM2's
@@ -61,6 +61,8 @@ def main() -> None:
                                                        f"'{PER_LAYER}' (tiny-thinker only), or 'all'")
     ap.add_argument("--sample-edges", type=int, default=0, help="compare on this many uniformly drawn edges (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="edges per batched forward of exact patching (SmolLM2: 8; "
+                                                                  "each row holds every sender's output per receiver)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = mt.load_model(args.model)
@@ -79,7 +81,7 @@ def main() -> None:
         for name in per:
             t = time.perf_counter()
             if name == "exact":
-                s = circuits.edge_patching(model, clean, metric, base, edges=edges, graph=graph)
+                s = circuits.edge_patching(model, clean, metric, base, edges=edges, graph=graph, batch_size=args.batch_size)
             elif name == PER_LAYER:
                 bo = circuits.baseline_outputs(model, base, graph)
                 sc, m = circuits._eap_ig_paths(model, graph, torch.tensor([clean]), bo, metric, args.ig_steps, _layer_groups(graph), 64)

@@ -132,13 +132,6 @@ def _tolerance(fn: _Functional, ref: Tensor) -> float:
     return (1e-3 if fn.dtype == torch.float32 else 5e-2) * max(1.0, float(ref.abs().max()))
 
 
-def stream_sums(clean: Float[Tensor, "pos sender d_model"], graph: "EdgeGraph") -> Float[Tensor, "layer pos d_model"]:
-    """The sums of the senders' clean outputs that each layer's attention inputs (and, last, the
-    logits) read: what :func:`edge_qkfix_scores` checks its residual streams against."""
-    ups = [graph.n_upstream(graph.receiver_slice(l, "q").start) for l in range(graph.n_layers)]
-    return torch.stack([clean[:, :up].sum(1) for up in [*ups, graph.n_upstream(graph.logits_receiver)]])
-
-
 def _check_senders(fn: _Functional, c: _Clean, sums: Tensor) -> None:
     """The senders' clean outputs must sum to the functional run's residual streams."""
     for l, total in enumerate(sums.to(fn.device).float()):
@@ -159,9 +152,10 @@ def edge_qkfix_scores(
     """QK-fixed scores of every edge of ``graph`` for one clean ``row`` ``[1, T]``.
 
     Args:
-        differences: ``() -> (sums, delta)``: :func:`stream_sums` of the senders' clean outputs
-            on ``row`` ``[layer, pos, d_model]`` and ``a^base − a^clean`` of every sender at every
-            position ``[sender, pos, d_model]``; called after the clean forward + backward, so the
+        differences: ``() -> (sums, delta)``: the sums of the senders' clean outputs on ``row``
+            that each layer's attention inputs and the logits read, ``[layer + 1, pos, d_model]``,
+            and ``a^base − a^clean`` of every sender at every position, contiguous
+            ``[sender, pos, d_model]``; called after the clean forward + backward, so the
             differences and that pass's autograd graph are never held together.
         metric_rows: Logits ``[batch, pos, vocab]`` -> ``[batch]``; must read the last position only.
 
@@ -227,7 +221,7 @@ def edge_qkfix_scores(
             # ---- the MLP receiver
             r_mlp = graph.receiver_slice(l, "mlp").start
             up_m = graph.n_upstream(r_mlp)
-            scores[:up_m, r_mlp] += (D[:up_m] * gm[None]).sum((1, 2)).cpu()
+            scores[:up_m, r_mlp] += torch.einsum("upd,pd->u", D[:up_m], gm).cpu()
             m_in = torch.cat([c.M[l][t][None], c.M[l][t] + D[:up_m, t]])
             rows = c.R[l + 1][t] + fn.mlp_out(l, m_in) - fn.mlp_out(l, c.M[l][t][None])
             metric = _last_stream_metric(fn, c, l + 1, rows, metric_rows)

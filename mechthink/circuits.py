@@ -774,6 +774,40 @@ def baseline_outputs(model: "ThinkingModel", tokens: Any, graph: EdgeGraph | Non
     return eng.senders().detach()
 
 
+def _output_list(model: "ThinkingModel", graph: EdgeGraph, row: Tensor) -> list[Tensor | None]:
+    """Every sender's output on one row as a list of ``[pos, d_model]`` (no stacked copy)."""
+    eng = _Engine(model, graph, senders_only=True)
+    with torch.no_grad():
+        eng.run(row)
+    return [c[0].detach() for c in eng.cur]
+
+
+def _sender_differences(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: Baseline,
+                        means: SenderMeans | None) -> tuple[Float[Tensor, "layer pos d_model"], Float[Tensor, "sender pos d_model"]]:
+    """``a^base − a^clean`` of every sender, contiguous ``[sender, pos, d_model]``, built one
+    sender at a time (each output is dropped once its difference is written), and the sums of
+    the clean outputs that each layer's attention inputs and the logits read."""
+    t = baseline if isinstance(baseline, str) else torch.as_tensor(baseline)
+    tokens = not isinstance(t, str) and not t.is_floating_point()
+    base_list = _output_list(model, graph, _as_row(t, model.device)) if tokens else None
+    base = None if tokens else _baseline(model, graph, row, baseline, means)[0]  # [pos | 1, sender, d_model]
+    clean = _output_list(model, graph, row)
+    ups = [graph.n_upstream(graph.receiver_slice(L, "q").start) for L in range(graph.n_layers)]
+    ups.append(graph.n_upstream(graph.logits_receiver))
+    delta = torch.empty(len(clean), *clean[0].shape, dtype=clean[0].dtype, device=clean[0].device)
+    total, sums = torch.zeros_like(clean[0]), []
+    for u in range(len(clean)):
+        sums += [total.clone() for up in ups[len(sums):] if up == u]
+        c = clean[u]
+        total += c
+        delta[u] = (base_list[u] if base_list is not None else base[:, u]) - c
+        clean[u] = None
+        if base_list is not None:
+            base_list[u] = None
+    sums += [total.clone() for _ in ups[len(sums):]]
+    return torch.stack(sums), delta
+
+
 def _baseline(model: "ThinkingModel", graph: EdgeGraph, row: Tensor | None, baseline: Baseline,
               means: SenderMeans | None, run: bool = True) -> Tensor | None:
     """Baseline sender outputs ``[1, pos | 1, sender, d_model]`` for one clean row (``None``:
@@ -970,18 +1004,12 @@ def _eap_qkfix(model: "ThinkingModel", graph: EdgeGraph, row: Tensor, baseline: 
                metric: Metric) -> tuple[Tensor, float]:
     """EAP with the AtP* QK-fix (:mod:`mechthink._edge_qkfix`): exact along the metric position's
     own stream, first order at the other positions."""
-    from mechthink._edge_qkfix import edge_qkfix_scores, stream_sums
+    from mechthink._edge_qkfix import edge_qkfix_scores
 
     _baseline(model, graph, row, baseline, means, run=False)  # bad input fails before the clean pass
-
-    def differences() -> tuple[Tensor, Tensor]:  # only the differences are kept: one [sender, pos, d_model] buffer
-        base = _baseline(model, graph, row, baseline, means)
-        clean = baseline_outputs(model, row, graph)[0]
-        sums = stream_sums(clean, graph)
-        return sums, einops.rearrange(base[0].expand_as(clean) - clean, "pos u d -> u pos d")
-
     with torch.inference_mode(False), torch.enable_grad():
-        return edge_qkfix_scores(model, graph, row, differences, lambda lg: _per_row(metric, lg))
+        return edge_qkfix_scores(model, graph, row, lambda: _sender_differences(model, graph, row, baseline, means),
+                                 lambda lg: _per_row(metric, lg))
 
 
 def _ig_groups(graph: EdgeGraph, method: str) -> Bool[Tensor, "group sender receiver"]:

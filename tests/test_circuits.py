@@ -174,9 +174,10 @@ def test_eap_qkfix_is_exact_along_the_metric_stream(tiny_loaded, arch):
     assert est.metric_clean == pytest.approx(ex.metric_clean, abs=1e-4)
     top = torch.zeros_like(g.edges)
     top[:, g.receiver_slice(g.n_layers - 1, "q").start :] = True
-    for base in (corrupt, "zero"):
-        est = C.edge_attribution(model, clean, metric, base, method="eap-qkfix", graph=g)
-        ex = C.edge_patching(model, clean, metric, base, edges=top, graph=g)
+    means = C.sender_means(model, [clean, corrupt], graph=g)
+    for base in (corrupt, "zero", "mean"):
+        est = C.edge_attribution(model, clean, metric, base, method="eap-qkfix", means=means, graph=g)
+        ex = C.edge_patching(model, clean, metric, base, means=means, edges=top, graph=g)
         scale = float(ex.values().abs().max())
         torch.testing.assert_close(est.values(top), ex.values(), atol=1e-4 * scale, rtol=0)
     same = C.edge_attribution(model, clean, metric, clean, method="eap-qkfix", graph=g)
