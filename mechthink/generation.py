@@ -26,6 +26,7 @@ import contextlib
 import copy
 import inspect
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from mechthink.models.fast_attention import fast_attention
 from mechthink.models.kvcache import cache_from_kwargs, reserve_cache
-from mechthink.models.native import native_blockers, native_forward, rows_can_be_dropped
+from mechthink.models.native import native_blockers, native_forward, rows_can_be_dropped, steady_hooks
 from mechthink.models.shared_prefix import (
     SharedPrefixCache,
     attending,
@@ -71,8 +72,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: ``forward(input_ids, attention_mask, position_ids, cache) -> (logits, cache)``; ``cache`` is
-#: None on the prefill.
-ForwardFn = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
+#: None on the prefill; ``attention_mask`` is None on a slot cache (``SharedPrefixCache(...,
+#: slots=True)``, whose rows carry their own lengths; only decoders that ``shares_prefix`` get one).
+ForwardFn = Callable[[Tensor, Tensor | None, Tensor, Any], tuple[Tensor, Any]]
 
 
 # ============================================================================ configuration
@@ -230,7 +232,7 @@ class Decoder:
             pad = next(iter(eos)) if eos else 0
         bridge, prefill_kw = model.bridge, model.last_logits_kwargs()
 
-        def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
+        def forward(x: Tensor, mask: Tensor | None, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
             # nothing hooked: the HF model's own forward (same weights, no wrappers), prefill and steps
             extra = prefill_kw if kv is None else {"past_key_values": kv}
             out = native_forward(bridge, x, attention_mask=mask, position_ids=pos, **extra)
@@ -253,7 +255,7 @@ class Decoder:
         # transformers 5.24 takes and returns the cache as ``cache`` (``past_key_values`` before)
         name = "cache" if "cache" in _parameters(hf_model.forward) else "past_key_values"
 
-        def forward(x: Tensor, mask: Tensor, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
+        def forward(x: Tensor, mask: Tensor | None, pos: Tensor, kv: Any) -> tuple[Tensor, Any]:
             extra = prefill_kw if kv is None else {name: kv}
             shared = isinstance(kv, SharedPrefixCache)
             if shared:
@@ -302,13 +304,21 @@ def _sample_loop(
     the end: the other rows' tokens are the same (each row has its own generator), only fewer
     positions are fed.
     """
-    device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
     n = int(mask.shape[0])
     # steps write into spare room of the cache instead of concatenating (same values, no O(T) copy per step)
     reserve_cache(kv, max(0, cfg.max_new_tokens - 1))
     out: list[list[int]] = [[] for _ in range(n)]
     reason: list[str | None] = [None] * n
     rows = list(range(n))  # the row of ``out`` each batch position decodes
+    with steady_hooks():  # the bridge's hooks scanned once per loop, not once per step, while none changes
+        return _steps(decoder, logits, kv, mask, last_pos, gens, cfg, drop_finished, out, reason, rows)
+
+
+def _steps(decoder: Decoder, logits: Tensor, kv: Any, mask: Tensor, last_pos: Tensor, gens: Sequence[torch.Generator | None],
+           cfg: SamplingConfig, drop_finished: bool, out: list[list[int]], reason: list[str | None], rows: list[int]
+           ) -> list[Continuation]:
+    """The body of :func:`_sample_loop`."""
+    device, eos, pad = decoder.device, decoder.eos_ids, decoder.pad_id
     for step in range(cfg.max_new_tokens):
         nxt = [pad] * len(rows)
         last = logits[:, -1].float()
@@ -534,6 +544,9 @@ def decode_from_prefixes(
                 for r, c in zip(part, conts):
                     out[r] = c
         return [c for c in out if c is not None]
+    gens_all = [row_generator(int(seeds[r]), int(indices[r])) if cfg.temperature > 0 else None for r in range(n)]
+    if drop_finished and decoder.rows_droppable():  # a finished row's slot goes to the next row at once
+        return _slot_loop(decoder, cache, last_logits, [int(v) for v in lengths], gens_all, cfg, batch_size)
     for k in range(0, n, batch_size):
         rows = list(range(k, min(n, k + batch_size)))
         lens = [int(lengths[r]) for r in rows]
@@ -542,10 +555,93 @@ def decode_from_prefixes(
         mask = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None]).long().to(decoder.device)
         last_pos = torch.tensor(lens, dtype=torch.long, device=decoder.device)[:, None] - 1
         logits = torch.stack([last_logits[r].to(decoder.device) for r in rows])[:, None]
-        gens = [row_generator(int(seeds[r]), int(indices[r])) if cfg.temperature > 0 else None for r in rows]
+        gens = [gens_all[r] for r in rows]
         for r, c in zip(rows, _sample_loop(decoder, logits, kv, mask, last_pos, gens, cfg, drop_finished)):
             out[r] = c
     return [c for c in out if c is not None]
+
+
+def _pick(last: Float[Tensor, "row d_vocab"], gens: Sequence[torch.Generator | None], cfg: SamplingConfig) -> list[int]:
+    """The next token of each row: greedy where its generator is None, else :func:`sample_tokens`."""
+    nxt = [0] * len(gens)
+    greedy = [j for j, g in enumerate(gens) if g is None]
+    sampled = [j for j, g in enumerate(gens) if g is not None]
+    if greedy:
+        for j, t in zip(greedy, last[greedy].argmax(-1).tolist()):
+            nxt[j] = t
+    if sampled:
+        for j, t in zip(sampled, sample_tokens(last[sampled], cfg.temperature, cfg.top_p, [gens[j] for j in sampled])):
+            nxt[j] = t
+    return nxt
+
+
+@torch.inference_mode()
+def _slot_loop(
+    decoder: Decoder,
+    cache: Any,
+    last_logits: Sequence[Tensor],
+    lengths: list[int],
+    gens: Sequence[torch.Generator | None],
+    cfg: SamplingConfig,
+    batch_size: int,
+) -> list[Continuation]:
+    """Continuous batching of rows continuing prefixes of one cached sequence.
+
+    ``batch_size`` slots of a :class:`SharedPrefixCache` built with ``slots=True``: row ``r``
+    reads the first ``lengths[r]`` cached positions and its own positions; when it finishes (EOS
+    or ``cfg.max_new_tokens``), the next queued row takes its slot at once, its first token
+    sampled from ``last_logits`` of its prefix (a fork reads nothing to start). So every step
+    feeds a full batch until the queue is empty, instead of a batch thinning out until its
+    longest row ends. Row ``r`` samples from ``gens[r]`` with the logits of its own sequence:
+    its tokens are those of :func:`_sample_loop` (to float rounding of the logits), whatever the
+    other rows. Slots left empty at the end read nothing and leave once they are a quarter.
+    """
+    n, device, eos = len(lengths), decoder.device, decoder.eos_ids
+    queue = deque(range(n))
+    slot_row: list[int | None] = [queue.popleft() for _ in range(min(batch_size, n))]
+    kv = SharedPrefixCache(cache, len(slot_row), [lengths[r] for r in slot_row],  # type: ignore[index]
+                           room=max(cfg.max_new_tokens - 1, 1), slots=True)
+    pending = torch.stack([last_logits[r].to(device) for r in slot_row]).float()  # type: ignore[index]
+    out: list[list[int]] = [[] for _ in range(n)]
+    reason: list[str | None] = [None] * n
+    with steady_hooks():
+        while True:
+            feed = [decoder.pad_id] * len(slot_row)
+            todo = [j for j, r in enumerate(slot_row) if r is not None]
+            while todo:  # sample every slot; a finished row's slot takes the next row, which samples too
+                again = []
+                for j, t in zip(todo, _pick(pending[todo], [gens[slot_row[j]] for j in todo], cfg)):  # type: ignore[index]
+                    r = slot_row[j]
+                    out[r].append(t)  # type: ignore[index]
+                    if t in eos:
+                        reason[r] = "eos"  # type: ignore[index]
+                    elif len(out[r]) >= cfg.max_new_tokens:  # type: ignore[index]
+                        reason[r] = "length"  # type: ignore[index]
+                    if reason[r] is None:  # type: ignore[index]
+                        feed[j] = t
+                    elif queue:
+                        nxt = queue.popleft()
+                        slot_row[j] = nxt
+                        kv.start_row(j, lengths[nxt])
+                        pending[j] = last_logits[nxt].to(device)
+                        again.append(j)
+                    else:
+                        slot_row[j] = None
+                        kv.start_row(j, 0)  # an empty slot reads nothing (fed padding until it leaves)
+                todo = again
+            live = [j for j, r in enumerate(slot_row) if r is not None]
+            if not live:
+                break
+            if len(slot_row) - len(live) >= max(1, len(slot_row) // 4):  # only once the queue is empty
+                sel = torch.tensor(live, dtype=torch.long, device=device)
+                kv.batch_select_indices(sel)
+                slot_row, feed = [slot_row[j] for j in live], [feed[j] for j in live]
+            kv.prepare()
+            logits, kv = decoder.forward(torch.tensor(feed, dtype=torch.long, device=device)[:, None], None,
+                                         kv.positions()[:, None], kv)
+            kv.advance()
+            pending = logits[:, -1].float()
+    return [Continuation(o, r or "length") for o, r in zip(out, reason)]
 
 
 def continue_prefixes(

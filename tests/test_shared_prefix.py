@@ -85,6 +85,66 @@ def test_shared_prefix_equals_a_forked_cache(tiny_loaded, arch):
     assert config_supports_shared_prefix(b.original_model.config) and not supports_shared_prefix(b.original_model)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slot_cache_rows_at_their_own_lengths_equal_full_recomputation(tiny_loaded, arch):
+    """A slot cache (rows on different prefixes, at different own lengths, a finished row's slot
+    handed to a new one mid-way, a row on its own prompt read apart with no shared prefix, rows
+    leaving): every row's logits at every step equal a fresh forward of that row's whole sequence."""
+    model = tiny_loaded(arch)[0]
+    b = model.bridge
+    g = torch.Generator().manual_seed(2)
+    vocab = int(b.cfg.d_vocab)
+    ids = torch.randint(5, vocab, (30,), generator=g).tolist()
+    _, kv = _prefill(model, ids)
+    own_prompt = torch.randint(5, vocab, (6,), generator=g).tolist()
+
+    def own(prompt):  # the prompt read apart: its keys / values per layer, [kv_heads, m, d]
+        with torch.inference_mode():
+            logits, c = native_forward(b, torch.tensor([prompt]))
+        return logits[0, -1].float(), [(la.keys[0], la.values[0]) for la in c.layers]
+
+    def fresh(seq):  # the reference: the whole sequence from scratch
+        with torch.inference_mode():
+            return native_forward(b, torch.tensor([seq]))[0][0, -1].float()
+
+    with torch.inference_mode():
+        cache = SharedPrefixCache(kv, 4, [21, 5, 30, 0], room=2, slots=True)  # room 2: the buffers grow
+        seqs = [ids[:21], ids[:5], ids[:30], []]
+        cache.start_row(3, 0, own(own_prompt)[1])
+        seqs[3] = list(own_prompt)
+        for step in range(7):
+            if step == 2:  # row 1 finished: its slot continues another prefix, from nothing of its own
+                cache.start_row(1, 12)
+                seqs[1] = ids[:12]
+            if step == 4:  # row 3 finished: its slot takes a new prompt read apart
+                prompt = torch.randint(5, vocab, (3,), generator=g).tolist()
+                cache.start_row(3, 0, own(prompt)[1])
+                seqs[3] = prompt
+            if step == 5:  # a row leaves
+                keep = torch.tensor([0, 2, 3])
+                cache.batch_select_indices(keep)
+                seqs = [seqs[i] for i in keep.tolist()]
+            nxt = torch.randint(5, vocab, (len(seqs), 1), generator=g)
+            cache.prepare()
+            pos = cache.positions()[:, None]
+            assert pos[:, 0].tolist() == [len(sq) for sq in seqs]
+            got, cache = native_forward(b, nxt, attention_mask=None, position_ids=pos, past_key_values=cache)
+            cache.advance()
+            for r, sq in enumerate(seqs):
+                sq.append(int(nxt[r, 0]))
+                torch.testing.assert_close(got[r, -1].float(), fresh(sq), atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="one new position per row and step|one position per row and step"):
+            native_forward(b, torch.tensor([[5, 6]] * 3), attention_mask=None, position_ids=torch.tensor([[40, 41]] * 3),
+                           past_key_values=cache)
+        with pytest.raises(ValueError, match="pass attention_mask=None"):
+            native_forward(b, nxt, attention_mask=torch.ones(3, 40, dtype=torch.long), position_ids=pos, past_key_values=cache)
+        with pytest.raises(ValueError, match="outside the cache's 0..30"):
+            cache.start_row(0, 31)
+        with pytest.raises(RuntimeError, match="without slots=True"):
+            SharedPrefixCache(kv, 2, 10).start_row(0, 3)
+    assert kv.get_seq_length() == len(ids)  # the prefilled cache is untouched
+
+
 def test_decode_from_cache_shared_equals_forked(organism):
     from mechthink.models.organism import sample_transcripts
 

@@ -24,16 +24,18 @@ missing.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import re
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ROW_INDEPENDENT", "native_blockers", "native_forward", "rows_can_be_dropped"]
+__all__ = ["ROW_INDEPENDENT", "native_blockers", "native_forward", "rows_can_be_dropped", "steady_hooks"]
 
 
 #: Hooks that only observe and are not ours to see: TransformerLens 4.3 keeps two on its own
@@ -103,8 +105,57 @@ def _walk(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
                 stack.append((f"{name}.{k}" if name else k, c))
 
 
-def _plan(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
-    """``(hooked modules that block the native forward, hooks it can carry over)``.
+#: Inside :func:`steady_hooks`: ``{id(bridge): (bridge, handle counter, plan, hooks seen)}``.
+_PLANS: contextvars.ContextVar[dict[int, tuple[Any, int, Any, list[tuple[dict[int, Any], int]]]] | None] = \
+    contextvars.ContextVar("mechthink_steady_hooks", default=None)
+
+
+@contextmanager
+def steady_hooks() -> Iterator[None]:
+    """Within the block, :func:`native_forward` scans the bridge's hooks once and reuses the result
+    while it still holds (a decode loop calls it once per step, and the scan of a few hundred
+    modules is a fifth of a tiny model's step).
+
+    The kept scan is used only while no hook handle has been made anywhere since it was taken
+    (``torch.utils.hooks.RemovableHandle`` numbers every registration) and every foreign hook it
+    saw is still registered; otherwise the bridge is scanned again. What it cannot see: a module
+    swapped into the bridge, carrying hooks registered before the scan, while the block runs —
+    hence a block, around one decode loop, not a global cache."""
+    token = _PLANS.set({})
+    try:
+        yield
+    finally:
+        _PLANS.reset(token)
+
+
+def _plan_now(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """:func:`_plan`, reused inside :func:`steady_hooks` while no hook was added or removed."""
+    memo = _PLANS.get()
+    if memo is None:
+        return _plan(bridge)
+    kept = memo.get(id(bridge))
+    if (kept is not None and kept[0] is bridge and kept[1] == RemovableHandle.next_id
+            and all(k in d for d, k in kept[3])):
+        return kept[2]
+    seen: list[tuple[dict[int, Any], int]] = []
+    plan = _plan(bridge, seen)
+    memo[id(bridge)] = (bridge, RemovableHandle.next_id, plan, seen)
+    return plan
+
+
+def _plan_settled(bridge: Any, counter: int, made: int) -> None:
+    """After a native call registered (and removed) ``made`` carried hooks from handle number
+    ``counter`` on: if no other handle was made meanwhile, the kept scan still holds."""
+    memo = _PLANS.get()
+    kept = memo.get(id(bridge)) if memo is not None else None
+    if kept is not None and kept[1] == counter and RemovableHandle.next_id == counter + made:
+        memo[id(bridge)] = (kept[0], RemovableHandle.next_id, kept[2], kept[3])
+
+
+def _plan(bridge: Any, seen: list[tuple[dict[int, Any], int]] | None = None
+          ) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """``(hooked modules that block the native forward, hooks it can carry over)``; ``seen``
+    collects ``(hook dict, key)`` of every foreign hook found.
 
     Carried over, because their HF equivalent is exact: forward hooks on the residual hook points
     ``blocks.L.hook_in`` / ``hook_out`` (resid_pre / resid_post = the input / output of HF decoder
@@ -120,6 +171,9 @@ def _plan(bridge: Any) -> tuple[list[str], list[tuple[str, Any, Any]]]:
         back = _foreign(m._backward_hooks) + _foreign(m._backward_pre_hooks)
         if not (fwd or pre or back):
             continue
+        if seen is not None:
+            seen += [(d, k) for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+                     for k, fn in d.items() if not _internal(fn)]
         point = _RESID_POINT.match(name)
         if point and fwd and not pre and not back:
             carried.append((point.group(2), bridge.blocks[int(point.group(1))], m))
@@ -140,7 +194,7 @@ def native_blockers(bridge: Any, plan: tuple[list[str], list[tuple[str, Any, Any
         out.append("global module hooks are registered")
     if "_mechthink_fast_attention" in bridge.__dict__:
         out.append("inside fast_attention")
-    hooked = (plan or _plan(bridge))[0]
+    hooked = (plan or _plan_now(bridge))[0]
     if hooked:
         out.append(f"hooks on {hooked[:3]}{' …' if len(hooked) > 3 else ''}")
     if not getattr(bridge, "compatibility_mode", True):
@@ -200,12 +254,23 @@ def _scan_swaps(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.n
     return out
 
 
+_CACHE_NAMES: dict[Any, str] = {}
+
+
 def _cache_name(hf: torch.nn.Module) -> str:
-    try:
-        params = inspect.signature(hf.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    return "cache" if "cache" in params else "past_key_values"
+    """What ``hf``'s forward calls its KV cache (``cache`` from transformers 5.24 on), kept per
+    forward function (reading a signature costs more than a tiny model's layer)."""
+    fn = getattr(type(hf), "forward", None)
+    name = _CACHE_NAMES.get(fn) if "forward" not in hf.__dict__ else None
+    if name is None:
+        try:
+            params = inspect.signature(hf.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        name = "cache" if "cache" in params else "past_key_values"
+        if "forward" not in hf.__dict__ and fn is not None:
+            _CACHE_NAMES[fn] = name
+    return name
 
 
 def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tensor, Any] | None:
@@ -217,7 +282,7 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     """
     from mechthink.models.shared_prefix import IMPLEMENTATION, SharedPrefixCache
 
-    plan = _plan(bridge)
+    plan = _plan_now(bridge)
     blockers = native_blockers(bridge, plan)
     shared = isinstance(kwargs.get("past_key_values", kwargs.get("cache")), SharedPrefixCache)
     if blockers and shared:  # the bridge would attend to the rows' own positions only: refuse, never guess
@@ -238,6 +303,7 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
     cfg = hf.config
     old_impl = cfg._attn_implementation
     handles: list[Any] = []
+    counter = RemovableHandle.next_id
     try:
         for parent, attr, _, orig in swaps:
             parent._modules[attr] = orig
@@ -252,4 +318,5 @@ def native_forward(bridge: Any, input_ids: Tensor, **kwargs: Any) -> tuple[Tenso
         cfg._attn_implementation = old_impl
         for parent, attr, wrapper, _ in reversed(swaps):
             parent._modules[attr] = wrapper
+        _plan_settled(bridge, counter, len(handles))
     return out.logits, getattr(out, name, None)

@@ -47,9 +47,10 @@ class SharedPrefixLayer(DynamicLayer):
     """
 
     def __init__(self, prefix_keys: Tensor, prefix_values: Tensor, n_rows: int, room: int,
-                 lengths: Tensor | None = None) -> None:
+                 lengths: Tensor | None = None, slots: "Slots | None" = None) -> None:
         super().__init__()
         self.lengths = lengths  # [rows]: each row's own prefix length (None: all of the prefix)
+        self.slots = slots  # rows at their own lengths, replaced as they finish (None: rows in step)
         if prefix_keys.dim() != 4 or prefix_keys.shape[0] != 1 or prefix_values.shape[:3] != prefix_keys.shape[:3]:
             raise ValueError(f"shared prefix: keys / values must be [1, kv_heads, pos, d] alike, got "
                              f"{tuple(prefix_keys.shape)} / {tuple(prefix_values.shape)}")
@@ -58,8 +59,10 @@ class SharedPrefixLayer(DynamicLayer):
         self.device = prefix_keys.device
         h = int(prefix_keys.shape[1])
         room = max(int(room), 1)
-        self._kbuf = prefix_keys.new_empty((n_rows, h, room, prefix_keys.shape[-1]))
-        self._vbuf = prefix_values.new_empty((n_rows, h, room, prefix_values.shape[-1]))
+        # slots: a row's buffer is read past its own length (masked), so it must never hold NaN / inf
+        make = torch.zeros if slots is not None else torch.empty
+        self._kbuf = make((n_rows, h, room, prefix_keys.shape[-1]), dtype=prefix_keys.dtype, device=self.device)
+        self._vbuf = make((n_rows, h, room, prefix_values.shape[-1]), dtype=prefix_values.dtype, device=self.device)
         self._n = 0
         self.keys, self.values = self._kbuf[:, :, :0], self._vbuf[:, :, :0]
         self.is_initialized = True
@@ -73,6 +76,8 @@ class SharedPrefixLayer(DynamicLayer):
             raise ValueError(f"shared prefix cache of {n_rows} rows x {h} kv heads x d {d}: got new keys of shape "
                              f"{tuple(key_states.shape)}")
         m = int(key_states.shape[-2])
+        if self.slots is not None:
+            return self._slot_update(key_states, value_states)
         if self._n + m > self._kbuf.shape[-2]:  # grow by half (the views handed out keep their own buffers)
             cap = max(self._n + m, self._kbuf.shape[-2] + max(128, self._kbuf.shape[-2] // 2))
             kb, vb = self._kbuf.new_empty((n_rows, h, cap, d)), self._vbuf.new_empty((n_rows, h, cap, self._vbuf.shape[-1]))
@@ -85,7 +90,39 @@ class SharedPrefixLayer(DynamicLayer):
         self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
         return self.keys, self.values
 
+    def _grow(self, need: int) -> None:
+        """Room for ``need`` own positions per row (zero-filled: slot rows read past their length)."""
+        n_rows, h, have, d = self._kbuf.shape
+        if need <= have:
+            return
+        cap = max(need, have + max(128, have // 2))
+        kb, vb = self._kbuf.new_zeros((n_rows, h, cap, d)), self._vbuf.new_zeros((n_rows, h, cap, self._vbuf.shape[-1]))
+        kb[:, :, :have], vb[:, :, :have] = self._kbuf, self._vbuf
+        self._kbuf, self._vbuf = kb, vb
+
+    def _slot_update(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots: each row's one new position goes to its own next index (``slots.suffix``)."""
+        if key_states.shape[-2] != 1:
+            raise ValueError(f"a slot cache takes one new position per row and step, got {key_states.shape[-2]}")
+        slots = self.slots
+        self._grow(slots.width)
+        rows = torch.arange(self._kbuf.shape[0], device=self.device)
+        at = slots.suffix.to(self.device)
+        self._kbuf[rows, :, at] = key_states[:, :, 0]
+        self._vbuf[rows, :, at] = value_states[:, :, 0]
+        self.keys, self.values = self._kbuf[:, :, : slots.width], self._vbuf[:, :, : slots.width]
+        return self.keys, self.values
+
+    def put(self, row: int, keys: Tensor, values: Tensor) -> None:
+        """Slots: a new row's own first positions (``[kv_heads, m, d]``, e.g. a prompt read apart)."""
+        m = int(keys.shape[-2])
+        self._grow(m)
+        self._kbuf[row, :, :m] = keys
+        self._vbuf[row, :, :m] = values
+
     def get_seq_length(self) -> int:
+        if self.slots is not None:  # rows differ; the longest row's positions so far
+            return self.slots.prefix_width + self.slots.width - 1
         return self.n_prefix + self._n
 
     def batch_select_indices(self, indices: Tensor) -> None:
@@ -104,6 +141,28 @@ class SharedPrefixLayer(DynamicLayer):
         self._refuse()
 
 
+class Slots:
+    """The rows of a slot cache (:class:`SharedPrefixCache` with ``slots=True``), shared by its layers.
+
+    Row ``r`` attends to the first ``prefix[r]`` positions of the shared prefix (0: none of it)
+    and to its own ``suffix[r]`` stored positions plus the one written this step; a finished row's
+    slot is handed to a new one (:meth:`SharedPrefixCache.start_row`) without touching the others.
+    """
+
+    def __init__(self, prefix: Tensor, suffix: Tensor) -> None:
+        self.prefix, self.suffix = prefix, suffix
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the widths read this step (after a row started, moved on or left)."""
+        self.prefix_width = int(self.prefix.max()) if self.prefix.numel() else 0
+        self.width = int(self.suffix.max()) + 1 if self.suffix.numel() else 1
+
+    def select(self, indices: Tensor) -> None:
+        self.prefix, self.suffix = self.prefix[indices.to(self.prefix.device)], self.suffix[indices.to(self.suffix.device)]
+        self.refresh()
+
+
 class SharedPrefixCache(Cache):
     """``n_rows`` rows continuing the first ``length`` positions of a batch-1 cache.
 
@@ -117,7 +176,8 @@ class SharedPrefixCache(Cache):
     implementation while it runs).
     """
 
-    def __init__(self, cache: Any, n_rows: int, length: int | Sequence[int] | None = None, room: int = 128) -> None:
+    def __init__(self, cache: Any, n_rows: int, length: int | Sequence[int] | None = None, room: int = 128,
+                 slots: bool = False) -> None:
         if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
             raise ValueError(f"n_rows must be a positive int, got {n_rows!r}")
         layers = list(getattr(cache, "layers", None) or [])
@@ -130,12 +190,21 @@ class SharedPrefixCache(Cache):
         lens = [int(v) for v in length] if per_row else [have if length is None else int(length)]
         if per_row and len(lens) != n_rows:
             raise ValueError(f"length: {len(lens)} prefix lengths for {n_rows} rows; pass one per row or one int")
-        if not all(1 <= v <= have for v in lens):
-            raise ValueError(f"length={length!r} is outside the cache's 1..{have} positions")
+        lowest = 0 if slots else 1  # a slot row may read none of the prefix (its own prompt in its slot)
+        if not all(lowest <= v <= have for v in lens):
+            raise ValueError(f"length={length!r} is outside the cache's {lowest}..{have} positions")
         if any(la.keys.shape[0] != 1 for la in layers):
             raise ValueError(f"shared prefix: the cache must hold one row, got {layers[0].keys.shape[0]}")
-        n_pos = max(lens)
         dev = layers[0].keys.device
+        if slots:
+            if not per_row:
+                lens = lens * n_rows
+            self.slots: Slots | None = Slots(torch.tensor(lens, dtype=torch.long, device=dev),
+                                             torch.zeros(n_rows, dtype=torch.long, device=dev))
+            super().__init__(layers=[SharedPrefixLayer(la.keys, la.values, n_rows, room, None, self.slots) for la in layers])
+            return
+        self.slots = None
+        n_pos = max(lens)
         ragged = per_row and min(lens) < n_pos
         super().__init__(layers=[SharedPrefixLayer(la.keys[:, :, :n_pos], la.values[:, :, :n_pos], n_rows, room,
                                                    torch.tensor(lens, dtype=torch.long, device=dev) if ragged else None)
@@ -144,6 +213,46 @@ class SharedPrefixCache(Cache):
     @property
     def n_prefix(self) -> int:
         return self.layers[0].n_prefix
+
+    # ---- slots (``slots=True``): rows at their own lengths, a finished row's slot reused
+    def start_row(self, row: int, prefix: int, own: Sequence[tuple[Tensor, Tensor]] | None = None) -> None:
+        """Slots: row ``row`` now continues the first ``prefix`` positions of the shared prefix,
+        with no own positions, or with ``own`` (per layer ``(keys, values)`` of shape
+        ``[kv_heads, m, d]``: positions read apart, e.g. the row's own prompt when ``prefix`` is 0)."""
+        slots = self._need_slots()
+        if not 0 <= int(prefix) <= self.n_prefix:
+            raise ValueError(f"start_row: prefix={prefix} is outside the cache's 0..{self.n_prefix} positions")
+        m = 0
+        if own is not None:
+            if len(own) != len(self.layers):
+                raise ValueError(f"start_row: own positions for {len(own)} layers, the cache has {len(self.layers)}")
+            for layer, (k, v) in zip(self.layers, own):
+                layer.put(row, k, v)
+            m = int(own[0][0].shape[-2])
+        slots.prefix[row], slots.suffix[row] = int(prefix), m
+
+    def positions(self) -> Tensor:
+        """Slots: the position of each row's next token (its prefix length plus its own positions), ``[rows]``."""
+        slots = self._need_slots()
+        return slots.prefix + slots.suffix
+
+    def prepare(self) -> None:
+        """Slots: before a step, the widths it reads (after :meth:`start_row` / :meth:`advance`)."""
+        self._need_slots().refresh()
+
+    def advance(self) -> None:
+        """Slots: after a step, every row holds one more own position."""
+        self._need_slots().suffix += 1
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.slots is not None:
+            self.slots.select(indices)
+        super().batch_select_indices(indices)
+
+    def _need_slots(self) -> Slots:
+        if self.slots is None:
+            raise RuntimeError("this SharedPrefixCache was built without slots=True")
+        return self.slots
 
     @contextmanager
     def active(self) -> Iterator["SharedPrefixCache"]:
@@ -159,6 +268,8 @@ class SharedPrefixCache(Cache):
         suffix whose kept positions are not a run from its start (left padding, holes)."""
         if attention_mask is None:
             return
+        if self.slots is not None:
+            raise ValueError("shared prefix: a slot cache carries each row's lengths itself; pass attention_mask=None")
         m = attention_mask.bool()
         p = self.n_prefix
         if m.dim() != 2 or m.shape[1] < p:
@@ -202,6 +313,12 @@ def shared_prefix_attention(
     pk, pv = layer.prefix_keys, layer.prefix_values
     n, h, q, d = query.shape
     kvh, s, p = int(key.shape[1]), int(key.shape[-2]), layer.n_prefix
+    slots, prefix_lengths = layer.slots, layer.lengths
+    if slots is not None:  # each row at its own lengths: the prefix read as far as the longest row reads it
+        if q != 1:
+            raise ValueError(f"{IMPLEMENTATION}: a slot cache decodes one position per row and step, got {q}")
+        p, prefix_lengths = slots.prefix_width, slots.prefix
+        pk, pv = pk[:, :, :p], pv[:, :, :p]
     if h % kvh or key.shape[0] != n or s < q:
         raise ValueError(f"{IMPLEMENTATION}: query {tuple(query.shape)} does not fit keys {tuple(key.shape)}")
     g = h // kvh
@@ -212,9 +329,12 @@ def shared_prefix_attention(
     sp = sp.reshape(kvh, n, g * q, p).transpose(0, 1)
     ss = torch.matmul(qs, key.transpose(-1, -2))  # [rows, kvh, g * q, s]
     scores = torch.cat([sp, ss], dim=-1).float() * scale
-    if layer.lengths is not None:  # rows on shorter prefixes of the cached sequence
-        beyond = torch.arange(p, device=query.device)[None, :] >= layer.lengths.to(query.device)[:, None]  # [rows, P]
+    if prefix_lengths is not None:  # rows on shorter prefixes of the cached sequence
+        beyond = torch.arange(p, device=query.device)[None, :] >= prefix_lengths.to(query.device)[:, None]  # [rows, P]
         scores[..., :p] = scores[..., :p].masked_fill(beyond[:, None, None, :], float("-inf"))
+    if slots is not None:  # a row's own positions after the one written this step are another row's, or unwritten
+        later = torch.arange(s, device=query.device)[None, :] > slots.suffix.to(query.device)[:, None]  # [rows, s]
+        scores[..., p:] = scores[..., p:].masked_fill(later[:, None, None, :], float("-inf"))
     if q > 1:  # query i sits at suffix position s - q + i and sees suffix positions <= it
         see = torch.arange(s, device=query.device)[None, :] <= (s - q + torch.arange(q, device=query.device))[:, None]
         scores = scores.view(n, kvh, g, q, p + s).masked_fill(~torch.cat(
