@@ -100,8 +100,6 @@ def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperat
 
     points = [s.token_start for s in sents] + [sents[-1].token_end]
     dec = G.Decoder.for_model(model)  # the HF model's own forward for the prefill and steps
-    originals = _reread_states(model, [trace.ids[: s.token_end] for s in sents])
-    rollouts = []
     # every prefix's rows in one queue, ``batch`` at a time (left-padded, as decode() pads), each
     # row on its own generator: batches hold several prefixes' rows as the resampler's do
     queue = [(p, k) for p in points for k in range(n)]
@@ -114,6 +112,45 @@ def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperat
         logits, kv = dec.forward(x, mask, pos, None)
         gens = [G.row_generator(G.seed_for(seed, p), k) for p, k in part]
         done += G._sample_loop(dec, logits, kv, mask, pos[:, -1:], gens, cfg, drop_finished=True)
+    return _assemble(model, trace, sents, points, n, done)
+
+
+@torch.inference_mode()
+def reprefill_continuous(model, trace, sents, n, batch, max_new_tokens, temperature, top_p, seed):
+    """(b) with the continuous batching (a) has: the same slot loop (``generation._slot_loop``),
+    but no shared prefix is read: the rollouts entering freed slots at a step re-read their
+    prefixes first (one left-padded forward of just those rows, the HF model's own), and each
+    row's keys / values of its prefix are put into its slot. Similarities as in (b)."""
+    from mechthink import anchors as A
+    from mechthink import generation as G
+    from mechthink.models.native import native_forward
+
+    points = [s.token_start for s in sents] + [sents[-1].token_end]
+    dec = G.Decoder.for_model(model)
+    queue = [(p, k) for p in points for k in range(n)]
+    cfg = G.SamplingConfig(max_new_tokens, temperature, top_p, 0)
+    gens = [G.row_generator(G.seed_for(seed, p), k) for p, k in queue]
+    _, shapes = native_forward(model.bridge, torch.tensor([trace.ids[:1]]))  # the slots' layout; never read
+
+    def start(rows):
+        x, mask = G.left_pad([trace.ids[: queue[r][0]] for r in rows], dec.pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, kv = dec.forward(x, mask, pos, None)
+        w = x.shape[1]
+        owns = [[(la.keys[i, :, w - queue[r][0]:], la.values[i, :, w - queue[r][0]:]) for la in kv.layers]
+                for i, r in enumerate(rows)]
+        return logits[:, -1].float(), [0] * len(rows), owns
+
+    done = G._slot_loop(dec, shapes, len(queue), start, gens, cfg, batch, room=max(points) + max_new_tokens)
+    return _assemble(model, trace, sents, points, n, done)
+
+
+def _assemble(model, trace, sents, points, n, done):
+    """Importances of (b)'s rollouts: similarities re-read prefix + resampled sentence."""
+    from mechthink import anchors as A
+
+    originals = _reread_states(model, [trace.ids[: s.token_end] for s in sents])
+    rollouts = []
     for j, p in enumerate(points):
         conts = done[j * n : (j + 1) * n]
         firsts = [A.first_sentence(model, c.ids) for c in conts]
@@ -129,8 +166,7 @@ def reprefill_importance(model, trace, sents, n, batch, max_new_tokens, temperat
                     sims[r] = v
         rollouts.append([A.Rollout(j, r, tuple(c.ids), A.rollout_answer(model.to_string(c.ids), c.finished),
                                    firsts[r][0], sims[r], c.finished) for r, c in enumerate(conts)])
-    ref = str(trace.gold)
-    return A.importance_from_rollouts(sents, points, rollouts, ref, n)
+    return A.importance_from_rollouts(sents, points, rollouts, str(trace.gold), n)
 
 
 def _long_transcript(tokens: int):
@@ -152,9 +188,11 @@ def compare(model, transcript, label, args) -> None:
     for name, fn in (
         ("a: forks of one prefill", lambda: A.resampling_importance(model, o.trace, o.sentences, n_rollouts=args.n,
                                                                     batch_size=args.batch, **kw)),
-        ("a0: forks, prefix copied/row", lambda: _copied_forks(lambda: A.resampling_importance(
+        ("a0: forks, copied, static", lambda: _copied_forks(lambda: A.resampling_importance(
             model, o.trace, o.sentences, n_rollouts=args.n, batch_size=args.batch, **kw))),
-        ("b: re-prefill every rollout", lambda: reprefill_importance(model, o.trace, o.sentences, args.n, args.batch, **kw)),
+        ("b: re-prefill every rollout", lambda: reprefill_continuous(model, o.trace, o.sentences, args.n, args.batch, **kw)),
+        ("b1: re-prefill, static batches", lambda: reprefill_importance(model, o.trace, o.sentences, args.n, args.batch,
+                                                                        **kw)),
     ):
         seen, handle = _counter(model)
         t0 = time.perf_counter()
@@ -163,18 +201,23 @@ def compare(model, transcript, label, args) -> None:
         finally:
             handle.remove()
         runs[name] = (res, seen["tokens"], time.perf_counter() - t0)
-    (a, ta, sa), (a0, _, sa0), (b, tb, sb) = runs.values()
-    same0 = [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in a0.rollouts]
-    same = [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in b.rollouts]
-    diff = max(float((a.metric(m) - b.metric(m)).abs().max()) for m in A.ResamplingImportance.METRICS)
+    (a, ta, sa), (a0, _, sa0), (b, tb, sb), (b1, tb1, sb1) = runs.values()
+
+    def same(x):
+        return [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in x.rollouts]
+
+    diff = max(float((a.metric(m) - x.metric(m)).abs().max()) for m in A.ResamplingImportance.METRICS for x in (b, b1))
     lengths = [len(r.ids) for rs in a.rollouts for r in rs]
     print(f"\n{label}: {len(o.trace.ids)} tokens, {len(o.sentences)} sentences, {len(a.points)} prefixes x {args.n} rollouts "
           f"(mean rollout {sum(lengths) / len(lengths):.0f} tokens, mean prefix {sum(a.points) / len(a.points):.0f})")
     for name, (_, tok, sec) in runs.items():
         print(f"  {name:30s} {tok:>10,d} tokens  {sec:8.2f} s")
-    print(f"  tokens b/a = {tb / ta:.2f}x   wall time b/a = {sb / sa:.2f}x   rollouts identical: {same}   "
-          f"max |importance a - b| = {diff:.2g}")
-    print(f"  shared prefix vs a copy per row: wall time a0/a = {sa0 / sa:.2f}x   rollouts identical: {same0}")
+    print(f"  tokens b/a = {tb / ta:.2f}x   wall time b/a = {sb / sa:.2f}x   rollouts identical: {same(b)}   "
+          f"max |importance a - b, b1| = {diff:.2g}")
+    print(f"  static batches for re-prefilling: tokens b1/a = {tb1 / ta:.2f}x   wall time b1/a = {sb1 / sa:.2f}x   "
+          f"rollouts identical: {same(b1)}")
+    print(f"  forks on a copy of the prefix per row, static batches: wall time a0/a = {sa0 / sa:.2f}x   "
+          f"rollouts identical: {same(a0)}")
 
 
 def adaptive(model, args) -> None:

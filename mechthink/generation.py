@@ -445,7 +445,8 @@ def decode_from_cache(
         batch_size: Rows decoded together.
         length: Prefix length to continue from (a cache of a longer sequence is cut).
         drop_finished: Finished rows leave the batch where no hook could notice (same tokens,
-            fewer positions fed; see :func:`_sample_loop`).
+            fewer positions fed; see :func:`_sample_loop`); on a shared prefix the next index
+            takes a finished row's place at once (continuous batching, :func:`_slot_loop`).
         share_prefix: The rows of a batch attend to one copy of the prefix
             (:class:`mechthink.models.shared_prefix.SharedPrefixCache`: no per-row copy of it in
             memory, one read of it per step for all rows) instead of each to its own
@@ -469,6 +470,13 @@ def decode_from_cache(
         raise ValueError("share_prefix=True: this decoder cannot attend to a shared prefix now (a hook is attached, "
                          "or the model has sliding-window / soft-capped attention); pass share_prefix=None or False")
     share = can if share_prefix is None else bool(share_prefix)
+    if share and drop_finished and decoder.rows_droppable():  # a finished row's slot goes to the next index at once
+        first = last_logits.to(decoder.device).float()
+
+        def start(rows: list[int]) -> tuple[Tensor, list[int], None]:
+            return einops.repeat(first, "v -> k v", k=len(rows)), [n_pos] * len(rows), None
+
+        return _slot_loop(decoder, cache, len(idx), start, _generators(cfg, idx), cfg, batch_size)
     out: list[Continuation] = []
     for k in range(0, len(idx), batch_size):
         rows = idx[k : k + batch_size]
@@ -504,7 +512,10 @@ def decode_from_prefixes(
     ``decoder.shares_prefix()``, rows of different prefixes share a batch of ``batch_size`` on
     one :class:`mechthink.models.shared_prefix.SharedPrefixCache` (each row masked to its own
     prefix length): a batch is filled whatever the rows per prefix, so there are fewer decode
-    steps. Otherwise the rows are decoded a prefix at a time on forks (:func:`decode_from_cache`).
+    steps; with ``drop_finished`` (and no hook that could notice), the next queued row takes a
+    finished row's place at once (continuous batching, :func:`_slot_loop`: every step feeds
+    ``batch_size`` rows until the queue runs out). Otherwise the rows are decoded a prefix at a
+    time on forks (:func:`decode_from_cache`).
 
     Args:
         decoder: The model to decode.
@@ -546,7 +557,10 @@ def decode_from_prefixes(
         return [c for c in out if c is not None]
     gens_all = [row_generator(int(seeds[r]), int(indices[r])) if cfg.temperature > 0 else None for r in range(n)]
     if drop_finished and decoder.rows_droppable():  # a finished row's slot goes to the next row at once
-        return _slot_loop(decoder, cache, last_logits, [int(v) for v in lengths], gens_all, cfg, batch_size)
+        def start(rows: list[int]) -> tuple[Tensor, list[int], None]:  # a fork: the prefix's last logits, nothing read
+            return torch.stack([last_logits[r] for r in rows]), [int(lengths[r]) for r in rows], None
+
+        return _slot_loop(decoder, cache, n, start, gens_all, cfg, batch_size)
     for k in range(0, n, batch_size):
         rows = list(range(k, min(n, k + batch_size)))
         lens = [int(lengths[r]) for r in rows]
@@ -575,41 +589,67 @@ def _pick(last: Float[Tensor, "row d_vocab"], gens: Sequence[torch.Generator | N
     return nxt
 
 
+#: ``start(rows) -> (first logits [k, d_vocab], prefix lengths, own positions or None)`` of rows
+#: entering a slot loop: the logits their first token is sampled from, how much of the shared
+#: prefix each reads, and per row the ``[(keys, values)]`` per layer of positions read apart.
+SlotStart = Callable[[list[int]], tuple[Tensor, list[int], "list[list[tuple[Tensor, Tensor]]] | None"]]
+
+
 @torch.inference_mode()
 def _slot_loop(
     decoder: Decoder,
     cache: Any,
-    last_logits: Sequence[Tensor],
-    lengths: list[int],
+    n: int,
+    start: SlotStart,
     gens: Sequence[torch.Generator | None],
     cfg: SamplingConfig,
     batch_size: int,
+    room: int | None = None,
 ) -> list[Continuation]:
-    """Continuous batching of rows continuing prefixes of one cached sequence.
+    """Continuous batching of ``n`` rows on ``batch_size`` slots of one shared prefix.
 
-    ``batch_size`` slots of a :class:`SharedPrefixCache` built with ``slots=True``: row ``r``
-    reads the first ``lengths[r]`` cached positions and its own positions; when it finishes (EOS
-    or ``cfg.max_new_tokens``), the next queued row takes its slot at once, its first token
-    sampled from ``last_logits`` of its prefix (a fork reads nothing to start). So every step
-    feeds a full batch until the queue is empty, instead of a batch thinning out until its
-    longest row ends. Row ``r`` samples from ``gens[r]`` with the logits of its own sequence:
-    its tokens are those of :func:`_sample_loop` (to float rounding of the logits), whatever the
-    other rows. Slots left empty at the end read nothing and leave once they are a quarter.
+    A :class:`SharedPrefixCache` built with ``slots=True`` on ``cache``: each row reads its own
+    length of the shared prefix and its own positions; when a row finishes (EOS or
+    ``cfg.max_new_tokens``), the next queued rows take the freed slots at once (``start`` says
+    what they read: for a fork, a prefix length and that prefix's last logits, nothing re-read),
+    so every step feeds a full batch until the queue is empty, instead of a batch thinning out
+    until its longest row ends. Row ``r`` samples from ``gens[r]`` with the logits of its own
+    sequence: its tokens are those of :func:`_sample_loop` (to float rounding of the logits),
+    whatever the other rows. Slots left empty at the end read nothing and leave once they are a
+    quarter. ``room``: own positions each slot holds before its buffers grow.
     """
-    n, device, eos = len(lengths), decoder.device, decoder.eos_ids
+    device, eos = decoder.device, decoder.eos_ids
     queue = deque(range(n))
-    slot_row: list[int | None] = [queue.popleft() for _ in range(min(batch_size, n))]
-    kv = SharedPrefixCache(cache, len(slot_row), [lengths[r] for r in slot_row],  # type: ignore[index]
-                           room=max(cfg.max_new_tokens - 1, 1), slots=True)
-    pending = torch.stack([last_logits[r].to(device) for r in slot_row]).float()  # type: ignore[index]
+    k0 = min(batch_size, n)
+    kv = SharedPrefixCache(cache, k0, [0] * k0, room=room or max(cfg.max_new_tokens - 1, 1), slots=True)
+    slot_row: list[int | None] = [None] * k0
+    pending = torch.zeros((k0, 0))
     out: list[list[int]] = [[] for _ in range(n)]
     reason: list[str | None] = [None] * n
+
+    def fill(free: list[int]) -> list[int]:
+        """Queued rows into the ``free`` slots (the rest read nothing); the slots filled."""
+        nonlocal pending
+        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        if take:
+            logits, prefixes, owns = start(take)
+            if pending.shape[-1] != logits.shape[-1]:
+                pending = logits.new_zeros((len(slot_row), logits.shape[-1])).float()
+            for i, (j, r) in enumerate(zip(free, take)):
+                slot_row[j] = r
+                kv.start_row(j, prefixes[i], owns[i] if owns is not None else None)
+                pending[j] = logits[i].to(device)
+        for j in free[len(take):]:
+            slot_row[j] = None
+            kv.start_row(j, 0)  # an empty slot reads nothing (fed padding until it leaves)
+        return free[: len(take)]
+
     with steady_hooks():
+        todo = fill(list(range(k0)))
         while True:
             feed = [decoder.pad_id] * len(slot_row)
-            todo = [j for j, r in enumerate(slot_row) if r is not None]
-            while todo:  # sample every slot; a finished row's slot takes the next row, which samples too
-                again = []
+            while todo:  # sample; the slots of finished rows take the next rows, which sample too
+                done = []
                 for j, t in zip(todo, _pick(pending[todo], [gens[slot_row[j]] for j in todo], cfg)):  # type: ignore[index]
                     r = slot_row[j]
                     out[r].append(t)  # type: ignore[index]
@@ -619,16 +659,9 @@ def _slot_loop(
                         reason[r] = "length"  # type: ignore[index]
                     if reason[r] is None:  # type: ignore[index]
                         feed[j] = t
-                    elif queue:
-                        nxt = queue.popleft()
-                        slot_row[j] = nxt
-                        kv.start_row(j, lengths[nxt])
-                        pending[j] = last_logits[nxt].to(device)
-                        again.append(j)
                     else:
-                        slot_row[j] = None
-                        kv.start_row(j, 0)  # an empty slot reads nothing (fed padding until it leaves)
-                todo = again
+                        done.append(j)
+                todo = fill(done) if done else []
             live = [j for j, r in enumerate(slot_row) if r is not None]
             if not live:
                 break
@@ -641,6 +674,7 @@ def _slot_loop(
                                          kv.positions()[:, None], kv)
             kv.advance()
             pending = logits[:, -1].float()
+            todo = [j for j, r in enumerate(slot_row) if r is not None]
     return [Continuation(o, r or "length") for o, r in zip(out, reason)]
 
 

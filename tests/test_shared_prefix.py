@@ -160,7 +160,8 @@ def test_decode_from_cache_shared_equals_forked(organism):
         shared = G.decode_from_cache(dec, kv, logits[p - 1], cfg, idx, batch_size=4, length=p, share_prefix=True,
                                      drop_finished=True)
         forked = G.decode_from_cache(dec, kv, logits[p - 1], cfg, idx, batch_size=9, length=p, share_prefix=False)
-        assert shared == forked
+        assert shared == forked  # continuous batching on slots of the shared prefix
+        assert G.decode_from_cache(dec, kv, logits[p - 1], cfg, idx, batch_size=4, length=p, share_prefix=True) == forked
         assert len({tuple(c.ids) for c in shared}) > 1
     # the bridge's own HF module is wrapped: calling it directly on a shared prefix would be wrong
     assert not G.Decoder.for_hf(organism.bridge.original_model, organism.tokenizer).shares_prefix()
@@ -177,8 +178,13 @@ def test_plain_hf_decoder_shares_the_prefix(tiny_hf):
     cfg = G.SamplingConfig(max_new_tokens=12, temperature=1.0, seed=4)
     for p in (10, 25):
         lg = out.logits[0, p - 1].float()
-        assert (G.decode_from_cache(hf, kv, lg, cfg, range(6), batch_size=4, length=p, share_prefix=True)
-                == G.decode_from_cache(hf, kv, lg, cfg, range(6), batch_size=6, length=p, share_prefix=False))
+        want = G.decode_from_cache(hf, kv, lg, cfg, range(6), batch_size=6, length=p, share_prefix=False)
+        assert G.decode_from_cache(hf, kv, lg, cfg, range(6), batch_size=4, length=p, share_prefix=True) == want
+        # slots (a finished row's place taken by the next index), greedy rows too
+        assert G.decode_from_cache(hf, kv, lg, cfg, range(6), batch_size=4, length=p, drop_finished=True) == want
+        greedy = G.SamplingConfig(max_new_tokens=12)
+        assert (G.decode_from_cache(hf, kv, lg, greedy, range(3), batch_size=2, length=p, drop_finished=True)
+                == G.decode_from_cache(hf, kv, lg, greedy, range(3), batch_size=3, length=p, share_prefix=False))
 
 
 def test_shared_prefix_refused_where_it_would_be_wrong(organism):

@@ -157,6 +157,18 @@ class Slots:
         """Recompute the widths read this step (after a row started, moved on or left)."""
         self.prefix_width = int(self.prefix.max()) if self.prefix.numel() else 0
         self.width = int(self.suffix.max()) + 1 if self.suffix.numel() else 1
+        self._bias: Tensor | None = None
+
+    def bias(self, device: torch.device) -> Tensor:
+        """``[rows, 1, 1, prefix_width + width]``: 0 where a row reads, -inf elsewhere (its prefix
+        beyond its length; its own positions after the one written this step), made once a step."""
+        if self._bias is None or self._bias.device != device:
+            p, s = self.prefix_width, self.width
+            beyond = torch.arange(p, device=device)[None, :] >= self.prefix.to(device)[:, None]
+            later = torch.arange(s, device=device)[None, :] > self.suffix.to(device)[:, None]
+            self._bias = torch.zeros((len(self.prefix), 1, 1, p + s), dtype=torch.float32, device=device).masked_fill(
+                torch.cat([beyond, later], dim=1)[:, None, None, :], float("-inf"))
+        return self._bias
 
     def select(self, indices: Tensor) -> None:
         self.prefix, self.suffix = self.prefix[indices.to(self.prefix.device)], self.suffix[indices.to(self.suffix.device)]
@@ -329,12 +341,11 @@ def shared_prefix_attention(
     sp = sp.reshape(kvh, n, g * q, p).transpose(0, 1)
     ss = torch.matmul(qs, key.transpose(-1, -2))  # [rows, kvh, g * q, s]
     scores = torch.cat([sp, ss], dim=-1).float() * scale
-    if prefix_lengths is not None:  # rows on shorter prefixes of the cached sequence
+    if slots is not None:  # each row's prefix length; its own positions after this step's are another row's
+        scores += slots.bias(query.device)
+    elif prefix_lengths is not None:  # rows on shorter prefixes of the cached sequence
         beyond = torch.arange(p, device=query.device)[None, :] >= prefix_lengths.to(query.device)[:, None]  # [rows, P]
         scores[..., :p] = scores[..., :p].masked_fill(beyond[:, None, None, :], float("-inf"))
-    if slots is not None:  # a row's own positions after the one written this step are another row's, or unwritten
-        later = torch.arange(s, device=query.device)[None, :] > slots.suffix.to(query.device)[:, None]  # [rows, s]
-        scores[..., p:] = scores[..., p:].masked_fill(later[:, None, None, :], float("-inf"))
     if q > 1:  # query i sits at suffix position s - q + i and sees suffix positions <= it
         see = torch.arange(s, device=query.device)[None, :] <= (s - q + torch.arange(q, device=query.device))[:, None]
         scores = scores.view(n, kvh, g, q, p + s).masked_fill(~torch.cat(
