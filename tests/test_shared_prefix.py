@@ -145,35 +145,6 @@ def test_slot_cache_rows_at_their_own_lengths_equal_full_recomputation(tiny_load
     assert kv.get_seq_length() == len(ids)  # the prefilled cache is untouched
 
 
-@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Glm4ForCausalLM"])
-def test_slot_cache_young_and_old_rows_read_apart(tiny_loaded, arch):
-    """Rows of very different ages (one with 60 own positions, nine with none): the young rows'
-    own positions are read only as far as theirs reach; still equal to full recomputation."""
-    model = tiny_loaded(arch)[0]
-    b = model.bridge
-    g = torch.Generator().manual_seed(3)
-    vocab = int(b.cfg.d_vocab)
-    ids = torch.randint(5, vocab, (30,), generator=g).tolist()
-    _, kv = _prefill(model, ids)
-    old_prompt = torch.randint(5, vocab, (60,), generator=g).tolist()
-    with torch.inference_mode():
-        _, c = native_forward(b, torch.tensor([old_prompt]))
-        cache = SharedPrefixCache(kv, 10, [0] + [3 * i + 2 for i in range(1, 10)], room=4, slots=True)
-        cache.start_row(0, 0, [(la.keys[0], la.values[0]) for la in c.layers])
-        seqs = [list(old_prompt)] + [ids[: 3 * i + 2] for i in range(1, 10)]
-        for step in range(3):
-            nxt = torch.randint(5, vocab, (10, 1), generator=g)
-            cache.prepare()
-            assert cache.slots.groups is not None and [len(r) for r, _ in cache.slots.groups] == [9, 1]
-            got, cache = native_forward(b, nxt, attention_mask=None, position_ids=cache.positions()[:, None],
-                                        past_key_values=cache)
-            cache.advance()
-            for r, sq in enumerate(seqs):
-                sq.append(int(nxt[r, 0]))
-                want = native_forward(b, torch.tensor([sq]))[0][0, -1].float()
-                torch.testing.assert_close(got[r, -1].float(), want, atol=1e-4, rtol=1e-4)
-
-
 def test_decode_from_cache_shared_equals_forked(organism):
     from mechthink.models.organism import sample_transcripts
 

@@ -158,15 +158,6 @@ class Slots:
         self.prefix_width = int(self.prefix.max()) if self.prefix.numel() else 0
         self.width = int(self.suffix.max()) + 1 if self.suffix.numel() else 1
         self._bias: Tensor | None = None
-        self.groups: list[tuple[Tensor, int]] | None = None
-        # rows of very different ages: the young rows' own positions are read only as far as the
-        # oldest young row's (one product over the longest width would mostly read masked positions)
-        if self.suffix.numel() >= 8:
-            cut = max(16, 2 * int(self.suffix.median()) + 2)
-            young = self.suffix < cut
-            k = int(young.sum())
-            if self.width > 2 * cut and 2 * k >= len(self.suffix) and k < len(self.suffix):
-                self.groups = [(young.nonzero()[:, 0], cut), ((~young).nonzero()[:, 0], self.width)]
 
     def bias(self, device: torch.device) -> Tensor:
         """``[rows, 1, 1, prefix_width + width]``: 0 where a row reads, -inf elsewhere (its prefix
@@ -344,13 +335,6 @@ def shared_prefix_attention(
         raise ValueError(f"{IMPLEMENTATION}: query {tuple(query.shape)} does not fit keys {tuple(key.shape)}")
     g = h // kvh
     scale = d**-0.5 if scaling is None else float(scaling)
-    if slots is not None and slots.groups is not None:  # young and old rows apart (Slots.refresh)
-        bias = slots.bias(query.device)
-        out = query.new_empty((n, h, q, value.shape[-1]))
-        for rows, width in slots.groups:
-            out[rows] = _slot_attention(query[rows], pk, pv, key[rows, :, :width], value[rows, :, :width],
-                                        bias[rows][..., : p + width], scale)
-        return out.transpose(1, 2).contiguous(), None
     qs = query.reshape(n, kvh, g * q, d)  # query head kvh_i * g + j reads key-value head kvh_i
     # the prefix: one [rows * group * q, d] x [d, P] product per key-value head
     sp = torch.matmul(qs.transpose(0, 1).reshape(kvh, n * g * q, d), pk[0].transpose(-1, -2))
@@ -370,21 +354,6 @@ def shared_prefix_attention(
     wp = w[..., :p].transpose(0, 1).reshape(kvh, n * g * q, p)
     out = torch.matmul(wp, pv[0]).reshape(kvh, n, g * q, -1).transpose(0, 1) + torch.matmul(w[..., p:], value)
     return out.reshape(n, h, q, -1).transpose(1, 2).contiguous(), None
-
-
-def _slot_attention(query: Tensor, pk: Tensor, pv: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """One step of slot rows: ``query [rows, heads, 1, d]`` over the prefix ``pk`` / ``pv``
-    ``[1, kv_heads, P, d]`` and the rows' own ``key`` / ``value [rows, kv_heads, s, d]``, under
-    ``bias [rows, 1, 1, P + s]``. Returns ``[rows, heads, 1, d]``."""
-    n, h, _, d = query.shape
-    kvh, p = int(key.shape[1]), int(pk.shape[-2])
-    g = h // kvh
-    qs = query.reshape(n, kvh, g, d)
-    sp = torch.matmul(qs.transpose(0, 1).reshape(kvh, n * g, d), pk[0].transpose(-1, -2)).reshape(kvh, n, g, p).transpose(0, 1)
-    scores = torch.cat([sp, torch.matmul(qs, key.transpose(-1, -2))], dim=-1).float() * scale + bias
-    w = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(w[..., :p].transpose(0, 1).reshape(kvh, n * g, p), pv[0]).reshape(kvh, n, g, -1).transpose(0, 1)
-    return (out + torch.matmul(w[..., p:], value)).reshape(n, h, 1, -1)
 
 
 AttentionInterface.register(IMPLEMENTATION, shared_prefix_attention)
