@@ -4,24 +4,27 @@ Measured in one run on tiny-thinker (1 torch thread by default):
 
   (a) ``mechthink.anchors.resampling_importance``: the trace is prefilled once, every prefix
       (before each sentence, and after the last) is a fork of that KV cache and ``N`` rollouts
-      decode on it, the rollouts of all prefixes queued together, ``--batch`` rows at a time
+      decode on it, the rollouts of all prefixes queued together on ``--batch`` slots
       (``generation.decode_from_prefixes``: all rows on one shared copy of the cache, each
-      masked to its own prefix, ``models.shared_prefix``); resampled sentences are compared
-      with the original on a shared prefix too;
-  (a0) (a) as before the shared prefix: each prefix's rows on their own copies of it
-      (``generation.fork_cache``), a prefix at a time (a batch never mixes prefixes);
-  (b) the thought-anchors way: every rollout re-reads its prefix (the rollouts of all prefixes
-      queued, ``--batch`` left-padded rows at a time: the same decode loop, batch size and
-      seeds as (a)), and each resampled sentence's similarity re-reads prefix + sentence;
+      masked to its own prefix, ``models.shared_prefix``; a finished rollout's slot goes to the
+      next queued one at once, which starts from its prefix's last logits: continuous
+      batching); resampled sentences are compared with the original on a shared prefix too;
+  (a0) forks as before the shared prefix: each prefix's rows on their own copies of it
+      (``generation.fork_cache``), a prefix at a time, static batches;
+  (b) the thought-anchors way: every rollout re-reads its prefix, on the same continuous
+      batching as (a) (``generation._slot_loop``: the rollouts entering freed slots at a step
+      re-read their prefixes in one left-padded forward, their keys / values go into their
+      slots), and each resampled sentence's similarity re-reads prefix + sentence;
+  (b1) (b) on static batches (``--batch`` left-padded rows at a time, finished rows leaving the
+      batch once they are a quarter of it): what re-prefilling cost before continuous batching;
 
-both on their fastest forwards here: the HF model's own (sdpa) wherever nothing is hooked (the
-prefill, the similarity reads and every decode step of both ways), the bridge otherwise;
+all on their fastest forwards here: the HF model's own (sdpa) wherever nothing is hooked (the
+prefill, the similarity reads and every decode step of every way), the bridge otherwise;
 
-on a ~``--tokens``-token trace and on an ordinary tiny-thinker trace. Both ways drop finished
-rows from the batch (``drop_finished=True``: a finished rollout is no longer fed padding). Prints
-tokens processed (every position fed to the model, prefill padding included) and wall time of (a)
-and (b), their ratios, whether the rollouts are token-identical and the largest difference of the
-four importances (same seeds: expected 0). With full rollouts the token ratio is bounded by
+on a ~``--tokens``-token trace and on an ordinary tiny-thinker trace (same seeds, same batch
+size everywhere). Prints tokens processed (every position fed to the model, prefill padding
+included) and wall time of each, the ratios to (a), whether the rollouts are token-identical and
+the largest difference of the four importances (same seeds: expected 0). With full rollouts the token ratio is bounded by
 ``Σ_j N (p_j + L_j) / (T + Σ_j N L_j) ≈ 1 + mean(p) / mean(L)`` (prefix ``p_j``, rollout
 length ``L_j``): about 2 when the sentences are spread evenly over a trace.
 
@@ -30,7 +33,7 @@ full ``--adaptive-n`` runs of ``--adaptive-traces`` ordinary traces (exactly wha
 run draws, same seeds): rollouts saved and Spearman's rho of each importance against full N,
 pooled over the sentences.
 
-    python benchmarks/bench_anchors.py [--n 32] [--tokens 300] [--adaptive-n 100] [--adaptive-traces 4]
+    python benchmarks/bench_anchors.py [--n 32] [--batch 32] [--tokens 300] [--adaptive-n 100] [--adaptive-traces 4]
 """
 
 from __future__ import annotations
@@ -179,21 +182,22 @@ def _long_transcript(tokens: int):
     raise SystemExit(f"no transcript reaches {tokens} tokens")
 
 
-def compare(model, transcript, label, args) -> None:
+def compare(model, trace, sents, label, args) -> None:
     from mechthink import anchors as A
 
-    o = A.organism_sentences(model, transcript, id=label)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    runs = {}
-    for name, fn in (
-        ("a: forks of one prefill", lambda: A.resampling_importance(model, o.trace, o.sentences, n_rollouts=args.n,
+    ways = (
+        ("a: forks of one prefill", lambda: A.resampling_importance(model, trace, sents, n_rollouts=args.n,
                                                                     batch_size=args.batch, **kw)),
         ("a0: forks, copied, static", lambda: _copied_forks(lambda: A.resampling_importance(
-            model, o.trace, o.sentences, n_rollouts=args.n, batch_size=args.batch, **kw))),
-        ("b: re-prefill every rollout", lambda: reprefill_continuous(model, o.trace, o.sentences, args.n, args.batch, **kw)),
-        ("b1: re-prefill, static batches", lambda: reprefill_importance(model, o.trace, o.sentences, args.n, args.batch,
-                                                                        **kw)),
-    ):
+            model, trace, sents, n_rollouts=args.n, batch_size=args.batch, **kw))),
+        ("b: re-prefill every rollout", lambda: reprefill_continuous(model, trace, sents, args.n, args.batch, **kw)),
+        ("b1: re-prefill, static batches", lambda: reprefill_importance(model, trace, sents, args.n, args.batch, **kw)),
+    )
+    runs = {}
+    for name, fn in ways:
+        if name.split(":")[0] not in args.ways.split(","):
+            continue
         seen, handle = _counter(model)
         t0 = time.perf_counter()
         try:
@@ -201,23 +205,22 @@ def compare(model, transcript, label, args) -> None:
         finally:
             handle.remove()
         runs[name] = (res, seen["tokens"], time.perf_counter() - t0)
-    (a, ta, sa), (a0, _, sa0), (b, tb, sb), (b1, tb1, sb1) = runs.values()
-
-    def same(x):
-        return [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in x.rollouts]
-
-    diff = max(float((a.metric(m) - x.metric(m)).abs().max()) for m in A.ResamplingImportance.METRICS for x in (b, b1))
+    got = {name.split(":")[0]: v for name, v in runs.items()}
+    a, ta, sa = got["a"]
     lengths = [len(r.ids) for rs in a.rollouts for r in rs]
-    print(f"\n{label}: {len(o.trace.ids)} tokens, {len(o.sentences)} sentences, {len(a.points)} prefixes x {args.n} rollouts "
+    print(f"\n{label}: {len(trace.ids)} tokens, {len(sents)} sentences, {len(a.points)} prefixes x {args.n} rollouts "
           f"(mean rollout {sum(lengths) / len(lengths):.0f} tokens, mean prefix {sum(a.points) / len(a.points):.0f})")
     for name, (_, tok, sec) in runs.items():
         print(f"  {name:30s} {tok:>10,d} tokens  {sec:8.2f} s")
-    print(f"  tokens b/a = {tb / ta:.2f}x   wall time b/a = {sb / sa:.2f}x   rollouts identical: {same(b)}   "
-          f"max |importance a - b, b1| = {diff:.2g}")
-    print(f"  static batches for re-prefilling: tokens b1/a = {tb1 / ta:.2f}x   wall time b1/a = {sb1 / sa:.2f}x   "
-          f"rollouts identical: {same(b1)}")
-    print(f"  forks on a copy of the prefix per row, static batches: wall time a0/a = {sa0 / sa:.2f}x   "
-          f"rollouts identical: {same(a0)}")
+    what = {"b": "re-prefilling, same continuous batching", "b1": "re-prefilling on static batches",
+            "a0": "forks on a copy of the prefix per row, static batches"}
+    for key, text in what.items():
+        if key in got:
+            x, tx, sx = got[key]
+            same = [[r.ids for r in rs] for rs in a.rollouts] == [[r.ids for r in rs] for rs in x.rollouts]
+            diff = max(float((a.metric(m) - x.metric(m)).abs().max()) for m in A.ResamplingImportance.METRICS)
+            print(f"  {key}/a ({text}): tokens {tx / ta:.2f}x   wall time {sx / sa:.2f}x   rollouts identical: {same}   "
+                  f"max |importance difference| = {diff:.2g}")
 
 
 def adaptive(model, args) -> None:
@@ -267,6 +270,9 @@ def main() -> None:
     ap.add_argument("--adaptive-traces", type=int, default=4)
     ap.add_argument("--tolerances", default="0.1,0.08,0.07,0.06,0.05,0.03", help="adaptive tolerances replayed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = leave as is)")
+    ap.add_argument("--model", default="tiny-thinker", help="tiny-thinker (organism traces) or a registry model "
+                    "(its own greedy GSM8K traces; no adaptive replay)")
+    ap.add_argument("--ways", default="a,a0,b,b1", help="which ways to run (a is always needed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,12 +280,20 @@ def main() -> None:
     import mechthink as mt
     from mechthink.models.organism import sample_transcripts
 
-    model = mt.load_model("tiny-thinker")
-    if args.n:
-        compare(model, _long_transcript(args.tokens), f"~{args.tokens}-token trace", args)
+    from mechthink import anchors as A
+    from mechthink.models.organism import is_organism
+
+    model = mt.load_model(args.model)
+    if args.n and is_organism(model):
+        o = A.organism_sentences(model, _long_transcript(args.tokens), id="long")
+        compare(model, o.trace, o.sentences, f"~{args.tokens}-token trace", args)
         ordinary = next(t for t in sample_transcripts(20, seed="bench") if any(s.is_error for s in t.steps))
-        compare(model, ordinary, "ordinary trace", args)
-    if args.adaptive_n:
+        o = A.organism_sentences(model, ordinary, id="ordinary")
+        compare(model, o.trace, o.sentences, "ordinary trace", args)
+    elif args.n:  # a real model: the longest of a few greedy GSM8K traces of up to --tokens new tokens
+        t = max(A.anchor_traces(model, 4, max_new_tokens=args.tokens), key=lambda t: len(t.trace.ids))
+        compare(model, t.trace, t.sentences, f"{args.model} GSM8K trace", args)
+    if args.adaptive_n and is_organism(model):
         adaptive(model, args)
 
 

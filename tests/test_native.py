@@ -17,7 +17,7 @@ import torch
 import mechthink as mt
 from mechthink import generation, steering
 from mechthink.models.fast_attention import fast_attention
-from mechthink.models.native import _swaps, native_blockers, native_forward
+from mechthink.models.native import _plan, _swaps, native_blockers, native_forward, steady_hooks
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4ForCausalLM"]
 
@@ -95,6 +95,43 @@ def test_refused_whenever_anything_but_a_residual_point_is_hooked(organism):
         assert native_forward(b, x) is not None
     with torch.enable_grad():
         assert "gradients are recorded" in native_blockers(b)
+
+
+def test_steady_hooks_rescans_whenever_a_hook_comes_or_goes(organism, monkeypatch):
+    """Inside steady_hooks (a decode loop) the hook scan is kept, yet a hook registered or removed
+    between two calls is seen at the next one: a blocking hook sends the call to the bridge, a
+    residual hook is carried over and is no longer once removed."""
+    import mechthink.models.native as N
+
+    b = organism.bridge
+    x = torch.tensor([[5, 6, 7, 8]])
+    scans = []
+    monkeypatch.setattr(N, "_plan", lambda *a, **k: scans.append(1) or _plan(*a, **k))
+    shift = 3.0 * torch.randn(organism.d_model, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), steady_hooks():
+        clean = native_forward(b, x)[0]
+        for _ in range(3):
+            assert torch.equal(native_forward(b, x)[0], clean)
+        assert len(scans) == 1  # kept while nothing changed
+        b.blocks[1].attn.hook_pattern.add_hook(lambda a, hook: a)
+        try:
+            assert native_forward(b, x) is None  # seen: the bridge must run
+        finally:
+            b.reset_hooks()
+        assert torch.equal(native_forward(b, x)[0], clean)  # gone again
+        b.blocks[2].hook_out.add_hook(lambda a, hook: a + shift)
+        try:
+            steered = native_forward(b, x)[0]
+            assert float((steered - clean).abs().max()) > 1e-2  # carried over
+            assert torch.equal(native_forward(b, x)[0], steered)  # and again, on the kept scan
+        finally:
+            b.reset_hooks()
+        assert torch.equal(native_forward(b, x)[0], clean)  # removed: no longer carried
+    n = len(scans)
+    with torch.inference_mode():
+        native_forward(b, x)
+        native_forward(b, x)
+    assert len(scans) == n + 2  # outside the block, every call scans
 
 
 @pytest.mark.parametrize("point", ["hook_resid_pre", "hook_resid_post"])
