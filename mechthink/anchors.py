@@ -787,8 +787,9 @@ def resampling_importance(
     The trace is prefilled once (in ``chunk_size`` chunks). The prefix before sentence ``i`` is
     that cache cut at the sentence's first token; its rollouts decode from it
     (:func:`mechthink.generation.decode_from_prefixes`: the rows of all prefixes of a round
-    queued together, ``batch_size`` rows at a time, each row on one shared copy of the cache
-    masked to its own prefix where nothing is hooked, else on forks a prefix at a time), rollout
+    queued together on ``batch_size`` slots, each row on one shared copy of the cache masked to
+    its own prefix and a finished row's slot taken by the next queued row at once, where nothing
+    is hooked; else on forks a prefix at a time), rollout
     ``k`` sampling from its own generator seeded with ``(seed_for(seed, position), k)``: the
     same seed gives the same numbers whatever the batch size, and the rollouts equal those of
     re-prefilling each prefix (the thought-anchors code's way) token for token. A rollout that
