@@ -616,12 +616,14 @@ def _slot_loop(
     until its longest row ends. Row ``r`` samples from ``gens[r]`` with the logits of its own
     sequence: its tokens are those of :func:`_sample_loop` (to float rounding of the logits),
     whatever the other rows. Slots left empty at the end read nothing and leave once they are a
-    quarter. ``room``: own positions each slot holds before its buffers grow.
+    quarter. ``room``: own positions each slot holds before its buffers grow (default
+    ``min(max_new_tokens - 1, 256)``).
     """
     device, eos = decoder.device, decoder.eos_ids
     queue = deque(range(n))
     k0 = min(batch_size, n)
-    kv = SharedPrefixCache(cache, k0, [0] * k0, room=room or max(cfg.max_new_tokens - 1, 1), slots=True)
+    # room for up to 256 own positions to start with (a long budget grows only if a row uses it)
+    kv = SharedPrefixCache(cache, k0, [0] * k0, room=room or min(max(cfg.max_new_tokens - 1, 1), 256), slots=True)
     slot_row: list[int | None] = [None] * k0
     pending = torch.zeros((k0, 0))
     out: list[list[int]] = [[] for _ in range(n)]

@@ -118,9 +118,10 @@ def steady_hooks() -> Iterator[None]:
 
     The kept scan is used only while no hook handle has been made anywhere since it was taken
     (``torch.utils.hooks.RemovableHandle`` numbers every registration) and every foreign hook it
-    saw is still registered; otherwise the bridge is scanned again. What it cannot see: a module
-    swapped into the bridge, carrying hooks registered before the scan, while the block runs —
-    hence a block, around one decode loop, not a global cache."""
+    saw is still registered; otherwise the bridge is scanned again. What it cannot see, while the
+    block runs: a module swapped into the bridge carrying hooks registered before the scan, or a
+    hook written into a module's hook dict by hand (no handle) — hence a block, around one decode
+    loop, not a global cache."""
     token = _PLANS.set({})
     try:
         yield
