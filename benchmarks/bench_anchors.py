@@ -124,7 +124,6 @@ def reprefill_continuous(model, trace, sents, n, batch, max_new_tokens, temperat
     but no shared prefix is read: the rollouts entering freed slots at a step re-read their
     prefixes first (one left-padded forward of just those rows, the HF model's own), and each
     row's keys / values of its prefix are put into its slot. Similarities as in (b)."""
-    from mechthink import anchors as A
     from mechthink import generation as G
     from mechthink.models.native import native_forward
 
