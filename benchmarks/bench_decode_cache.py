@@ -6,7 +6,10 @@ rows continuing it for ``--steps`` tokens from a fork of its cache (``generation
 no EOS stop). "reserved" is the library's loop (``models.kvcache.reserve_cache`` before the steps);
 "concat" is the same loop with the reservation switched off (every step ``torch.cat``-s the cache);
 both fork the cache (the prefix copied for every row). "shared" is the library's default where
-nothing is hooked: the rows attend to one copy of the prefix (``models.shared_prefix``).
+nothing is hooked: the rows attend to one copy of the prefix (``models.shared_prefix``). "slots"
+is "shared" with ``drop_finished=True``, i.e. the continuous-batching loop (``generation._slot_loop``:
+each row at its own lengths, masked by a per-step bias); with rows of one length there is nothing
+to refill, so it measures what the slots cost per step.
 Prints time of the steps, peak RSS over the loaded model + prefill, the ratios measured in this run,
 and whether both gave the same tokens.
 
@@ -42,7 +45,8 @@ def worker(T: int, rows: int, steps: int, mode: str) -> None:
     dec = G.Decoder(dec.forward, frozenset(), dec.pad_id, dec.device, dec.rows_droppable, dec.shares_prefix)  # fixed length
     cfg = G.SamplingConfig(steps, 0.0, 1.0, 0)
     t0 = time.perf_counter()
-    out = G.decode_from_cache(dec, kv, logits[0, -1].float(), cfg, range(rows), rows, share_prefix=mode == "shared")
+    out = G.decode_from_cache(dec, kv, logits[0, -1].float(), cfg, range(rows), rows,
+                              share_prefix=mode in ("shared", "slots"), drop_finished=mode == "slots")
     sec = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"sec": sec, "extra_gb": (peak - base) / 2**20, "tokens": [c.ids for c in out]}))
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--worker", default="")
+    ap.add_argument("--modes", default="concat,reserved,shared,slots")
     args = ap.parse_args()
     if args.worker:
         T, mode = args.worker.split(":")
@@ -62,14 +67,15 @@ def main() -> None:
     print(f"smollm2-135m, 1 thread, {args.rows} greedy rows x {args.steps} steps forked from a T-token prefix")
     for T in [int(t) for t in args.Ts.split(",")]:
         got = {}
-        for mode in ("concat", "reserved", "shared"):
+        for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--worker", f"{T}:{mode}", "--rows", str(args.rows), "--steps", str(args.steps)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             got[mode] = json.loads(res.stdout.strip().splitlines()[-1])
-        c, r, s = got["concat"], got["reserved"], got["shared"]
-        print(f"T={T:5d}  concat {c['sec']:7.1f} s  +{c['extra_gb']:.2f} GB   reserved {r['sec']:7.1f} s  +{r['extra_gb']:.2f} GB"
-              f"   shared {s['sec']:7.1f} s  +{s['extra_gb']:.2f} GB   time concat/reserved {c['sec'] / r['sec']:.2f}x  "
-              f"reserved/shared {r['sec'] / s['sec']:.2f}x   same tokens: {c['tokens'] == r['tokens'] == s['tokens']}")
+        print(f"T={T:5d}  " + "   ".join(f"{m} {g['sec']:7.1f} s  +{g['extra_gb']:.2f} GB" for m, g in got.items()))
+        pairs = [("concat", "reserved"), ("reserved", "shared"), ("shared", "slots")]
+        print("         time " + "  ".join(f"{a}/{b} {got[a]['sec'] / got[b]['sec']:.2f}x" for a, b in pairs
+                                         if a in got and b in got)
+              + f"   same tokens: {len({json.dumps(g['tokens']) for g in got.values()}) == 1}")
 
 
 if __name__ == "__main__":

@@ -323,15 +323,8 @@ def _steps(decoder: Decoder, logits: Tensor, kv: Any, mask: Tensor, last_pos: Te
         nxt = [pad] * len(rows)
         last = logits[:, -1].float()
         live = [j for j, i in enumerate(rows) if reason[i] is None]
-        greedy = [j for j in live if gens[rows[j]] is None]
-        sampled = [j for j in live if gens[rows[j]] is not None]
-        if greedy:
-            for j, t in zip(greedy, last[greedy].argmax(-1).tolist()):
-                nxt[j] = t
-        if sampled:
-            toks = sample_tokens(last[sampled], cfg.temperature, cfg.top_p, [gens[rows[j]] for j in sampled])
-            for j, t in zip(sampled, toks):
-                nxt[j] = t
+        for j, t in zip(live, _pick(last[live], [gens[rows[j]] for j in live], cfg)):
+            nxt[j] = t
         for j in live:
             i, t = rows[j], nxt[j]
             out[i].append(t)
