@@ -15,6 +15,11 @@ kernel). Queries attend to the whole prefix and causally within the suffix
 (the row's own earlier positions and themselves). Hence what it does not cover, stopped with an
 error where it can be seen: a suffix with left padding or holes (padding at a row's end is fine:
 causally, real positions never see it), sliding-window or soft-capped attention, dropout.
+With ``slots=True`` the rows need not move in step (continuous batching,
+:func:`mechthink.generation._slot_loop`): each row reads its own length of the prefix (0 to all)
+and its own positions, one new position per step written at its own index, and a finished row's
+slot is handed to a new row (:meth:`SharedPrefixCache.start_row`, optionally with positions read
+apart) while the others go on; the step's mask is one additive bias (:class:`Slots`).
 It runs only on the Hugging Face model's own forward (:func:`mechthink.models.native.native_forward`,
 which switches the attention implementation for the call); a bridge forward with hooks sees the
 ordinary cache API and is refused (``rows_share_prefix`` says beforehand whether it can be used).
